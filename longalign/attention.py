@@ -1,0 +1,224 @@
+"""Block-diagonal causal attention over a flat pack of sequences (DESIGN.md §5).
+
+A pack holds n sequences laid end to end, T tokens in all; ``cu_seqlens = [0, e_1, ..., e_n = T]``
+(int32) marks where each ends. Query token i of sequence k (s_k <= i < e_k) attends to
+
+    out_i = sum_{j = s_k}^{i} softmax_j(scale * q_i . k_j) v_j,      scale = 1/sqrt(D) by default,
+
+so no token ever sees another sequence: the result equals each sequence run alone. GQA/MQA:
+query head h reads key/value head h // (Hq / Hkv) (transformers' ``repeat_kv`` convention).
+
+Backends, fastest first (the automatic choice takes the first that can run here):
+- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (package installed, CUDA, fp16/bf16);
+- ``torch_varlen``: PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16);
+- ``flex``: FlexAttention with a document mask (compiled on CUDA; eager, unfused and
+  forward-only on CPU: torch has no CPU backward for it);
+- ``reference``: ``scaled_dot_product_attention(is_causal=True)`` per sequence, runs anywhere.
+On CPU the automatic choice is ``reference`` (eager flex materialises the whole T x T scores).
+``backend=`` or the environment variable ``LONGALIGN_ATTN_BACKEND`` override the choice.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("flash_attn", "torch_varlen", "flex", "reference")
+ENV_VAR = "LONGALIGN_ATTN_BACKEND"
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_logged: set = set()
+
+
+def _torch_varlen_fn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends(device, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends that can run on `device` (and `dtype`, when given), in preference order."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    half_ok = dtype is None or dtype in _HALF_DTYPES
+    names = []
+    if cuda and half_ok and importlib.util.find_spec("flash_attn") is not None:
+        names.append("flash_attn")
+    if cuda and half_ok and _torch_varlen_fn() is not None:
+        names.append("torch_varlen")
+    if _has_flex():
+        names.append("flex")
+    names.append("reference")
+    return names
+
+
+def choose_backend(device, dtype: torch.dtype | None = None, backend: str | None = None) -> str:
+    """The argument, else $LONGALIGN_ATTN_BACKEND, else the fastest available (reference on CPU)."""
+    name = backend or os.environ.get(ENV_VAR) or None
+    if name is not None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
+        if name not in available_backends(device, dtype):
+            raise RuntimeError(f"attention backend {name!r} cannot run on {device} / {dtype}")
+        return name
+    usable = available_backends(device, dtype)
+    return usable[0] if torch.device(device).type == "cuda" else "reference"
+
+
+def _log_once(name: str, device) -> None:
+    key = (name, torch.device(device).type)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("varlen attention backend: %s (%s)", name, key[1])
+
+
+def _seqlens(cu_seqlens: torch.Tensor) -> list[int]:
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+
+
+def _reference(q, k, v, cu_seqlens, scale):
+    """Per-sequence SDPA; k/v heads repeated for GQA so every kernel sees equal head counts."""
+    rep = q.shape[1] // k.shape[1]
+    outs = []
+    start = 0
+    for n in _seqlens(cu_seqlens):
+        sl = slice(start, start + n)
+        qs = q[sl].transpose(0, 1)  # (Hq, n, D)
+        ks = k[sl].repeat_interleave(rep, dim=1).transpose(0, 1)
+        vs = v[sl].repeat_interleave(rep, dim=1).transpose(0, 1)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+        start += n
+    out = torch.cat(outs, dim=0)
+    if start != q.shape[0]:
+        raise ValueError(f"cu_seqlens ends at {start} but the pack has {q.shape[0]} tokens")
+    return out
+
+
+def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    cu = cu_seqlens.to(torch.int32)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0,
+                                  softmax_scale=scale, causal=True)
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale):
+    """torch.nn.attention.varlen.varlen_attn across its signature changes.
+
+    torch 2.9: ``is_causal=``; 2.10+: ``window_size=(-1, 0)`` means causal, ``scale=``;
+    2.12+: ``enable_gqa=``. Missing pieces are emulated: k/v repeated for GQA, and q pre-scaled
+    by scale * sqrt(D) when the kernel only knows its default 1/sqrt(D).
+    """
+    fn = _torch_varlen_fn()
+    params = inspect.signature(fn).parameters
+    kwargs = {}
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        kwargs["window_size"] = (-1, 0)
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if "scale" in params:
+        kwargs["scale"] = scale
+    else:
+        q = q * (scale * math.sqrt(q.shape[-1]))
+    cu = cu_seqlens.to(torch.int32)
+    return fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+
+
+_flex_cache: dict = {}
+
+
+def _flex_fns(cuda: bool):
+    """(flex_attention, create_block_mask), compiled once on CUDA, eager elsewhere."""
+    if cuda not in _flex_cache:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        fn = torch.compile(flex_attention, dynamic=None) if cuda else flex_attention
+        _flex_cache[cuda] = (fn, create_block_mask)
+    return _flex_cache[cuda]
+
+
+_block_mask_cache: dict = {}
+
+
+def _document_block_mask(cu_seqlens: torch.Tensor, total: int, device):
+    """BlockMask of `allowed(i, j) = doc(i) == doc(j) and j <= i`; the last one is cached."""
+    key = (tuple(cu_seqlens.tolist()), str(device))
+    if key in _block_mask_cache:
+        return _block_mask_cache[key]
+    cuda = torch.device(device).type == "cuda"
+    _, create_block_mask = _flex_fns(cuda)
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    doc = torch.searchsorted(cu[1:], torch.arange(total, device=device), right=True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+    kwargs = {}
+    if cuda and "_compile" in inspect.signature(create_block_mask).parameters:
+        kwargs["_compile"] = True  # never materialise the T x T mask (64k^2 bools = 4 GiB)
+    block_mask = create_block_mask(mask_mod, None, None, total, total, device=device, **kwargs)
+    _block_mask_cache.clear()
+    _block_mask_cache[key] = block_mask
+    return block_mask
+
+
+def _flex(q, k, v, cu_seqlens, scale):
+    total = q.shape[0]
+    if int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but the pack has {total} tokens")
+    cuda = q.device.type == "cuda"
+    flex_attention, _ = _flex_fns(cuda)
+    block_mask = _document_block_mask(cu_seqlens, total, q.device)
+    qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, T, D)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        out = flex_attention(qb, kb, vb, block_mask=block_mask, scale=scale,
+                             enable_gqa=q.shape[1] != k.shape[1])
+    return out.squeeze(0).transpose(0, 1)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None, backend=None):
+    """Block-diagonal causal attention. q (T, Hq, D), k/v (T, Hkv, D), Hq % Hkv == 0 -> (T, Hq, D).
+
+    `cu_seqlens` (n+1,) int32 = [0, e_1, ..., T]; `max_seqlen` = max_k (e_k - e_{k-1}), computed
+    when None (one device sync); `softmax_scale` defaults to 1/sqrt(D).
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("varlen_attention expects q, k, v of shape (T, heads, head_dim)")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} not a multiple of key/value heads {k.shape[1]}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    name = choose_backend(q.device, q.dtype, backend)
+    _log_once(name, q.device)
+    if name == "reference":
+        return _reference(q, k, v, cu_seqlens, scale)
+    if name == "flex":
+        return _flex(q, k, v, cu_seqlens, scale)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if name == "flash_attn":
+        return _flash_attn(q, k, v, cu_seqlens, int(max_seqlen), scale)
+    return _torch_varlen(q, k, v, cu_seqlens, int(max_seqlen), scale)

@@ -1,0 +1,127 @@
+"""Weighted, chunked causal-LM cross-entropy (DESIGN.md §4; paper Eq. 2).
+
+For hidden states h_i, the LM head W (V, H) and labels y (HF convention, aligned with the input):
+
+    target  t_i = y_{i+1}   if token i+1 belongs to the same sequence as token i, else ignored
+    loss    l_i = logsumexp_v(z_i) - z_{i, t_i},      z_i = W h_i   (in fp32)
+    weight  w_i = loss_weights_{i+1} (1 when loss_weights is None), 0 where t_i is ignored
+    mean    L = sum_i w_i l_i / sum_i w_i             sum   L = sum_i w_i l_i
+
+"Same sequence" means: inside one row of a padded (B, L) batch, or, for a flat pack (1, T) with
+`cu_seqlens`, inside one [e_{k-1}, e_k) segment, so the last token of every sequence has no
+target and a pack gives exactly the per-token losses of its sequences run alone. With the pack's
+weights 1/N_k on sequence k's N_k targets, `mean` is the average over sequences of each
+sequence's mean token loss. A batch without any target gives L = 0 (and zero gradients).
+
+The logits never exist for all tokens at once: `_ChunkedLinearCE` computes z for `chunk_size`
+tokens at a time in the forward (keeping only the scalar), and recomputes them chunk by chunk in
+the backward, where
+
+    dL/dz_i = g * w_i * (softmax(z_i) - onehot(t_i)),   dL/dh_i = W^T dL/dz_i,   dL/dW = sum_i dL/dz_i h_i^T
+
+(g the incoming gradient), accumulated in fp32 for dL/dW. Peak extra memory is about
+2 * chunk_size * V * 4 bytes (fp32 logits and their gradient) plus an fp32 copy of dL/dW.
+"""
+from __future__ import annotations
+
+import torch
+
+from longalign.constants import IGNORE_INDEX
+
+DEFAULT_CHUNK_TOKENS = 4096  # 4096 tokens x 65024 vocab x 4 B = 1 GiB of fp32 logits per chunk
+REDUCTIONS = ("mean", "sum")
+
+
+def shift_targets(labels, loss_weights=None, cu_seqlens=None):
+    """Flat (N,) targets t and weights w (float32) as defined in the module docstring."""
+    if labels.dim() == 1:
+        labels = labels.unsqueeze(0)
+    ignore = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    targets = torch.cat([labels[:, 1:], ignore], dim=1).reshape(-1).long()
+    if cu_seqlens is not None:
+        if labels.shape[0] != 1:
+            raise ValueError("cu_seqlens requires a flat pack of shape (1, T)")
+        ends = cu_seqlens[1:].to(device=labels.device, dtype=torch.long) - 1
+        targets = targets.index_fill(0, ends, IGNORE_INDEX)  # a target never crosses a boundary
+    valid = targets != IGNORE_INDEX
+    if loss_weights is None:
+        weights = valid.float()
+    else:
+        lw = loss_weights.reshape(labels.shape).float()
+        shifted = torch.cat([lw[:, 1:], torch.zeros_like(lw[:, :1])], dim=1).reshape(-1)
+        weights = torch.where(valid, shifted, torch.zeros_like(shifted))
+    return targets, weights
+
+
+def _chunk_losses(h, weight, t):
+    """(fp32 logits, per-token loss l with 0 on ignored targets) for one chunk."""
+    logits = (h @ weight.t()).to(torch.promote_types(h.dtype, torch.float32))
+    valid = t != IGNORE_INDEX
+    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+    losses = torch.logsumexp(logits, dim=-1) - picked
+    return logits, torch.where(valid, losses, torch.zeros_like(losses)), safe_t
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum_i w_i l_i with logits recomputed per chunk in the backward (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, chunk_size):
+        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 in gradcheck
+        total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+        with torch.no_grad():
+            for s in range(0, hidden.shape[0], chunk_size):
+                e = s + chunk_size
+                _, losses, _ = _chunk_losses(hidden[s:e], weight, targets[s:e])
+                total += (weights[s:e] * losses).sum()
+        ctx.save_for_backward(hidden, weight, targets, weights)
+        ctx.chunk_size = chunk_size
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, weights = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], ctx.chunk_size):
+            e = s + ctx.chunk_size
+            h = hidden[s:e]
+            logits, _, safe_t = _chunk_losses(h, weight, targets[s:e])
+            dz = torch.softmax(logits, dim=-1)
+            del logits
+            dz.scatter_add_(1, safe_t[:, None], torch.full_like(dz[:, :1], -1.0))
+            dz.mul_((grad_out * weights[s:e])[:, None])  # rows of ignored targets have w = 0
+            dz = dz.to(weight.dtype)
+            if need_h:
+                grad_h[s:e] = dz @ weight
+            if need_w:
+                grad_w.add_(dz.t() @ h)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def causal_lm_loss(hidden, lm_head_weight, labels, loss_weights=None, cu_seqlens=None,
+                   reduction="mean", chunk_size=DEFAULT_CHUNK_TOKENS):
+    """Weighted causal-LM loss of `hidden` (B, L, H) under the head `lm_head_weight` (V, H).
+
+    labels (B, L) (IGNORE_INDEX on non-targets); loss_weights (B, L) aligned with labels or None;
+    cu_seqlens (n+1,) for a flat pack (B = 1). reduction "mean" = sum w l / sum w (0 when
+    sum w = 0), "sum" = sum w l. Returns an fp32 scalar (fp64 for fp64 inputs). See the module docstring for formulas.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is None or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    targets, weights = shift_targets(labels, loss_weights, cu_seqlens)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if flat.shape[0] != targets.shape[0]:
+        raise ValueError(f"hidden has {flat.shape[0]} tokens, labels {targets.shape[0]}")
+    total = _ChunkedLinearCE.apply(flat, lm_head_weight, targets, weights, int(chunk_size))
+    if reduction == "sum":
+        return total
+    denom = weights.sum()
+    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
