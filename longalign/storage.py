@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+_logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -63,6 +66,24 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def drop_torn_tail(path: str | os.PathLike) -> int:
+    """Cut a last line left without its newline by a killed writer; return the bytes removed.
+
+    `append_jsonl` writes whole lines, so only a crash mid-write leaves such a tail; appending
+    after it would glue the next record onto the torn one. Call before resuming a JSONL output.
+    """
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    _logger.warning("%s: removed a torn last line of %d bytes (a killed run)", path, len(data) - keep)
+    return len(data) - keep
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL file written by `append_jsonl`; a torn last line (crash mid-write) is skipped."""
     records = []
@@ -77,6 +98,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # only the last line can be torn by a crash
+                _logger.warning("%s: ignoring a torn last line (a killed run)", path)
                 break
             raise ValueError(f"{path}:{i + 1}: corrupt JSON line") from None
     return records

@@ -1,0 +1,1 @@
+"""Needle-in-a-haystack test for HF models: prompt.py → pred.py → eval.py → vis.py."""

@@ -1,0 +1,94 @@
+"""Stage 4: draw the depth x context-length heatmap of the scores to a PNG and print its path.
+
+    python Needle_test/vis.py [--config Needle_test/config-eval.yaml] [--scorer judge|match]
+        [--results FILE] [--out FILE.png] [--title TEXT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from Needle_test.needle import load_config, resolve  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-eval.yaml"
+SCORE_RANGE = (1, 10)
+FIGURE_SIZE = (12, 6)
+DPI = 120
+
+
+def score_grid(results: dict):
+    """(depths, lengths, grid) with grid[i][j] the mean score at depth i, length j (nan if none)."""
+    import numpy as np
+
+    cells = {}
+    for record in results.values():
+        if record.get("score") is not None:
+            cells.setdefault((record["depth_percent"], record["context_length"]), []).append(record["score"])
+    depths = sorted({r["depth_percent"] for r in results.values()})
+    lengths = sorted({r["context_length"] for r in results.values()})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for (depth, length), scores in cells.items():
+        grid[depths.index(depth), lengths.index(length)] = statistics.fmean(scores)
+    return depths, lengths, grid
+
+
+def draw_heatmap(results: dict, out: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    depths, lengths, grid = score_grid(results)
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
+    fig, ax = plt.subplots(figsize=FIGURE_SIZE)
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=SCORE_RANGE[0], vmax=SCORE_RANGE[1],
+                      aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths], rotation=45)
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("Context length (tokens)")
+    ax.set_ylabel("Depth percent")
+    rated = grid[~np.isnan(grid)]
+    ax.set_title(f"{title} (mean score {rated.mean():.2f})" if rated.size else f"{title} (no scores)")
+    fig.colorbar(image, ax=ax, label="Score")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=DPI)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--scorer", default=None)
+    p.add_argument("--results", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--title", default="Needle in a haystack")
+    args = p.parse_args(argv)
+    config = load_config(args.config)
+    scorer = args.scorer or config.get("scorer", "judge")
+    save_dir = resolve(config, config["save_dir"])
+    results_path = Path(args.results) if args.results else save_dir / f"results_{scorer}.json"
+    if not results_path.is_file():
+        raise FileNotFoundError(f"{results_path} not found; run Needle_test/eval.py first")
+    results = json.loads(results_path.read_text(encoding="utf-8"))
+    out = Path(args.out) if args.out else results_path.with_name(f"heatmap_{scorer}.png")
+    draw_heatmap(results, out, args.title)
+    print(f"[vis] heatmap written to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FileNotFoundError as err:  # bad input: the message says what to do
+        sys.exit(f"[vis] ERROR: {err}")

@@ -1,0 +1,215 @@
+"""Needle_test/: exact context lengths, depth and sentence-boundary placement with two different
+tokenizers, resumable pred, match scorer, judge on a loopback server, heatmap PNG."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fake_openai_server import FakeOpenAIServer
+from Needle_test import eval as needle_eval, pred as needle_pred, prompt as needle_prompt, vis as needle_vis
+from Needle_test.needle import (build_context, context_lengths, depth_percents, encode, haystack_ids,
+                                read_haystack, sentence_end_patterns)
+from Needle_test.scoring import match_score
+from longalign.storage import read_jsonl
+from tiny_llama import save_tiny_llama
+
+NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
+QUESTION = "What is the best thing to do in San Francisco?"
+FACTS = ["eat a sandwich", "Dolores Park", "sunny day"]
+SHARED_HAYSTACK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "haystack"
+
+
+def haystack_text(n=120):
+    words = ["river", "mountain", "paper", "engine", "garden", "window", "market", "signal"]
+    parts = []
+    for i in range(n):
+        parts.append(f"Sentence {i} talks about the {words[i % 8]} and the {words[(i * 3) % 8]} near town.")
+        if i % 5 == 4:
+            parts.append(f"这是第{i}句话，讲的是{words[i % 8]}。")
+    return " ".join(parts)
+
+
+@pytest.fixture(scope="module")
+def haystack_dir(tmp_path_factory):
+    if SHARED_HAYSTACK.is_dir():
+        return SHARED_HAYSTACK
+    out = tmp_path_factory.mktemp("haystack")
+    for k in range(3):
+        (out / f"essay{k}.txt").write_text(haystack_text(60 + k), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def unigram_tokenizer(tmp_path_factory):
+    """A second, different tokenizer: SentencePiece-style Unigram with a Metaspace pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>")
+    tok.train_from_iterator([haystack_text(), NEEDLE, QUESTION] * 5, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    out = tmp_path_factory.mktemp("unigram")
+    fast.save_pretrained(str(out))
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tiny_tokenizer_dir, tmp_path_factory):
+    return save_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("needle_model"))
+
+
+def test_lengths_and_depths_from_config():
+    assert context_lengths({"min_len": 1000, "max_len": 3000, "count": 3}) == [1000, 2000, 3000]
+    assert context_lengths({"list": [500, 200, 500]}) == [200, 500]
+    linear = depth_percents({"min_percent": 0, "max_percent": 100, "count": 5})
+    assert linear == [0, 25, 50, 75, 100] and all(type(d) is float for d in linear)  # JSON-safe
+    sig = depth_percents({"min_percent": 0, "max_percent": 100, "count": 5, "interval_type": "sigmoid"})
+    assert sig[0] == 0 and sig[-1] == 100 and sig[1] < 25 and sig[3] > 75
+    with pytest.raises(ValueError, match="linear or sigmoid"):
+        depth_percents({"min_percent": 0, "max_percent": 100, "count": 3, "interval_type": "log"})
+
+
+def test_missing_haystack_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="haystack_dir.*README"):
+        read_haystack(tmp_path / "PaulGrahamEssays")
+    with pytest.raises(FileNotFoundError, match="no haystack directory"):
+        read_haystack(None)
+
+
+@pytest.mark.parametrize("which", ["bpe", "unigram"])
+def test_exact_length_depth_and_sentence_boundary(which, tiny_tokenizer, unigram_tokenizer):
+    tokenizer = tiny_tokenizer if which == "bpe" else unigram_tokenizer
+    ends = sentence_end_patterns(tokenizer)
+    for sentence_end in (".", "。"):
+        text = f"alpha{sentence_end}"
+        ids = encode(tokenizer, text)
+        assert ends.ends_at(ids, len(ids)), f"{which}: {sentence_end!r} not recognised"
+    hay = haystack_ids(tokenizer, haystack_text(), 1500)
+    needle_ids = encode(tokenizer, NEEDLE)
+    for depth in (0, 10, 33.3, 50, 90, 100):
+        ids, start, found = build_context(hay, needle_ids, 900, depth, ends)
+        assert len(ids) == 900 and ids[start:start + len(needle_ids)] == needle_ids
+        target = int((900 - len(needle_ids)) * depth / 100)
+        assert start <= target and target - start < 60, (which, depth, start, target)
+        if 0 < depth < 100:
+            assert found and tokenizer.decode(ids[:start]).rstrip()[-1] in ".。"
+
+
+def test_period_ids_come_from_each_tokenizer(tiny_tokenizer, unigram_tokenizer):
+    bpe, uni = sentence_end_patterns(tiny_tokenizer), sentence_end_patterns(unigram_tokenizer)
+    assert bpe.ids and uni.ids and bpe.ids != uni.ids
+    for tokenizer, ends in ((tiny_tokenizer, bpe), (unigram_tokenizer, uni)):
+        assert all(set(tokenizer.decode([i]).strip()) <= set(".。．｡") for i in ends.ids)
+
+
+def write_config(path, body):
+    path.write_text(yaml.safe_dump(body, allow_unicode=True))
+    return str(path)
+
+
+def prompt_config(tmp_path, tokenizer_dir, haystack_dir, lengths=(300, 600), depths=(0, 50, 100)):
+    return write_config(tmp_path / "config-prompt.yaml", {
+        "prompt": {"needle": NEEDLE, "haystack_dir": str(haystack_dir), "retrieval_question": QUESTION},
+        "context": {"list": list(lengths)}, "document_depth": {"list": list(depths)},
+        "tokenizer": {"model_name": tokenizer_dir}, "final_context_buffer": 40, "save_dir": "prompts"})
+
+
+def test_prompt_files_fit_their_length(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, haystack_dir):
+    stats = needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir)])
+    files = sorted((tmp_path / "prompts").glob("len*.json"))
+    assert stats["written"] == len(files) == 6 and stats["over_length"] == 0
+    for f in files:
+        record = json.loads(f.read_text())
+        assert record["context_tokens"] == record["context_length"] - 40
+        assert record["context_length"] - 40 < record["prompt_tokens"] <= record["context_length"]
+        assert len(encode(tiny_tokenizer, record["prompt"])) == record["prompt_tokens"]
+        assert NEEDLE.strip() in record["prompt"] and record["prompt"].endswith(QUESTION)
+    with pytest.raises(FileNotFoundError, match="haystack"):
+        needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, tmp_path / "none")])
+
+
+def test_pred_is_resumable(tmp_path, tiny_tokenizer_dir, tiny_llama_dir, haystack_dir, monkeypatch):
+    import longalign.generation as generation
+
+    needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,), (0, 50, 100))])
+    config = write_config(tmp_path / "config-pred.yaml", {
+        "model": {"model_name": tiny_llama_dir}, "generation": {"max_new_tokens": 3, "temperature": 0.1},
+        "prompt_dir": "prompts", "save_file": "pred/preds.jsonl"})
+    real = generation.generate_response
+    calls = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_response", crash_on_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        needle_pred.main(["--config", config])
+    first = read_jsonl(tmp_path / "pred" / "preds.jsonl")
+    assert len(first) == 1
+    monkeypatch.setattr(generation, "generate_response", real)
+    stats = needle_pred.main(["--config", config])
+    assert (stats["already_done"], stats["predicted_now"]) == (1, 2)
+    records = read_jsonl(tmp_path / "pred" / "preds.jsonl")
+    assert records[0] == first[0] and sorted(r["id"] for r in records) == sorted(
+        ["len200_depth0.00", "len200_depth50.00", "len200_depth100.00"])
+    assert needle_pred.main(["--config", config])["predicted_now"] == 0
+
+
+def test_match_scorer_on_known_answers():
+    assert match_score("Eat a sandwich and sit in Dolores Park on a sunny day.", FACTS) == (10.0, FACTS)
+    assert match_score("eat a  SANDWICH in dolores park, at night", FACTS)[0] == 7.0
+    assert match_score("Go to the Golden Gate Bridge.", FACTS) == (1.0, [])
+    assert match_score("sit in Dolores Parkway", FACTS)[0] == 1.0  # whole words only
+    with pytest.raises(ValueError, match="key_facts"):
+        match_score("anything", [])
+
+
+def write_predictions(path, answers):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"id": f"len{length}_depth{depth:.2f}", "context_length": length, "depth_percent": depth,
+                         "response": answer}) for (length, depth), answer in answers.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def eval_config(tmp_path, scorer):
+    return write_config(tmp_path / "config-eval.yaml", {
+        "pred_file": "pred/preds.jsonl", "save_dir": "results", "scorer": scorer,
+        "judge": {"model_name": "judge-x", "concurrency": 2, "backoff_s": 0},
+        "prompt": {"needle": NEEDLE, "retrieval_question": QUESTION}, "key_facts": FACTS})
+
+
+ANSWERS = {(100, 0.0): "ANS-A eat a sandwich in Dolores Park on a sunny day", (100, 50.0): "ANS-B Dolores Park",
+           (200, 0.0): "ANS-C no idea", (200, 50.0): "ANS-D eat a sandwich, sunny day"}
+
+
+def test_eval_match_and_heatmap(tmp_path):
+    write_predictions(tmp_path / "pred" / "preds.jsonl", ANSWERS)
+    summary = needle_eval.main(["--config", eval_config(tmp_path, "match")])
+    assert summary["mean_score"] == pytest.approx((10 + 4 + 1 + 7) / 4) and summary["missing"] == 0
+    out = needle_vis.main(["--config", str(tmp_path / "config-eval.yaml"), "--scorer", "match"])
+    assert out == tmp_path / "results" / "heatmap_match.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+
+
+def test_eval_judge_on_loopback_server(tmp_path, monkeypatch):
+    write_predictions(tmp_path / "pred" / "preds.jsonl", ANSWERS)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    rules = [("ANS-A", [{"status": 200, "content": "Accurate. [[10]]"}]),
+             ("ANS-B", [{"status": 429}, {"status": 200, "content": "[[5]]"}]),
+             ("ANS-C", [{"status": 500}, {"status": 200, "content": "Unrelated. [[1]]"}]),
+             ("ANS-D", [{"status": 200, "content": "cannot say"}])]
+    with FakeOpenAIServer(rules) as server:
+        summary = needle_eval.main(["--config", eval_config(tmp_path, "judge"), "--judge_base_url", server.base_url])
+        user = next(r for r in server.requests if "ANS-A" in r["messages"][-1]["content"])["messages"][-1]["content"]
+    assert summary["mean_score"] == pytest.approx((10 + 5 + 1) / 3) and summary["missing"] == 1
+    assert NEEDLE.strip() in user and QUESTION in user and "Score 10" in user
+    results = json.loads((tmp_path / "results" / "results_judge.json").read_text())
+    assert results["len200_depth50.00"]["score"] is None and "no [[rating]]" in results["len200_depth50.00"]["error"]
+    assert needle_vis.main(["--config", str(tmp_path / "config-eval.yaml")]).is_file()
