@@ -1,0 +1,268 @@
+"""The pre_tokenize stage: read long + short conversations, tokenize, write an Arrow dataset.
+
+Output (DESIGN.md §1) at `output_dir`, written through `longalign.storage.atomic_dir`:
+- the `datasets` Arrow files (`save_to_disk`): columns input_ids, labels — int32, unpadded;
+- `stats.json`: per source, rows read / kept (written, truncated ones included) / truncated /
+  skipped_too_long / skipped_invalid (by kind) / skipped_no_target, token totals, a length
+  histogram; plus on-disk bytes per token and throughput;
+- `invalid_rows.jsonl`: one line per bad input row (source, file, line number, kind, reason).
+Per source: rows_read == kept + skipped_too_long + skipped_invalid + skipped_no_target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from longalign.constants import DEFAULT_LONG_JSONL, LONGALIGN_HF_DATASET, TOKEN_COLUMNS
+from longalign.conversations import Conversation, InvalidRow, SourceRows, read_jsonl, read_rows
+from longalign.storage import atomic_dir, write_json_atomic
+from longalign.tokenization import (KEPT, SKIPPED_NO_TARGET, SKIPPED_TOO_LONG, TRUNCATED,
+                                    ConversationTokenizer, TokenizedExample, load_tokenizer,
+                                    tokenize_all)
+
+INVALID_REPORT = "invalid_rows.jsonl"
+STATS_FILE = "stats.json"
+DATA_HELP = "see data/README.md for how to obtain LongAlign-10k and ShareGPT in the messages format"
+
+
+@dataclass
+class PretokenizeConfig:
+    family: str
+    tokenizer: str
+    long_path: str | None  # None: DEFAULT_LONG_JSONL, or the HF dataset when that file is missing
+    short_path: str
+    datanum: int  # first N long rows; all short rows
+    max_length: int
+    truncate: str
+    num_proc: int
+    output_dir: str
+    strict: bool = False
+    batch_size: int = 64  # conversations per batched tokenizer call / per pool task
+
+
+# ---- inputs -------------------------------------------------------------------------------
+def _load_hf_long(limit: int, strict: bool) -> SourceRows:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(LONGALIGN_HF_DATASET, split="train")
+    except Exception as err:  # re-raised with the context a user needs (offline, no cache...)
+        raise RuntimeError(
+            f"{DEFAULT_LONG_JSONL} does not exist, and loading the HF dataset {LONGALIGN_HF_DATASET} "
+            f"failed ({type(err).__name__}: {err}). Offline? Download it where there is internet "
+            f"and put it at {DEFAULT_LONG_JSONL} or pass --long PATH; {DATA_HELP}") from err
+    total = len(dataset)
+    selected = dataset.select(range(min(limit, total)))
+    return read_rows(iter(selected), origin=f"hf:{LONGALIGN_HF_DATASET}", total=total, strict=strict)
+
+
+def load_long(path: str | None, limit: int, strict: bool) -> SourceRows:
+    if path is None:  # only the default path falls back to the hub: a typo must not download 10k rows
+        if not Path(DEFAULT_LONG_JSONL).exists():
+            if limit == 0:  # --datanum 0k: nothing to take, nothing to download
+                return SourceRows(origin=f"hf:{LONGALIGN_HF_DATASET} (not loaded: --datanum 0)")
+            return _load_hf_long(limit, strict)
+        path = DEFAULT_LONG_JSONL
+    return read_jsonl(_existing(path, "long"), limit=limit, strict=strict)
+
+
+def _existing(path: str, what: str) -> str:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} data file not found: {path}; {DATA_HELP} "
+                                "(or run `python -m longalign.demo_data --out DIR` for demo data)")
+    return path
+
+
+# ---- stats --------------------------------------------------------------------------------
+def length_bucket(length: int) -> str:
+    """Power-of-two bucket label, e.g. 700 -> '512-1023'."""
+    low = 1 << (max(length, 1).bit_length() - 1)
+    return f"{low}-{2 * low - 1}"
+
+
+@dataclass
+class SourceStats:
+    origin: str
+    requested: int | None
+    available: int | None
+    rows_read: int = 0
+    blank_lines: int = 0
+    kept: int = 0
+    truncated: int = 0
+    skipped_too_long: int = 0
+    skipped_invalid: int = 0
+    skipped_no_target: int = 0
+    dropped_trailing_user_turns: int = 0
+    zero_width_chars_removed: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    tokens_before_truncation: int = 0
+    skipped_invalid_by_kind: dict = dataclasses.field(default_factory=dict)
+    length_histogram: dict = dataclasses.field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        by_low_end = sorted(self.length_histogram.items(), key=lambda item: int(item[0].split("-")[0]))
+        out["length_histogram"] = dict(by_low_end)
+        return out
+
+    def add_invalid(self, row: InvalidRow) -> None:
+        self.skipped_invalid += 1
+        self.skipped_invalid_by_kind[row.kind] = self.skipped_invalid_by_kind.get(row.kind, 0) + 1
+
+    def add_conversation(self, conversation: Conversation) -> None:
+        self.dropped_trailing_user_turns += int(conversation.dropped_trailing_user)
+        self.zero_width_chars_removed += conversation.zero_width_removed
+
+    def add_example(self, example: TokenizedExample) -> None:
+        self.tokens_before_truncation += example.length_before_truncation
+        if example.status == SKIPPED_TOO_LONG:
+            self.skipped_too_long += 1
+            return
+        if example.status == SKIPPED_NO_TARGET:
+            self.skipped_no_target += 1
+            return
+        assert example.status in (KEPT, TRUNCATED), example.status
+        self.kept += 1
+        self.truncated += int(example.status == TRUNCATED)
+        length = len(example.input_ids)
+        self.tokens += length
+        self.target_tokens += example.num_targets
+        bucket = length_bucket(length)
+        self.length_histogram[bucket] = self.length_histogram.get(bucket, 0) + 1
+
+
+def _total(per_source: dict[str, SourceStats]) -> dict:
+    keys = ("rows_read", "kept", "truncated", "skipped_too_long", "skipped_invalid", "skipped_no_target",
+            "tokens", "target_tokens", "tokens_before_truncation")
+    return {key: sum(getattr(stats, key) for stats in per_source.values()) for key in keys}
+
+
+# ---- output -------------------------------------------------------------------------------
+def _record_batch(examples: list[TokenizedExample]):
+    """One Arrow record batch of list<int32> columns (its own offsets: no 2^31 limit overall)."""
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    columns = {
+        "input_ids": np.concatenate([e.input_ids for e in examples]) if examples else np.zeros(0, np.int32),
+        "labels": np.concatenate([e.labels for e in examples]) if examples else np.zeros(0, np.int32),
+    }
+    arrays = [pa.ListArray.from_arrays(offsets, pa.array(columns[name], type=pa.int32())) for name in TOKEN_COLUMNS]
+    return pa.RecordBatch.from_arrays(arrays, names=list(TOKEN_COLUMNS))
+
+
+def save_dataset(record_batches: list, out_dir: Path) -> int:
+    """save_to_disk the batches into `out_dir`; return the bytes of the Arrow files written."""
+    import datasets
+    import pyarrow as pa
+
+    schema = pa.schema([(name, pa.list_(pa.int32())) for name in TOKEN_COLUMNS])
+    table = pa.Table.from_batches(record_batches, schema=schema)
+    datasets.Dataset(table).save_to_disk(str(out_dir))
+    return sum(path.stat().st_size for path in out_dir.glob("*.arrow"))
+
+
+# ---- the stage ----------------------------------------------------------------------------
+def _check_config(config: PretokenizeConfig) -> None:
+    from longalign.constants import TRUNCATION_MODES
+    from longalign.templates import check_family
+
+    check_family(config.family)
+    if config.truncate not in TRUNCATION_MODES:
+        raise ValueError(f"--truncate must be one of {TRUNCATION_MODES}, got {config.truncate!r}")
+    for name in ("max_length", "num_proc", "batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.datanum < 0:
+        raise ValueError(f"datanum must be >= 0, got {config.datanum}")
+
+
+def _read_sources(config: PretokenizeConfig) -> dict[str, SourceRows]:
+    # Short data is checked first so a missing file fails before a (possibly long) hub download.
+    short = read_jsonl(_existing(config.short_path, "short"), strict=config.strict)
+    long = load_long(config.long_path, config.datanum, config.strict)
+    return {"long": long, "short": short}
+
+
+def _split_rows(sources: dict[str, SourceRows], requested: dict, stats: dict, report: list):
+    """Count invalid rows; return (source name, conversation) for every valid row, in order."""
+    tagged = []
+    for name, source in sources.items():
+        stats[name] = SourceStats(source.origin, requested[name], source.available,
+                                  rows_read=len(source.rows), blank_lines=source.blank_lines)
+        for row in source.rows:
+            if isinstance(row, InvalidRow):
+                stats[name].add_invalid(row)
+                report.append(row.to_report(name, source.origin))
+            else:
+                stats[name].add_conversation(row)
+                tagged.append((name, row))
+    return tagged
+
+
+def _tokenize(config: PretokenizeConfig, tagged: list, stats: dict) -> list:
+    from tqdm import tqdm
+
+    conversations = [conversation.rounds for _, conversation in tagged]
+    batches = tokenize_all(conversations, config.tokenizer, config.family, config.max_length,
+                           config.truncate, config.num_proc, config.batch_size)
+    record_batches, position = [], 0
+    total = -(-len(conversations) // config.batch_size)
+    for examples in tqdm(batches, total=total, desc="pre_tokenize", unit="batch"):
+        for example in examples:
+            stats[tagged[position][0]].add_example(example)
+            position += 1
+        written = [e for e in examples if e.status in (KEPT, TRUNCATED)]
+        if written:
+            record_batches.append(_record_batch(written))
+    return record_batches
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    return tokens / seconds if seconds > 0 else None
+
+
+def _stats_document(config, encoder, per_source, arrow_bytes, seconds, tokenize_seconds) -> dict:
+    total = _total(per_source)
+    return {
+        "config": dataclasses.asdict(config),
+        "tokenizer": {"eos_token_id": encoder.eos_id, "prefix_ids": encoder.prefix},
+        "sources": {name: s.as_dict() for name, s in per_source.items()},
+        "total": total,
+        "invalid_report": INVALID_REPORT,
+        "arrow_bytes": arrow_bytes,
+        "bytes_per_token": arrow_bytes / total["tokens"] if total["tokens"] else None,
+        "seconds": seconds,  # whole stage: tokenizer loading, reading, tokenizing, writing
+        "tokens_per_s": _rate(total["tokens_before_truncation"], seconds),
+        "tokenize_seconds": tokenize_seconds,  # the pool alone (worker start-up included)
+        "tokenize_tokens_per_s": _rate(total["tokens_before_truncation"], tokenize_seconds),
+    }
+
+
+def run_pretokenize(config: PretokenizeConfig) -> dict:
+    """Run the whole stage; returns the stats that are also saved as stats.json."""
+    _check_config(config)
+    started = time.perf_counter()
+    encoder = ConversationTokenizer(load_tokenizer(config.tokenizer), config.family)  # fail early
+    sources = _read_sources(config)
+    per_source, report = {}, []
+    tagged = _split_rows(sources, {"long": config.datanum, "short": None}, per_source, report)
+    tokenize_started = time.perf_counter()
+    record_batches = _tokenize(config, tagged, per_source)
+    tokenize_seconds = time.perf_counter() - tokenize_started
+    with atomic_dir(config.output_dir) as tmp:
+        arrow_bytes = save_dataset(record_batches, tmp)
+        stats = _stats_document(config, encoder, per_source, arrow_bytes,
+                                time.perf_counter() - started, tokenize_seconds)
+        with open(tmp / INVALID_REPORT, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in report)
+        write_json_atomic(tmp / STATS_FILE, stats)
+    return stats

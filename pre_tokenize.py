@@ -1,0 +1,77 @@
+"""Stage 1 of LongAlign: tokenize long + short instruction data into an Arrow dataset.
+
+    python pre_tokenize.py --model chatglm --datanum 10k
+
+takes the first N long examples (LongAlign-10k: data/raw/long.jsonl, or the HF dataset
+THUDM/LongAlign-10k when that file is missing) plus all short ones (data/raw/sharegpt.jsonl),
+formats them with the model's chat template and writes input_ids/labels (int32, unpadded) with
+stats.json and invalid_rows.jsonl to --output_dir (default data/<model>/<datanum>).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from longalign.constants import (DEFAULT_MAX_LENGTH, DEFAULT_SHORT_JSONL, MODEL_FAMILIES,
+                                     TRUNCATION_MODES)
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=MODEL_FAMILIES, help="chat template family")
+    parser.add_argument("--datanum", default="10k", help="first N long examples: 0k, 5k, 10k, any Nk or integer")
+    parser.add_argument("--tokenizer", default=None, help="path or hub id (default: the released LongAlign model)")
+    parser.add_argument("--long", default=None,
+                        help="long data JSONL (default data/raw/long.jsonl; if that is missing, the HF dataset)")
+    parser.add_argument("--short", default=DEFAULT_SHORT_JSONL, help="short (ShareGPT) data JSONL")
+    parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH)
+    parser.add_argument("--truncate", choices=TRUNCATION_MODES, default="right",
+                        help="over-long examples: keep the head (right), the first 2 tokens + tail (left), or skip")
+    parser.add_argument("--num_proc", type=int, default=min(os.cpu_count() or 1, 8))
+    parser.add_argument("--output_dir", default=None, help="default data/<model>/<datanum>")
+    parser.add_argument("--strict", action="store_true", help="stop at the first invalid input row")
+    return parser
+
+
+def main(argv=None) -> None:
+    from longalign.constants import DEFAULT_TOKENIZERS
+    from longalign.conversations import parse_datanum
+    from longalign.pretokenize import PretokenizeConfig, run_pretokenize
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        datanum = parse_datanum(args.datanum)
+    except ValueError as err:
+        parser.error(str(err))
+    config = PretokenizeConfig(
+        family=args.model,
+        tokenizer=args.tokenizer or DEFAULT_TOKENIZERS[args.model],
+        long_path=args.long,
+        short_path=args.short,
+        datanum=datanum,
+        max_length=args.max_length,
+        truncate=args.truncate,
+        num_proc=args.num_proc,
+        output_dir=args.output_dir or os.path.join("data", args.model, args.datanum),
+        strict=args.strict,
+    )
+    stats = run_pretokenize(config)
+    if stats["total"]["skipped_invalid"]:
+        print(f"warning: {stats['total']['skipped_invalid']} invalid input rows skipped; line numbers and "
+              f"reasons in {os.path.join(config.output_dir, stats['invalid_report'])}", file=sys.stderr)
+    long = stats["sources"]["long"]
+    if long["available"] is not None and long["available"] < config.datanum:
+        print(f"warning: --datanum {args.datanum} asked for {config.datanum} long rows; "
+              f"{long['origin']} has {long['available']}", file=sys.stderr)
+    summary = {name: {k: v for k, v in s.items() if k not in ("length_histogram", "config")}
+               for name, s in stats["sources"].items()}
+    print(json.dumps({"output_dir": config.output_dir, "sources": summary, "total": stats["total"],
+                      "bytes_per_token": stats["bytes_per_token"], "tokens_per_s": stats["tokens_per_s"]},
+                     indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
