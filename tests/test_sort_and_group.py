@@ -1,0 +1,197 @@
+"""sort_and_group end to end on hand-written datasets: exact packs, weights, conservation, errors."""
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from longalign.constants import IGNORE_INDEX
+from sort_and_group import sort_and_group
+
+REPO = Path(__file__).resolve().parents[1]
+MAX = 10
+X = IGNORE_INDEX
+# Sequence k has token ids 100k + j, so every token says where it came from.
+LABEL_MASKS = [  # 1 = target
+    [0, 1, 1, 1],                              # s0: 4 tokens, 3 targets
+    [0, 0, 0, 0, 0, 1, 1, 1, 1, 1],            # s1: exactly MAX long
+    [0] * 8 + [1, 1, 1, 1],                    # s2: MAX + 2 long; 2 targets survive truncation
+    [0, 0, 0],                                 # s3: no targets
+    [1, 1, 1, 1, 1, 1],                        # s4
+    [0, 1],                                    # s5
+]
+
+
+def make_sequences(masks=LABEL_MASKS):
+    ids = [[100 * k + j for j in range(len(mask))] for k, mask in enumerate(masks)]
+    labels = [[t if m else X for t, m in zip(row, mask)] for row, mask in zip(ids, masks)]
+    return ids, labels
+
+
+def save_dataset(path, ids, labels, dtype="int32", extra=None):
+    feature = datasets.List(datasets.Value(dtype))
+    columns = {"input_ids": ids, "labels": labels, **(extra or {})}
+    features = datasets.Features({"input_ids": feature, "labels": feature,
+                                  **{k: datasets.Value("string") for k in (extra or {})}})
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    return save_dataset(tmp_path / "10k", *make_sequences())
+
+
+def run(train_file, group_size=1, strategy="bfd", seed=0, too_long="truncate"):
+    summary = sort_and_group(train_file, group_size, MAX, strategy, seed, too_long)
+    return (summary, datasets.load_from_disk(str(train_file / "sort")),
+            datasets.load_from_disk(str(train_file / "pack")))
+
+
+def pack_members(pack_rows):
+    """Each pack as the list of source sequence ids (token // 100) of its segments."""
+    return [[row["input_ids"][a] // 100 for a in row["cu_seqlens"][:-1]] for row in pack_rows]
+
+
+def segments(pack_rows):
+    """Every packed sequence as (input_ids, labels, loss_weights) tuples cut by cu_seqlens."""
+    for row in pack_rows:
+        cu = row["cu_seqlens"]
+        for a, b in zip(cu[:-1], cu[1:]):
+            yield row["input_ids"][a:b], row["labels"][a:b], row["loss_weights"][a:b]
+
+
+def expected_sequences(too_long):
+    ids, labels = make_sequences()
+    if too_long == "skip":
+        return [(i, l) for i, l in zip(ids, labels) if len(i) <= MAX]
+    return [(i[:MAX], l[:MAX]) for i, l in zip(ids, labels)]
+
+
+@pytest.mark.parametrize("too_long, greedy, bfd", [
+    ("truncate", [[0], [1], [2], [3, 4], [5]], [[1], [2], [4, 0], [3, 5]]),
+    ("skip", [[0], [1], [3, 4], [5]], [[1], [4, 0], [3, 5]]),
+])
+def test_exact_packs_for_both_strategies(train_file, too_long, greedy, bfd):
+    _, _, packed = run(train_file, strategy="greedy", too_long=too_long)
+    assert pack_members(packed) == greedy  # the paper's order of creation
+    summary, _, packed = run(train_file, strategy="bfd", too_long=too_long)
+    assert sorted(pack_members(packed)) == sorted(bfd)  # bfd packs, groups shuffled
+    stats = json.loads((train_file / "pack" / "stats.json").read_text())
+    assert stats == summary["pack"]
+    assert stats["too_long"] == 1 and stats[f"too_long_{'truncated' if too_long == 'truncate' else 'skipped'}"] == 1
+    assert stats["sequences_without_targets"] == 1
+    assert stats["packing_efficiency"] == pytest.approx(stats["tokens"] / (len(bfd) * MAX))
+
+
+def test_too_long_error_raises_and_writes_nothing(train_file):
+    with pytest.raises(ValueError, match="longer than --max_length"):
+        run(train_file, too_long="error")
+    assert not (train_file / "sort").exists() and not (train_file / "pack").exists()
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "bfd"])
+@pytest.mark.parametrize("too_long", ["truncate", "skip"])
+def test_weights_cu_seqlens_and_conservation(train_file, strategy, too_long):
+    _, sort_rows, packed = run(train_file, group_size=2, strategy=strategy, too_long=too_long)
+    assert packed.features["loss_weights"].feature.dtype == "float32"
+    assert packed.features["cu_seqlens"].feature.dtype == "int32"
+    assert len(packed) % 2 == 0
+    for row in packed:
+        cu = row["cu_seqlens"]
+        assert cu[0] == 0 and cu[-1] == len(row["input_ids"]) == len(row["labels"]) <= MAX
+        assert all(b > a for a, b in zip(cu, cu[1:]))
+        assert len(row["loss_weights"]) == len(row["labels"])
+        with_targets = [any(l != X for l in row["labels"][a:b]) for a, b in zip(cu, cu[1:])]
+        assert row["num_sequences"] == sum(with_targets)
+    for ids, labels, weights in segments(packed):
+        weights = np.asarray(weights)
+        assert (weights[np.asarray(labels) == X] == 0).all()
+        expected_total = 1.0 if any(l != X for l in labels) else 0.0  # no targets: zero weight
+        assert weights.sum() == pytest.approx(expected_total, abs=1e-6)
+    expected = Counter((tuple(i), tuple(l)) for i, l in expected_sequences(too_long))
+    packed_out = Counter((tuple(i), tuple(l)) for i, l, _ in segments(packed))
+    assert packed_out == expected  # every sequence in exactly one pack
+    sorted_out = Counter((tuple(r["input_ids"]), tuple(r["labels"])) for r in sort_rows)
+    assert set(sorted_out) == set(expected) and sum(sorted_out.values()) % 2 == 0
+
+
+def test_sorted_groups_sorted_complete_and_remainder_counted(train_file):
+    summary, sort_rows, _ = run(train_file, group_size=4, too_long="skip")  # 5 sequences
+    lengths = [len(r["input_ids"]) for r in sort_rows]
+    assert len(lengths) == 8 and summary["sort"]["repeated_rows_to_complete_last_group"] == 3
+    groups = [lengths[i:i + 4] for i in range(0, 8, 4)]
+    assert all(g == sorted(g, reverse=True) for g in groups)
+    assert sorted(groups) == [[2, 2, 2, 2], [10, 6, 4, 3]]  # the remainder (s5) repeats itself
+    stats = json.loads((train_file / "sort" / "stats.json").read_text())
+    assert stats["groups"] == 2 and stats["padding_fraction_worst"] == pytest.approx(1 - 23 / 40)
+
+
+def test_seed_fixes_output_and_changes_group_order(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = [[1] * int(n) for n in rng.integers(1, MAX + 1, 40)]
+    path = save_dataset(tmp_path / "d", *make_sequences(masks))
+    _, sort_a, pack_a = run(path, group_size=2, seed=1)
+    sort_a, pack_a = sort_a.to_dict(), pack_a.to_dict()
+    _, sort_b, pack_b = run(path, group_size=2, seed=1)
+    assert sort_b.to_dict() == sort_a and pack_b.to_dict() == pack_a
+    _, sort_c, pack_c = run(path, group_size=2, seed=2)
+    assert sort_c.to_dict() != sort_a and pack_c.to_dict() != pack_a
+    assert Counter(map(tuple, sort_c["input_ids"])) == Counter(map(tuple, sort_a["input_ids"]))
+
+
+def test_int64_input_is_written_as_int32_and_extra_columns_ignored(tmp_path):
+    ids, labels = make_sequences()
+    path = save_dataset(tmp_path / "d", ids, labels, dtype="int64", extra={"source": ["x"] * 6})
+    summary, sort_rows, packed = run(path)
+    assert sort_rows.features["input_ids"].feature.dtype == "int32"
+    assert packed.features["labels"].feature.dtype == "int32"
+    assert summary["pack"]["ignored_columns"] == ["source"]
+
+
+def test_empty_sequence_is_skipped_and_counted(tmp_path):
+    path = save_dataset(tmp_path / "d", [[1, 2], []], [[X, 2], []])
+    summary, sort_rows, _ = run(path)
+    assert summary["sort"]["empty_skipped"] == 1 and len(sort_rows) == 1
+
+
+@pytest.mark.parametrize("setup, error", [
+    (lambda p: p / "missing", FileNotFoundError),
+    (lambda p: save_dataset(p / "d", [[1]], [[1]]) and p / "d" / "nope", FileNotFoundError),
+    (lambda p: (datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(p / "d")), p / "d")[1],
+     ValueError),
+    (lambda p: save_dataset(p / "d", [[1, 2]], [[1]]), ValueError),  # misaligned labels
+])
+def test_bad_input_raises_and_writes_nothing(tmp_path, setup, error):
+    path = setup(tmp_path)
+    with pytest.raises(error):
+        run(path)
+    assert not (path / "sort").exists() and not (path / "pack").exists()
+
+
+@pytest.mark.parametrize("group_size", [0, -3])
+def test_bad_group_size_writes_nothing(train_file, group_size):
+    with pytest.raises(ValueError, match="group_size"):
+        run(train_file, group_size=group_size)
+    assert sorted(p.name for p in train_file.iterdir() if p.is_dir()) == []
+
+
+def test_cli(train_file):
+    command = [sys.executable, "sort_and_group.py", "--train_file", str(train_file),
+               "--group_size", "2", "--max_length", str(MAX), "--pack_strategy", "greedy"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    assert "packing_efficiency" in done.stdout and "padding_fraction_mean" in done.stdout
+    stats = json.loads((train_file / "pack" / "stats.json").read_text())
+    assert stats["pack_strategy"] == "greedy" and stats["packs"] == 6
+    assert datasets.load_from_disk(str(train_file / "sort")).num_rows == 6
+    missing = train_file.parent / "nothing"
+    failed = subprocess.run([sys.executable, "sort_and_group.py", "--train_file", str(missing)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert failed.returncode != 0 and "no such dataset directory" in failed.stderr
+    assert not missing.exists()
+    failed = subprocess.run(command + ["--group_size", "0"], cwd=REPO, capture_output=True, text=True)
+    assert failed.returncode != 0 and "group_size must be an integer >= 1" in failed.stderr
