@@ -1,0 +1,95 @@
+"""Every training script (scripts/*.sh but demo.sh) launches train.py with arguments its parser accepts.
+
+Each script runs under bash with stub `deepspeed`, `torchrun` and `nvidia-smi` executables first on
+PATH; the stub launcher records its arguments, which are then parsed by train.py's parser.
+"""
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402
+
+SCRIPTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if p.name != "demo.sh")
+PAPER = {"learning_rate": 2e-5, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "adam_beta1": 0.9,
+         "adam_beta2": 0.95, "weight_decay": 0.0, "num_train_epochs": 2.0, "bf16": True,
+         "gradient_checkpointing": True, "per_device_train_batch_size": 1}
+
+
+def write_stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture
+def stub_bin(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for launcher in ("deepspeed", "torchrun"):
+        write_stub(bin_dir / launcher, f'echo {launcher} > "$ARGS_OUT"; printf "%s\\n" "$@" >> "$ARGS_OUT"\n')
+    write_stub(bin_dir / "nvidia-smi", 'echo "GPU 0: stub"; echo "GPU 1: stub"; echo "GPU 2: stub"\n')
+    return bin_dir
+
+
+def launch(script: Path, stub_bin: Path, tmp_path: Path, **env_overrides) -> list[str]:
+    out = tmp_path / f"{script.stem}.args"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "MODEL", "DATA", "OUT")},
+           "PATH": f"{stub_bin}:{os.environ['PATH']}", "ARGS_OUT": str(out), **env_overrides}
+    subprocess.run(["bash", str(script)], env=env, check=True, cwd=tmp_path, timeout=60)
+    return out.read_text().splitlines()
+
+
+def test_there_are_the_five_paper_scripts():
+    assert {p.name for p in SCRIPTS} >= {"chatglm_pack.sh", "chatglm_sort.sh", "llama_pack.sh",
+                                         "llama_sort.sh", "llama_sort_13b.sh"}
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_arguments_parse_against_train_py(script, stub_bin, tmp_path):
+    text = script.read_text()
+    assert text.splitlines()[1].startswith("# ") and len(text.splitlines()[1]) > 20  # says what it reproduces
+    words = launch(script, stub_bin, tmp_path)
+    assert words[0] in ("deepspeed", "torchrun")
+    assert words[words.index("--num_gpus") + 1] == "3"  # GPU count from nvidia-smi -L
+    train_args = words[words.index("train.py") + 1:]
+    namespace, unknown = train.build_parser().parse_known_args(train_args)
+    assert unknown == [], f"{script.name}: train.py does not accept {unknown}"
+    ns = vars(namespace)
+    for key, value in PAPER.items():
+        assert ns[key] == value, (script.name, key, ns[key])
+    method = ns["batch_method"]
+    assert method == ("pack" if "pack" in script.stem else "sort")
+    assert ns["gradient_accumulation_steps"] == (1 if method == "pack" else 12)
+    assert ns["pack_loss"] is (method == "pack")
+    assert (REPO / ns["deepspeed"]).is_file()
+    family = "chatglm" if script.stem.startswith("chatglm") else "llama"
+    assert f"/{family}/" in ns["train_file"]
+    train.resolve_loss_reduction(method, ns["pack_loss"], ns["loss_reduction"])
+
+
+def test_environment_overrides_defaults(stub_bin, tmp_path):
+    words = launch(REPO / "scripts" / "llama_pack.sh", stub_bin, tmp_path, NUM_GPUS="8", MODEL="/m",
+                   DATA="/d", OUT="/o", DS_CONFIG="ds_config/stage3_no_offload.json")
+    args = words[words.index("train.py") + 1:]
+    pairs = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+    assert words[words.index("--num_gpus") + 1] == "8"
+    assert (pairs["--model_name_or_path"], pairs["--train_file"], pairs["--output_dir"]) == ("/m", "/d", "/o")
+    assert pairs["--deepspeed"] == "ds_config/stage3_no_offload.json"
+
+
+def test_ds_configs_are_filled_by_the_trainer():
+    import json
+    for name in ("stage1", "stage2", "stage3", "stage3_no_offload"):
+        config = json.loads((REPO / "ds_config" / f"{name}.json").read_text())
+        assert config["train_micro_batch_size_per_gpu"] == "auto" and config["gradient_accumulation_steps"] == "auto"
+        assert config["optimizer"]["params"]["lr"] == "auto"
+        zero = config["zero_optimization"]
+        assert zero["stage"] == int(name[5])
+        offloaded = "offload_param" in zero and "offload_optimizer" in zero
+        assert offloaded == (name == "stage3")
