@@ -94,16 +94,22 @@ def _seqlens(cu_seqlens: torch.Tensor) -> list[int]:
 
 
 def _reference(q, k, v, cu_seqlens, scale):
-    """Per-sequence SDPA; k/v heads repeated for GQA so every kernel sees equal head counts."""
+    """Per-sequence SDPA; k/v heads repeated for GQA so every kernel sees equal head counts.
+
+    Inputs go in as (1, H, n, D): SDPA's fused CUDA kernels need a batch dimension, and with 3-D
+    inputs it falls back to the unfused path (measured: a 65 GiB fp32 score matrix, OOM on an
+    H200, for one 23k-token sequence of 32 heads).
+    """
     rep = q.shape[1] // k.shape[1]
     outs = []
     start = 0
     for n in _seqlens(cu_seqlens):
         sl = slice(start, start + n)
-        qs = q[sl].transpose(0, 1)  # (Hq, n, D)
-        ks = k[sl].repeat_interleave(rep, dim=1).transpose(0, 1)
-        vs = v[sl].repeat_interleave(rep, dim=1).transpose(0, 1)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+        qs = q[sl].transpose(0, 1).unsqueeze(0)  # (1, Hq, n, D)
+        ks = k[sl].repeat_interleave(rep, dim=1).transpose(0, 1).unsqueeze(0)
+        vs = v[sl].repeat_interleave(rep, dim=1).transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        outs.append(out[0].transpose(0, 1))
         start += n
     out = torch.cat(outs, dim=0)
     if start != q.shape[0]:
