@@ -7,7 +7,7 @@ a temporary directory, runs the whole stage (`run_pretokenize`: read + validate 
 write) `--repeats` times and reports the median. tokens/s counts every token tokenized (before
 truncation) over the stage's wall time; bytes/token is the Arrow files' size over the tokens
 written (input_ids + labels together; the goal is <= 9). Prints one JSON line, writes
-bench/RESULTS_pretokenize.md and records the figures in bench/results.json.
+bench/measured/pretokenize.md and records the figures in bench/results.json.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RESULTS_MD = Path(__file__).resolve().parent / "RESULTS_pretokenize.md"
+RESULTS_MD = Path(__file__).resolve().parent / "measured" / "pretokenize.md"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_short", type=int, default=3000, help="short chat rows (~35 tokens each)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--family", default="llama", choices=("chatglm", "llama"))
-    parser.add_argument("--no_write", action="store_true", help="do not write RESULTS_pretokenize.md / results.json")
+    parser.add_argument("--no_write", action="store_true", help="do not write measured/pretokenize.md / results.json")
     return parser.parse_args(argv)
 
 
