@@ -203,6 +203,8 @@ def pack_batch(sequences, members: np.ndarray, members_per_pack: np.ndarray) -> 
     member_weights = sequence_loss_weights(sequences.num_targets[members])
     weights = np.repeat(member_weights, member_lengths)
     weights[labels == IGNORE_INDEX] = 0.0  # 1/N_k only where sequence k has a target
+    # a sequence's first label is never predicted (the shift; see count_targets): weight 0
+    weights[np.cumsum(member_lengths) - member_lengths] = 0.0
     cu_offsets = np.concatenate([[0], np.cumsum(members_per_pack + 1)]).astype(np.int32)
     has_targets = sequences.num_targets[members] > 0
     return pa.RecordBatch.from_pydict({

@@ -136,19 +136,23 @@ def row_lengths(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def count_targets(labels: FlatColumn, full_lengths: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Per row, labels != IGNORE_INDEX among its first `lengths` tokens.
+    """Per row, labels != IGNORE_INDEX among its first `lengths` tokens, the first token excluded.
 
-    One vectorised reduceat per chunk over whole rows; only the (few) rows cut shorter than
-    `full_lengths` by truncation are recounted one by one.
+    The model shifts labels by one within each sequence, so a sequence's first label is never
+    predicted; leaving it out makes N_k (and 1/N_k) match the positions the loss uses (the same
+    rule as `longalign.collators.target_mask`). One vectorised reduceat per chunk over whole
+    rows; only the (few) rows cut shorter than `full_lengths` by truncation are recounted.
     """
     counts = np.zeros(len(full_lengths), dtype=np.int64)
     for index, values in enumerate(labels.values):
         rows = np.flatnonzero((labels.chunk == index) & (full_lengths > 0))  # starts must increase
         if rows.size:
-            counts[rows] = np.add.reduceat(values != IGNORE_INDEX, labels.start[rows], dtype=np.int64)
+            is_target = values != IGNORE_INDEX
+            counts[rows] = np.add.reduceat(is_target, labels.start[rows], dtype=np.int64)
+            counts[rows] -= is_target[labels.start[rows]]
     for row in np.flatnonzero(lengths < full_lengths).tolist():
         prefix = labels.values[labels.chunk[row]][labels.start[row]:labels.start[row] + lengths[row]]
-        counts[row] = int((prefix != IGNORE_INDEX).sum())
+        counts[row] = int((prefix[1:] != IGNORE_INDEX).sum())
     return counts
 
 

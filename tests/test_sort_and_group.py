@@ -195,3 +195,21 @@ def test_cli(train_file):
     assert not missing.exists()
     failed = subprocess.run(command + ["--group_size", "0"], cwd=REPO, capture_output=True, text=True)
     assert failed.returncode != 0 and "group_size must be an integer >= 1" in failed.stderr
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "bfd"])
+def test_stored_weights_match_the_trainers_targets(train_file, strategy):
+    """The stored 1/N_k weights sit exactly on the positions the shifted loss predicts: the
+    collator's recomputation (what training uses) gives the same column, and a sequence's first
+    token (s4 labels it) has weight 0."""
+    import torch
+
+    from longalign.collators import pack_weights_and_counts
+
+    _, _, pack = run(train_file, strategy=strategy)
+    for row in pack:
+        labels = torch.tensor(row["labels"])
+        cu = torch.tensor(row["cu_seqlens"])
+        expected, _ = pack_weights_and_counts(labels, cu, "sequence")
+        assert torch.equal(torch.tensor(row["loss_weights"], dtype=torch.float32), expected)
+        assert all(row["loss_weights"][start] == 0.0 for start in row["cu_seqlens"][:-1])
