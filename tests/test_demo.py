@@ -1,0 +1,140 @@
+"""`make demo` end to end (scripts/demo.sh in a temp OUT, fewer steps), and longalign.tiny_model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from longalign.tiny_model import STATS_FILE, TinyShape, main as tiny_model_main, save_tiny_model  # noqa: E402
+
+TEST_STEPS = 20  # ~1/4 of the demo's default: enough for a clear fall from the random-init loss
+LOG_STEPS = 5
+MIN_LOSS_DROP = 0.5  # nats between the first and the last logged loss (the demo falls ~2 in 20 steps)
+DEMO_TIMEOUT_S = 600
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=256)
+
+
+# ---------- the demo ----------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run scripts/demo.sh once; the haystack is forced absent (a clone without ../shared)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    env = {**os.environ, "OUT": str(out), "DEMO_STEPS": str(TEST_STEPS), "DEMO_LOG_STEPS": str(LOG_STEPS),
+           "HAYSTACK": str(out / "no_such_haystack"), "PY": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
+    assert proc.returncode == 0, f"demo.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return out, proc.stdout
+
+
+def printed(stdout: str, prefix: str) -> list[str]:
+    return [line[len(prefix):].strip() for line in stdout.splitlines() if line.startswith(prefix)]
+
+
+def test_demo_datasets(demo):
+    import datasets
+
+    out, _ = demo
+    columns = {"llama/10k": {"input_ids", "labels"}, "llama/10k/sort": {"input_ids", "labels"},
+               "llama/10k/pack": {"input_ids", "labels", "loss_weights", "cu_seqlens", "num_sequences"}}
+    for sub, needed in columns.items():
+        dataset = datasets.load_from_disk(str(out / sub))
+        assert len(dataset) > 0 and needed <= set(dataset.column_names), sub
+    raw = json.loads((out / "raw" / "stats.json").read_text())
+    assert len(datasets.load_from_disk(str(out / "llama/10k"))) == raw["long_rows"] + raw["short_rows"]
+
+
+def test_demo_prints_every_stats_file(demo):
+    out, stdout = demo
+    paths = [Path(p) for p in printed(stdout, "[demo] stats:")]
+    expected = [out / "raw/stats.json", out / "llama/10k/stats.json", out / "llama/10k/sort/stats.json",
+                out / "llama/10k/pack/stats.json", out / "model_init" / STATS_FILE,
+                out / "model/trainer_state.json", out / "needle/prompts/stats.json"]
+    assert set(expected) <= set(paths)
+    for path in paths:
+        json.loads(path.read_text())  # exists and is complete JSON
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary outputs left behind"
+
+
+def test_demo_training_loss_fell(demo):
+    out, stdout = demo
+    state = json.loads((out / "model" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert state["global_step"] == TEST_STEPS and len(losses) == TEST_STEPS // LOG_STEPS
+    assert losses[-1] < losses[0] - MIN_LOSS_DROP, losses
+    line = printed(stdout, "[demo] loss:")
+    assert line and f"{losses[0]:.3f}" in line[0] and f"{losses[-1]:.3f}" in line[0]
+
+
+def test_demo_model_reloads_and_differs_from_init(demo):
+    from longalign.generation import load_model_and_tokenizer
+
+    out, stdout = demo
+    assert printed(stdout, "[demo] trained model:") == [str(out / "model")]
+    model, tokenizer, family = load_model_and_tokenizer(str(out / "model"), device="cpu")
+    init, _, _ = load_model_and_tokenizer(str(out / "model_init"), device="cpu")
+    assert family == "llama" and model.config.vocab_size == len(tokenizer)
+    ids = torch.tensor([tokenizer("[INST]What is 2 plus 3?[/INST]")["input_ids"]])
+    with torch.no_grad():
+        logits, init_logits = model(ids).logits, init(ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tokenizer))
+    assert not torch.allclose(logits, init_logits), "training did not change the weights"
+
+
+def test_demo_needle_heatmap(demo):
+    out, stdout = demo
+    heatmap = Path(printed(stdout, "[demo] heatmap:")[-1])
+    assert heatmap == out / "needle/results/heatmap_match.png"
+    assert heatmap.read_bytes().startswith(PNG_MAGIC)
+    summary = json.loads((out / "needle/results/summary_match.json").read_text())
+    prompts = json.loads((out / "needle/prompts/stats.json").read_text())
+    assert summary["scored"] == prompts["written"] > 0
+    assert Path(prompts["haystack_dir"]).resolve() == (out / "haystack").resolve()  # the demo's own text
+
+
+# ---------- longalign.tiny_model ----------
+@pytest.mark.parametrize("family", ["llama", "chatglm"])
+def test_tiny_model_matches_tokenizer_and_trains(family, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
+    import train
+
+    summary = save_tiny_model(family, tiny_tokenizer_dir, tmp_path / "m", SMALL, seed=1)
+    model = train.model_class(train.model_family(str(tmp_path / "m"))).from_pretrained(str(tmp_path / "m"))
+    config = model.config
+    assert config.vocab_size == len(tiny_tokenizer) == summary["vocab_size"]
+    assert (config.pad_token_id, config.eos_token_id) == (tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id)
+    assert summary["parameters"] == sum(p.numel() for p in model.parameters())
+    assert json.loads((tmp_path / "m" / STATS_FILE).read_text())["family"] == family
+    ids = torch.tensor([tiny_tokenizer("The key is 42. The key is 42.")["input_ids"]])
+    loss = model(ids, labels=ids, cu_seqlens=torch.tensor([0, ids.shape[1]], dtype=torch.int32)).loss
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+
+
+def test_tiny_model_cli_is_seeded_and_replaces_output(tiny_tokenizer_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    args = ["--family", "llama", "--tokenizer", tiny_tokenizer_dir, "--hidden", "32", "--intermediate", "64"]
+    tiny_model_main(args + ["--out", str(tmp_path / "a")])
+    tiny_model_main(args + ["--out", str(tmp_path / "b")])
+    tiny_model_main(args + ["--out", str(tmp_path / "c"), "--seed", "7"])
+    a, b, c = (load_file(str(tmp_path / d / "model.safetensors")) for d in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    (tmp_path / "a" / "stale.txt").write_text("old run")
+    tiny_model_main(args + ["--out", str(tmp_path / "a")])
+    assert not (tmp_path / "a" / "stale.txt").exists()
+    assert (tmp_path / "a" / "tokenizer.json").is_file()
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["hidden"] == 32
+
+
+@pytest.mark.parametrize("bad", [["--hidden", "30"], ["--kv_heads", "3"], ["--layers", "0"]])
+def test_tiny_model_rejects_bad_shapes(bad, tiny_tokenizer_dir, tmp_path):
+    with pytest.raises(SystemExit, match="must be"):
+        tiny_model_main(["--family", "llama", "--tokenizer", tiny_tokenizer_dir, "--out", str(tmp_path), *bad])
