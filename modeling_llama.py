@@ -27,6 +27,7 @@ from transformers.models.llama import modeling_llama as hf_llama
 
 from longalign.attention import varlen_attention
 from longalign.loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
+from longalign.recompute import saved_attention
 
 LlamaConfig = hf_llama.LlamaConfig
 
@@ -48,8 +49,9 @@ class PackedLlamaAttention(hf_llama.LlamaAttention):
         v = self.v_proj(hidden_states).view(shape)
         cos, sin = position_embeddings  # (1, T, D): broadcast over heads at dim 2
         q, k = hf_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-        out = varlen_attention(q[0], k[0], v[0], cu_seqlens, max_seqlen=max_seqlen,
-                               softmax_scale=self.scaling)
+        # saved_attention: plain call, or run-once under the "selective" recompute policy
+        out = saved_attention(varlen_attention, q[0], k[0], v[0], cu_seqlens, max_seqlen=max_seqlen,
+                              softmax_scale=self.scaling)
         return self.o_proj(out.reshape(1, total, -1)), None
 
 

@@ -2,11 +2,13 @@
 
     python bench/bench_train_step.py --out bench/train_step.json          # GPU, bf16
     python bench/bench_train_step.py --smoke                              # CPU, tiny, seconds
+    python bench/bench_train_step.py --recompute selective --attn_backend flex --compile
+    python bench/bench_train_step.py --sweep --out bench/train_sweep.jsonl  # DEFAULT_SWEEP, one process each
 
-One step = forward + backward (gradient checkpointing) + AdamW step on one packed batch (DESIGN.md
-§3, built by longalign.collators.PackCollator), bf16 weights, no offload. Reported as one JSON line
-(also written to --out): tokens/s, step seconds (median over --steps after --warmup), peak memory,
-and MFU = model FLOPs / (step seconds x measured peak), model FLOPs = 6 N T + 6 n_layers d sum L^2
+One step = forward + backward (recompute policy --recompute: longalign.recompute) + AdamW step on
+one packed batch (DESIGN.md §3, built by longalign.collators.PackCollator), bf16 weights, no
+offload. Reported as one JSON line (also written to --out): tokens/s, step seconds (median over
+--steps after --warmup), peak memory, and MFU = model FLOPs / (step seconds x measured peak), model FLOPs = 6 N T + 6 n_layers d sum L^2
 (longalign.trainer.training_flops: attention included, recomputation not counted), the peak being
 the best of a bf16 (fp32 with --smoke) square-matmul timing on this device.
 
@@ -14,12 +16,27 @@ Sequence lengths are synthetic, "LongAlign-like": a seeded mixture of short chat
 (log-uniform in [SHORT_MIN, SHORT_MAX]) and long documents (uniform in [LONG_MIN, pack length]),
 LONG_FRACTION of them long, packed greedily into packs of at most --pack_tokens tokens. They are
 not the real LongAlign-10k lengths.
+
+--sweep runs configurations (DEFAULT_SWEEP, or the quoted argument strings given) one after the
+other, each in a fresh subprocess (no allocator fragmentation carried over, an OOM fails only its
+own line; inductor's on-disk cache is shared, so a later compiled run compiles faster), with the
+other flags of this command line in common and --warmup 2 --steps 3 unless given. It prints each
+result as one JSON line, then a summary table; configurations that would start after
+--sweep_budget_s are skipped and listed as such.
+
+--compile compiles each layer's forward with dynamic shapes (pack lengths vary). The attention call
+is a graph break (the kernel runs eagerly; flex is compiled on its own), so a layer is two graphs.
+The JSON reports dynamo's counters and `recompiled_during_timing`: true means a timed step paid
+for compilation (the table marks it).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,11 +47,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from longalign.collators import PackCollator  # noqa: E402
+from longalign.attention import ENV_VAR as ATTN_ENV, choose_backend  # noqa: E402
 from longalign.constants import IGNORE_INDEX  # noqa: E402
+from longalign.recompute import apply_recompute  # noqa: E402
 from longalign.trainer import matmul_parameters, training_flops  # noqa: E402
 
 SHORT_MIN, SHORT_MAX, LONG_MIN, LONG_FRACTION = 64, 4096, 8192, 0.5
 PROMPT_FRACTION = 0.9  # long-context SFT: most tokens are the (unlabelled) document
+# Most promising first. Memory (1.4B, 64k, bf16): ~11 GiB weights + grads + AdamW states; per
+# layer ~0.25 GiB checkpointed (full), ~1.5 GiB selective (q, k, v, out kept), ~6 GiB none.
+DEFAULT_SWEEP = (
+    "--recompute full --attn_backend torch_varlen",  # today's baseline (3.49 s, MFU 0.295)
+    "--recompute selective --attn_backend torch_varlen",
+    "--recompute selective --attn_backend flex",
+    "--recompute selective:12 --attn_backend flex",  # 12 selective + 12 not checkpointed
+    "--recompute partial:10 --attn_backend flex",
+    "--recompute selective --attn_backend flex --compile",
+    "--recompute selective:12 --attn_backend flex --compile",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON line here")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (tests)")
+    p.add_argument("--recompute", default="full",
+                   help="full | selective | none | partial:K | selective:K (longalign.recompute)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic)")
+    p.add_argument("--compile_backend", default="inductor")
+    p.add_argument("--attn_backend", default=None, help="sets LONGALIGN_ATTN_BACKEND")
+    p.add_argument("--sweep", nargs="*", default=None, metavar="CONFIG",
+                   help="run each quoted flag string, e.g. \"--recompute full\" (a lone flag needs a "
+                        "trailing space), in its own subprocess; none given: DEFAULT_SWEEP")
+    p.add_argument("--sweep_budget_s", type=float, default=450.0,
+                   help="start no configuration after this many seconds of the sweep")
     args = p.parse_args(argv)
     if args.smoke:
         args.hidden, args.layers, args.heads, args.intermediate, args.vocab = 64, 2, 4, 128, 256
@@ -113,15 +153,27 @@ def build_model(args, device, dtype):
                          num_key_value_heads=args.heads, intermediate_size=args.intermediate,
                          vocab_size=args.vocab, max_position_embeddings=args.pack_tokens)
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    model.gradient_checkpointing_enable()
+    with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU init
+        model = LlamaForCausalLM(config).to(dtype=dtype)
+    apply_recompute(model, args.recompute, compile=args.compile, compile_backend=args.compile_backend)
     model.train()
     return model
+
+
+def compile_counters() -> dict:
+    """Dynamo's running totals: frames compiled, distinct graphs, graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return {"frames_compiled": int(counters["frames"]["ok"]),
+            "unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 def run(args) -> dict:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
+    if args.attn_backend:
+        os.environ[ATTN_ENV] = args.attn_backend  # read by varlen_attention at every call
     model = build_model(args, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     collate = PackCollator("sequence")
@@ -130,6 +182,7 @@ def run(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
+    compiled_after_warmup = compile_counters()
     for i, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items() if k != "batch_counts"}
         synchronize(device)
@@ -142,6 +195,8 @@ def run(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
             losses.append(loss.item())
+        if i + 1 == args.warmup:
+            compiled_after_warmup = compile_counters()
     timed = batches[args.warmup:]
     tokens = statistics.mean(int(b["input_ids"].numel()) for b in timed)
     sum_sq = statistics.mean(int(b["batch_counts"][4]) for b in timed)
@@ -156,11 +211,105 @@ def run(args) -> dict:
             "measured_peak_tflops": peak / 1e12, "mfu": flops / seconds / peak,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
             "loss_finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
-            "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": True, "smoke": args.smoke}
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None,
+            "steps": args.steps, "warmup": args.warmup, "recompute": args.recompute,
+            "gradient_checkpointing": args.recompute != "none", "attn_backend": choose_backend(device, dtype),
+            "compile": args.compile, **compile_report(compiled_after_warmup),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "torch": torch.__version__, "smoke": args.smoke}
 
 
-def main(argv=None) -> dict:
+def compile_report(after_warmup: dict) -> dict:
+    """Compile totals, and whether anything (re)compiled during the timed steps (then the step
+    time includes compilation: raise --warmup or look at the recompile reasons). Reported without
+    --compile too: flex compiles its kernel, and recompiles once for dynamic shapes on the 2nd pack."""
+    now = compile_counters()
+    return {"compile_counters": now,
+            "recompiled_during_timing": now["frames_compiled"] > after_warmup["frames_compiled"]}
+
+
+SWEEP_STEPS = ["--warmup", "2", "--steps", "3"]  # per configuration, overridable by the command line
+CONFIG_TIMEOUT_S, SWEEP_GRACE_S = 300, 120
+
+
+def _common_argv(argv: list[str]) -> list[str]:
+    """The command line minus --sweep (and its configuration strings), --out, --sweep_budget_s."""
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--sweep":
+            i += 1
+            while i < len(argv) and (" " in argv[i] or not argv[i].startswith("-")):
+                i += 1
+            continue
+        if tok in ("--out", "--sweep_budget_s"):
+            i += 2
+            continue
+        if not tok.startswith(("--out=", "--sweep_budget_s=", "--sweep=")):
+            out.append(tok)
+        i += 1
+    return out
+
+
+def run_config(config: str, common: list[str], timeout_s: float, tmp: Path) -> dict:
+    """One configuration in a fresh Python process; its JSON result, or the error."""
+    out = tmp / "result.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *SWEEP_STEPS, *common, *shlex.split(config),
+           "--out", str(out)]
+    env = dict(os.environ)
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        error = None if proc.returncode == 0 and out.exists() else (proc.stderr or proc.stdout)[-1500:]
+    except subprocess.TimeoutExpired:
+        error = f"timed out after {timeout_s:.0f} s"
+    result = json.loads(out.read_text()) if error is None else {"error": error}
+    return {"config": config, "wall_s": round(time.perf_counter() - start, 1), **result}
+
+
+def summary_table(results: list[dict]) -> str:
+    rows = [f"{'config':<58} {'step_s':>7} {'tok/s':>8} {'mfu':>6} {'peakGiB':>8} {'wall_s':>7}"]
+    for r in results:
+        if "error" in r or "skipped" in r:
+            status = r.get("skipped") or "FAILED: " + r["error"].strip().splitlines()[-1][:60]
+            rows.append(f"{r['config']:<58} {status}")
+            continue
+        mem = r["peak_memory_gib"]
+        flag = " (recompiled while timed)" if r.get("recompiled_during_timing") else ""
+        rows.append(f"{r['config']:<58} {r['step_seconds']:7.3f} {r['tokens_per_s']:8.0f} {r['mfu']:6.3f} "
+                    f"{mem if mem is None else round(mem, 1)!s:>8} {r['wall_s']:7.1f}{flag}")
+    return "\n".join(rows)
+
+
+def sweep(args, argv: list[str]) -> list[dict]:
+    """Run each configuration in turn (module docstring); print JSON lines and the table."""
+    import tempfile
+
+    configs = args.sweep or list(DEFAULT_SWEEP)
+    common, results, start = _common_argv(argv), [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in configs:
+            elapsed = time.perf_counter() - start
+            if elapsed > args.sweep_budget_s:
+                result = {"config": config, "skipped": f"skipped: sweep budget {args.sweep_budget_s:.0f} s spent"}
+            else:
+                timeout = min(CONFIG_TIMEOUT_S, args.sweep_budget_s + SWEEP_GRACE_S - elapsed)
+                result = run_config(config, common, timeout, Path(tmp))
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    print(summary_table(results), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
+    return results
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.sweep is not None:
+        return sweep(args, argv)
     result = run(args)
     line = json.dumps(result)
     print(line, flush=True)

@@ -23,6 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from longalign.attention import varlen_attention
 from longalign.loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
+from longalign.recompute import saved_attention
 
 ROPE_BASE = 10000.0  # ChatGLM's RoPE base before `rope_ratio` scaling
 
@@ -105,7 +106,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.split_qkv(self.query_key_value(x))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cu_seqlens is not None:  # flat pack (1, T): block-diagonal causal attention
-            ctx = varlen_attention(q[0], k[0], v[0], cu_seqlens, max_seqlen=max_seqlen)[None]
+            ctx = saved_attention(varlen_attention, q[0], k[0], v[0], cu_seqlens, max_seqlen=max_seqlen)[None]
         else:
             ctx = self._sdpa(q, k, v, mask, past_key_values)
         return self.dense(ctx.flatten(-2))

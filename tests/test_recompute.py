@@ -1,0 +1,181 @@
+"""longalign.recompute on tiny packed models, fp32 CPU: every policy gives the gradients of no
+checkpointing, and `selective` runs the attention kernel once per layer where `full` runs it twice."""
+import pytest
+import torch
+
+import longalign.attention as attention
+from longalign.constants import IGNORE_INDEX
+from longalign.recompute import apply_recompute, parse_policy
+
+LENGTHS = (7, 12, 5, 9)  # one pack of four sequences
+LAYERS = 4
+POLICIES = ("none", "full", "selective", "partial:2", "selective:3", "full:0")
+
+
+def llama():
+    from modeling_llama import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=128, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def chatglm():
+    from modeling_chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
+
+    cfg = ChatGLMConfig(num_layers=LAYERS, padded_vocab_size=128, hidden_size=32, ffn_hidden_size=64,
+                        kv_channels=16, num_attention_heads=4, multi_query_attention=True,
+                        multi_query_group_num=2, seq_length=64)
+    return ChatGLMForConditionalGeneration(cfg)
+
+
+FAMILIES = {"llama": llama, "chatglm": chatglm}  # head_dim 16: the smallest flex (Triton) takes
+
+
+def pack(vocab=128, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(LENGTHS)
+    ids = torch.randint(0, vocab, (1, total), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = IGNORE_INDEX
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    weights = torch.rand(1, total, generator=g)
+    return dict(input_ids=ids, labels=labels, cu_seqlens=cu, loss_weights=weights)
+
+
+def grads_and_calls(family, policy, monkeypatch, compile_backend=None, backend="reference",
+                    device="cpu", dtype=torch.float32):
+    """Parameter gradients of one packed step under `policy`, and attention kernel calls made."""
+    calls = []
+    name = "_" + backend  # varlen_attention looks its backend function up at each call
+    kernel = getattr(attention, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(attention, name, counting)
+    monkeypatch.setenv(attention.ENV_VAR, backend)
+    torch.manual_seed(0)
+    model = FAMILIES[family]().to(device=device, dtype=dtype).train()
+    if policy is not None:
+        apply_recompute(model, policy, compile=compile_backend is not None,
+                        compile_backend=compile_backend or "inductor")
+    model(**{k: v.to(device) for k, v in pack().items()}).loss.backward()
+    monkeypatch.setattr(attention, name, kernel)
+    return {n: p.grad.float().clone() for n, p in model.named_parameters()}, len(calls)
+
+
+def assert_close(got, want, rtol=1e-6):
+    assert got.keys() == want.keys()
+    for name in want:
+        err = (got[name] - want[name]).abs().max() / want[name].abs().max().clamp_min(1e-30)
+        assert err <= rtol, (name, float(err))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_gradients_equal_no_checkpointing(family, policy, monkeypatch):
+    want, base_calls = grads_and_calls(family, None, monkeypatch)
+    got, calls = grads_and_calls(family, policy, monkeypatch)
+    assert_close(got, want)
+    modes = parse_policy(policy, LAYERS)
+    # one kernel call per layer forward, plus one per fully checkpointed layer's recompute
+    assert base_calls == LAYERS and calls == LAYERS + modes.count("full")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_selective_skips_attention_in_backward_full_does_not(family, monkeypatch):
+    _, full = grads_and_calls(family, "full", monkeypatch)
+    _, selective = grads_and_calls(family, "selective", monkeypatch)
+    assert (full, selective) == (2 * LAYERS, LAYERS)
+
+
+def test_two_steps_and_reapplying_policy(monkeypatch):
+    """Regions are per call (a second step replays nothing stale); re-applying replaces the policy."""
+    torch.manual_seed(0)
+    model = llama().train()
+    apply_recompute(model, "full")
+    apply_recompute(model, "selective")
+    for _ in range(2):
+        model.zero_grad()
+        model(**pack()).loss.backward()
+    want, _ = grads_and_calls("llama", None, monkeypatch)
+    assert_close({n: p.grad for n, p in model.named_parameters()}, want)
+
+
+def test_eval_and_no_grad_forward_is_plain():
+    torch.manual_seed(0)
+    model = llama()
+    want = model.eval()(**pack()).loss
+    apply_recompute(model, "selective")
+    with torch.no_grad():
+        assert torch.equal(model.train()(**pack()).loss, want)
+    assert torch.equal(model.eval()(**pack()).loss, want)
+
+
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_compiled_layers_same_gradients(policy, monkeypatch):
+    """torch.compile of each layer (aot_eager: the dynamo/autograd path without a C++ build)."""
+    torch._dynamo.reset()
+    want, _ = grads_and_calls("llama", None, monkeypatch)
+    got, calls = grads_and_calls("llama", policy, monkeypatch, compile_backend="aot_eager")
+    assert_close(got, want)
+    assert calls == (LAYERS if policy == "selective" else 2 * LAYERS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU attention backends")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("backend", ["torch_varlen", "flex", "flash_attn"])
+def test_cuda_bf16_backends(family, backend, monkeypatch):
+    """On the GPU kernels, bf16: selective and full match no checkpointing (to bf16 rounding of
+    non-deterministic backward accumulation), and selective runs each kernel once per layer."""
+    if backend not in attention.available_backends("cuda", torch.bfloat16):
+        pytest.skip(f"{backend} not available")
+    run = dict(backend=backend, device="cuda", dtype=torch.bfloat16)
+    want, _ = grads_and_calls(family, None, monkeypatch, **run)
+    for policy, expected_calls in (("selective", LAYERS), ("full", 2 * LAYERS)):
+        got, calls = grads_and_calls(family, policy, monkeypatch, **run)
+        assert_close(got, want, rtol=2e-2)
+        assert calls == expected_calls
+
+
+def test_parse_policy():
+    assert parse_policy("partial:1", 3) == ["full", "none", "none"]
+    assert parse_policy("selective:2", 3) == ["selective", "selective", "none"]
+    assert parse_policy("none", 2) == ["none", "none"]
+    for bad in ("partial", "selective:4", "none:1", "sometimes"):
+        with pytest.raises(ValueError):
+            parse_policy(bad, 3)
+
+
+def test_bench_train_step_smoke_policies(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_train_step
+
+    result = bench_train_step.main(["--smoke", "--recompute", "selective:1", "--attn_backend", "reference",
+                                    "--out", str(tmp_path / "b.json")])
+    assert result["loss_finite"] and 0 < result["mfu"] < 1 and result["recompute"] == "selective:1"
+    assert json.loads((tmp_path / "b.json").read_text())["attn_backend"] == "reference"
+
+
+def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_train_step
+
+    out = tmp_path / "sweep.jsonl"
+    results = bench_train_step.main(["--smoke", "--sweep", "--recompute none", "--recompute bogus",
+                                     "--out", str(out)])
+    assert [r["config"] for r in results] == ["--recompute none", "--recompute bogus"]
+    assert results[0]["recompute"] == "none" and results[0]["loss_finite"] and "error" in results[1]
+    assert [json.loads(line)["config"] for line in out.read_text().splitlines()] == ["--recompute none",
+                                                                                    "--recompute bogus"]
+    assert "FAILED" in capsys.readouterr().out
