@@ -40,6 +40,12 @@ class LongAlignArguments:
         "help": "tokenizer for the pad id of naive/sort batches (default: the model's directory)"})
     peak_tflops: float = field(default=DEFAULT_PEAK_TFLOPS, metadata={
         "help": "per-GPU dense bf16 peak in TFLOP/s for the logged MFU"})
+    recompute: str | None = field(default=None, metadata={
+        "help": "activation recompute policy of longalign/recompute.py: full | selective | none | "
+                "full:K | selective:K (first K layers). Replaces --gradient_checkpointing; default: "
+                "that flag's transformers checkpointing. BENCHMARKS.md §4: selective 1.15x over full"})
+    compile_layers: bool = field(default=False, metadata={
+        "help": "torch.compile each decoder layer (dynamic shapes); BENCHMARKS.md §4: ~1.1-1.15x"})
 
 
 def build_parser() -> HfArgumentParser:
@@ -55,6 +61,9 @@ def parse_args(argv=None) -> tuple[LongAlignArguments, TrainingArguments]:
     if training_args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the collators select the columns")
     args.loss_reduction = resolve_loss_reduction(args.batch_method, args.pack_loss, args.loss_reduction)
+    if args.recompute is not None or args.compile_layers:
+        # our wrappers own each layer's checkpointing; transformers' would wrap it a second time
+        training_args.gradient_checkpointing = False
     return args, training_args
 
 
@@ -137,6 +146,10 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     args, training_args = parse_args(argv)
     dataset, group_size = load_train_dataset(args.train_file, args.batch_method)
     model = load_model(args.model_name_or_path, training_args)
+    if args.recompute is not None or args.compile_layers:
+        from longalign.recompute import apply_recompute
+
+        apply_recompute(model, args.recompute or "none", compile=args.compile_layers)
     tokenizer = load_tokenizer(args)
     pad_id = pad_token_id(tokenizer, model.config) if args.batch_method != "pack" else None
     collator = build_collator(args.batch_method, args.loss_reduction, pad_id)

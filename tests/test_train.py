@@ -159,13 +159,13 @@ class GradCapture:
         return _Capture()
 
 
-def run_one_step(spec: dict, method: str, reduction: str, world: int) -> dict:
+def run_one_step(spec: dict, method: str, reduction: str, world: int, *extra: str) -> dict:
     """One optimizer step over the first 4 rows; returns grads, loss, rows seen by this rank."""
     ga = 4 // world
     argv = argv_for(spec["model"], spec["data"], os.path.join(spec["out"], f"{method}_{reduction}_{world}"),
                     method, "--max_steps", "1", "--gradient_accumulation_steps", str(ga),
                     "--loss_reduction", reduction, "--max_grad_norm", "0",
-                    *(["--ddp_backend", "gloo"] if world > 1 else []))
+                    *(["--ddp_backend", "gloo"] if world > 1 else []), *extra)
     trainer = train.build_trainer(argv)
     capture = GradCapture(trainer.model)
     trainer.add_callback(capture)
@@ -287,3 +287,21 @@ def test_bench_train_step_smoke(tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     worker_main(sys.argv[2])
+
+
+def test_recompute_policy_gives_the_same_step(workdir, tmp_path):
+    """--recompute selective (attention kept, the rest recomputed) and full: the same gradients
+    and loss as plain training, through train.py's own path."""
+    root, models, data = workdir
+    spec = {"model": models["llama"], "data": data, "out": str(tmp_path)}
+    plain = run_one_step(spec, "pack", "sequence", 1)
+    for policy in ("selective", "full:1"):
+        spec["out"] = str(tmp_path / policy.replace(":", "_"))
+        policied = run_one_step(spec, "pack", "sequence", 1, "--recompute", policy)
+        assert relative_error(policied["grads"], plain["grads"]) <= 1e-6, policy
+        assert policied["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    trainer = train.build_trainer(argv_for(models["llama"], data, str(tmp_path / "o"), "pack",
+                                           "--recompute", "selective", "--gradient_checkpointing"))
+    from longalign.recompute import decoder_layers
+    assert all("forward" in vars(layer) for layer in decoder_layers(trainer.model))  # wrapped
+    assert not trainer.args.gradient_checkpointing  # transformers' checkpointing stays off
