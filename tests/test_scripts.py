@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
 
-SCRIPTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if p.name != "demo.sh")
+SCRIPTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if p.name != "demo.sh" and not p.name.startswith("_"))
 PAPER = {"learning_rate": 2e-5, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "adam_beta1": 0.9,
          "adam_beta2": 0.95, "weight_decay": 0.0, "num_train_epochs": 2.0, "bf16": True,
          "gradient_checkpointing": True, "per_device_train_batch_size": 1}

@@ -1,0 +1,38 @@
+# Shared launcher of the paper's recipes (sourced by scripts/{chatglm,llama}_*.sh, not run alone).
+# The caller sets MODEL, DATA, OUT, GRAD_ACCUM and BATCH_ARGS (the batching flags); everything
+# here is the paper's common setting: DeepSpeed ZeRO-3 with CPU offload, bf16, gradient
+# checkpointing, 2 epochs, lr 2e-5 cosine with 3% warm-up, Adam betas (0.9, 0.95), no weight
+# decay, per-device batch 1. Every default can be overridden from the environment; the caller's
+# extra arguments go on to train.py (e.g. --max_steps 20, --recompute selective).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
+DS_CONFIG=${DS_CONFIG:-ds_config/stage3.json}
+EPOCHS=${EPOCHS:-2}
+LR=${LR:-2e-5}
+SAVE_STEPS=${SAVE_STEPS:-100}
+PORT=${PORT:-29500}
+
+deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" train.py \
+    --model_name_or_path "$MODEL" \
+    --train_file "$DATA" \
+    --output_dir "$OUT" \
+    "${BATCH_ARGS[@]}" \
+    --deepspeed "$DS_CONFIG" \
+    --bf16 \
+    --gradient_checkpointing \
+    --num_train_epochs "$EPOCHS" \
+    --per_device_train_batch_size 1 \
+    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --learning_rate "$LR" \
+    --lr_scheduler_type cosine \
+    --warmup_steps 0.03 \
+    --adam_beta1 0.9 \
+    --adam_beta2 0.95 \
+    --weight_decay 0 \
+    --logging_steps 1 \
+    --save_strategy steps \
+    --save_steps "$SAVE_STEPS" \
+    --save_total_limit 2 \
+    --report_to "${REPORT_TO:-none}" \
+    "$@"
