@@ -123,6 +123,7 @@ def schedule_seconds(steps, model: CostModel, packed: bool, grad_accum: int) -> 
 
 
 # ---------- fitting ----------
+MIN_FIT_POINTS = 8  # micro-steps per fitted model: at least twice its 3-4 coefficients
 def fit_cost_model(rank_features, seconds, optimizer_step=None, fixed_opt: float | None = None,
                    max_iterations: int = 50) -> tuple[CostModel, dict]:
     """Least-squares CostModel from micro-steps measured as the max over ranks.
@@ -179,10 +180,13 @@ def fit_from_bench(bench: dict, skip_first: int = 1) -> dict:
     padded fit's, subtracted before fitting.
     """
     groups = {"padded": ("naive", "sort"), "packed": ("pack",)}
-    fits = {}
+    fits, skipped = {}, {}
     for kind in ("padded", "packed"):
         rows = [row for row in bench["step_costs"] if row["method"] in groups[kind] and row["micro_step"] >= skip_first]
-        if len(rows) < 3:  # c0, c1, c2 (a smoke run has few; the GPU run has dozens)
+        if len(rows) < MIN_FIT_POINTS:
+            # c0, c1, c2 (+ c_opt) from a handful of points fit them exactly and extrapolate wildly
+            # (4 packed points of a 4-GPU run gave c0 = -367 s); the other kind's model stands in
+            skipped[kind] = len(rows)
             continue
         features = [[(r["cost_tokens"], r["cost_sum_sq"]) for r in row["ranks"] if r["sequences"]] for row in rows]
         flags = [row["optimizer_step"] for row in rows]
@@ -192,8 +196,10 @@ def fit_from_bench(bench: dict, skip_first: int = 1) -> dict:
         fits[kind] = fit_cost_model(features, [row["seconds"] for row in rows], flags, fixed_opt=fixed)
     if not fits:
         raise ValueError("the bench JSON has too few step-cost rows to fit a model")
-    fits.setdefault("packed", fits.get("padded"))
-    fits.setdefault("padded", fits.get("packed"))
+    for kind, points in skipped.items():
+        other = fits["packed" if kind == "padded" else "padded"]
+        fits[kind] = (other[0], {**other[1], "borrowed": f"only {points} {kind} micro-steps measured "
+                                 f"(< {MIN_FIT_POINTS}): the other kind's model is used"})
     return fits
 
 

@@ -117,6 +117,17 @@ def test_fit_from_bench_separates_padded_and_packed():
     assert fits["packed"][0].c_opt == pytest.approx(0.05, rel=1e-6)
 
 
+def test_too_few_packed_points_borrow_the_padded_model_and_say_so():
+    padded = sim.CostModel(0.3, 2e-5, 1e-10, 0.05)
+    bench = bench_dict(padded, sim.CostModel(0.1, 2.5e-5, 0.8e-10, 0.05))
+    pack_rows = [r for r in bench["step_costs"] if r["method"] == "pack"]
+    bench["step_costs"] = [r for r in bench["step_costs"] if r["method"] != "pack"] + pack_rows[:5]
+    fits = sim.fit_from_bench(bench, skip_first=0)
+    assert fits["packed"][0] == fits["padded"][0]  # 5 points would fit 4 coefficients exactly
+    assert "only 5 packed" in fits["packed"][1]["borrowed"]
+    assert "borrowed" not in fits["padded"][1]
+
+
 def test_cli_with_bench_json_and_real_dataset_lengths(tmp_path):
     import datasets
 
