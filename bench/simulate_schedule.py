@@ -172,7 +172,7 @@ def _solve(picked: np.ndarray, flags: np.ndarray, target: np.ndarray, fit_opt: b
     return CostModel(float(coef[0]), float(coef[1]), float(coef[2]), float(coef[3]) if fit_opt else (fixed_opt or 0.0))
 
 
-def fit_from_bench(bench: dict, skip_first: int = 1) -> dict:
+def fit_from_bench(bench: dict, skip_first: int = 1, min_points: int = MIN_FIT_POINTS) -> dict:
     """{"padded": (model, quality), "packed": (model, quality)} from bench_batching's JSON.
 
     The first `skip_first` micro-steps of each run are left out (one-off start-up costs). The
@@ -183,7 +183,7 @@ def fit_from_bench(bench: dict, skip_first: int = 1) -> dict:
     fits, skipped = {}, {}
     for kind in ("padded", "packed"):
         rows = [row for row in bench["step_costs"] if row["method"] in groups[kind] and row["micro_step"] >= skip_first]
-        if len(rows) < MIN_FIT_POINTS:
+        if len(rows) < min_points:
             # c0, c1, c2 (+ c_opt) from a handful of points fit them exactly and extrapolate wildly
             # (4 packed points of a 4-GPU run gave c0 = -367 s); the other kind's model stands in
             skipped[kind] = len(rows)
@@ -199,7 +199,7 @@ def fit_from_bench(bench: dict, skip_first: int = 1) -> dict:
     for kind, points in skipped.items():
         other = fits["packed" if kind == "padded" else "padded"]
         fits[kind] = (other[0], {**other[1], "borrowed": f"only {points} {kind} micro-steps measured "
-                                 f"(< {MIN_FIT_POINTS}): the other kind's model is used"})
+                                 f"(< {min_points}): the other kind's model is used"})
     return fits
 
 

@@ -114,5 +114,5 @@ def test_smoke_run_end_to_end_and_simulator_fit(tmp_path, num_gpus, methods):
         assert summary["seconds_per_sequence"] > 0 and len(summary["step_seconds"]) == summary["optimizer_steps"]
         assert all("step_tokens" in e for e in summary["trainer_logs"])
     assert {len(row["ranks"]) for row in result["step_costs"]} == {num_gpus}
-    fits = sim.fit_from_bench(result)
+    fits = sim.fit_from_bench(result, min_points=3)  # a smoke run has a few steps: plumbing only
     assert set(fits) == {"padded", "packed"}
