@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import string
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from longalign.storage import write_bytes_atomic
 
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/THUDM/LongAlign/main/LongBench_Chat"
 TEST_CASES = "test_cases.json"
@@ -135,16 +136,3 @@ def download(data_dir: str | os.PathLike, base_url: str = DEFAULT_BASE_URL, over
     data = load_data(data_dir)
     report["cases"] = len(data.cases)
     return report
-
-
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """Write through a temporary sibling and a rename, so a cut download leaves no partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
