@@ -37,12 +37,11 @@ from longalign.chatglm_layers import (
     GLMBlock,
     OutputLayer,
     build_attention_mask,
-    check_pack,
     default_positions,
     make_norm,
-    positions_from_cu_seqlens,
     rope_cos_sin,
 )
+from longalign.attention import check_pack, positions_from_cu_seqlens
 from longalign.constants import IGNORE_INDEX
 from longalign.loss import DEFAULT_CHUNK_TOKENS
 

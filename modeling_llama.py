@@ -25,7 +25,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama import modeling_llama as hf_llama
 
-from longalign.attention import varlen_attention
+from longalign.attention import check_pack, positions_from_cu_seqlens, varlen_attention
 from longalign.loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
 from longalign.recompute import saved_attention
 
@@ -70,14 +70,6 @@ class LMHeadWithLoss(nn.Linear):
                               reduction=reduction, chunk_size=chunk_size)
 
 
-def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """(1, T) positions restarting at 0 at every sequence start: p_i = i - s_k for s_k <= i < e_k."""
-    cu = cu_seqlens.to(torch.long)
-    idx = torch.arange(total, device=cu.device)
-    seq = torch.searchsorted(cu[1:], idx, right=True)
-    return (idx - cu[seq]).unsqueeze(0)
-
-
 def _packed_kwargs(input_ids, inputs_embeds, cu_seqlens, position_ids, attention_mask):
     """Check a packed batch and return the extra model kwargs for it (one device sync)."""
     ref = input_ids if input_ids is not None else inputs_embeds
@@ -87,12 +79,9 @@ def _packed_kwargs(input_ids, inputs_embeds, cu_seqlens, position_ids, attention
         raise ValueError("a packed batch (cu_seqlens) takes no attention_mask (DESIGN.md §3)")
     total = ref.shape[1]
     cu_seqlens = cu_seqlens.to(device=ref.device, dtype=torch.int32)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    first, last, max_len = (int(x) for x in torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths.max()]))
-    if first != 0 or last != total:
-        raise ValueError(f"cu_seqlens must run from 0 to T={total}, got {first}..{last}")
+    max_len = check_pack(cu_seqlens, total)
     if position_ids is None:
-        position_ids = position_ids_from_cu_seqlens(cu_seqlens, total)
+        position_ids = positions_from_cu_seqlens(cu_seqlens, total)
     # A 4D mask is passed through by transformers' create_causal_mask unchanged, which keeps it
     # from building a (T, T) packed-sequence mask that the varlen attention would never read.
     placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=ref.device)

@@ -89,6 +89,22 @@ def _log_once(name: str, device) -> None:
         logger.info("varlen attention backend: %s (%s)", name, key[1])
 
 
+def check_pack(cu_seqlens: torch.Tensor, total: int) -> int:
+    """Validate cu_seqlens = [0, e_1, ..., T] of a flat pack; return the longest length (one sync)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    first, last, longest = (int(x) for x in torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths.max()]))
+    if first != 0 or last != total:
+        raise ValueError(f"cu_seqlens must run from 0 to T={total}, got {first}..{last}")
+    return longest
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position ids (1, T) that restart at 0 at every sequence start of a pack."""
+    cu = cu_seqlens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+    return (torch.arange(total, device=cu.device) - starts)[None]
+
+
 def _seqlens(cu_seqlens: torch.Tensor) -> list[int]:
     return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
 

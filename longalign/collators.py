@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from longalign.attention import positions_from_cu_seqlens
 from longalign.constants import IGNORE_INDEX
 
 LOSS_REDUCTIONS = ("sequence", "pack_mean", "token")
@@ -127,11 +128,10 @@ class PackCollator:
             cu = as_long_tensor(row["cu_seqlens"], "cu_seqlens")
             check_cu_seqlens(cu, len(row_ids))
             row_weights, row_counts = pack_weights_and_counts(row_labels, cu, self.reduction)
-            starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
             ids.append(row_ids)
             labels.append(row_labels)
             weights.append(row_weights)
-            positions.append(torch.arange(len(row_ids)) - starts)
+            positions.append(positions_from_cu_seqlens(cu, len(row_ids))[0])
             ends.append(cu[1:] + offset)
             offset += len(row_ids)
             counts += row_counts

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 import transformers
 
 from longalign.constants import IGNORE_INDEX
-from modeling_llama import LlamaForCausalLM, position_ids_from_cu_seqlens
+from longalign.attention import positions_from_cu_seqlens
+from modeling_llama import LlamaForCausalLM
 
 VOCAB = 128
 LENGTHS = [9, 3, 16, 1, 11]
@@ -43,13 +44,13 @@ def _pack(seed=0):
         weights.append(w)
     batch = dict(input_ids=torch.cat(seqs)[None], labels=torch.cat(labels)[None],
                  loss_weights=torch.cat(weights)[None], cu_seqlens=cu,
-                 position_ids=position_ids_from_cu_seqlens(cu, sum(LENGTHS)))
+                 position_ids=positions_from_cu_seqlens(cu, sum(LENGTHS)))
     return seqs, labels, batch
 
 
 def test_position_ids_restart():
     cu = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
-    assert position_ids_from_cu_seqlens(cu, 8).tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]]
+    assert positions_from_cu_seqlens(cu, 8).tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]]
 
 
 def test_packed_logits_equal_sequences_alone(model):
