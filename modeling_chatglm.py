@@ -35,7 +35,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from longalign.chatglm_layers import (
     ROPE_BASE,
     GLMBlock,
-    OutputLayer,
     build_attention_mask,
     default_positions,
     make_norm,
@@ -43,7 +42,7 @@ from longalign.chatglm_layers import (
 )
 from longalign.attention import check_pack, positions_from_cu_seqlens
 from longalign.constants import IGNORE_INDEX
-from longalign.loss import DEFAULT_CHUNK_TOKENS
+from longalign.loss import DEFAULT_CHUNK_TOKENS, LMHeadWithLoss
 
 
 class ChatGLMConfig(PretrainedConfig):
@@ -129,7 +128,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         super().__init__(config)
         self.embedding = Embedding(config)
         self.encoder = GLMTransformer(config)
-        self.output_layer = OutputLayer(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.output_layer = LMHeadWithLoss(config.hidden_size, config.padded_vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):

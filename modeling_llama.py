@@ -21,12 +21,11 @@ gradient checkpointing and `generate` are stock. What is added (DESIGN.md ยง3, ย
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama import modeling_llama as hf_llama
 
 from longalign.attention import check_pack, positions_from_cu_seqlens, varlen_attention
-from longalign.loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
+from longalign.loss import DEFAULT_CHUNK_TOKENS, LMHeadWithLoss
 from longalign.recompute import saved_attention
 
 LlamaConfig = hf_llama.LlamaConfig
@@ -53,21 +52,6 @@ class PackedLlamaAttention(hf_llama.LlamaAttention):
         out = saved_attention(varlen_attention, q[0], k[0], v[0], cu_seqlens, max_seqlen=max_seqlen,
                               softmax_scale=self.scaling)
         return self.o_proj(out.reshape(1, total, -1)), None
-
-
-class LMHeadWithLoss(nn.Linear):
-    """nn.Linear (same `weight`) whose forward returns the chunked loss when given labels.
-
-    The loss is computed inside this module's forward so that frameworks that gather a
-    parameter around its module's forward/backward (DeepSpeed ZeRO-3) see the head in use.
-    """
-
-    def forward(self, hidden, labels=None, loss_weights=None, cu_seqlens=None,
-                reduction="mean", chunk_size=DEFAULT_CHUNK_TOKENS):
-        if labels is None:
-            return super().forward(hidden)
-        return causal_lm_loss(hidden, self.weight, labels, loss_weights, cu_seqlens,
-                              reduction=reduction, chunk_size=chunk_size)
 
 
 def _packed_kwargs(input_ids, inputs_embeds, cu_seqlens, position_ids, attention_mask):

@@ -22,7 +22,6 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from longalign.attention import varlen_attention
-from longalign.loss import DEFAULT_CHUNK_TOKENS, causal_lm_loss
 from longalign.recompute import saved_attention
 
 ROPE_BASE = 10000.0  # ChatGLM's RoPE base before `rope_ratio` scaling
@@ -155,21 +154,6 @@ class GLMBlock(GradientCheckpointingLayer):
         h = self.post_attention_layernorm(x)
         out = self.mlp(h)
         return (h if self.residual_post_norm else x) + F.dropout(out, self.dropout, self.training)
-
-
-class OutputLayer(nn.Linear):
-    """The LM head (`transformer.output_layer`): logits, or with `labels` the chunked weighted loss.
-
-    The loss is computed inside this module's forward so that frameworks which gather a
-    parameter around its module's forward/backward (DeepSpeed ZeRO-3) see the head in use.
-    """
-
-    def forward(self, hidden, labels=None, loss_weights=None, cu_seqlens=None, reduction="mean",
-                chunk_size=DEFAULT_CHUNK_TOKENS):
-        if labels is None:
-            return super().forward(hidden)
-        return causal_lm_loss(hidden, self.weight, labels, loss_weights, cu_seqlens,
-                              reduction=reduction, chunk_size=chunk_size)
 
 
 def default_positions(batch: int, length: int, past: int, attention_mask, device) -> torch.Tensor:

@@ -25,6 +25,7 @@ the backward, where
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from longalign.constants import IGNORE_INDEX
 
@@ -125,3 +126,20 @@ def causal_lm_loss(hidden, lm_head_weight, labels, loss_weights=None, cu_seqlens
         return total
     denom = weights.sum()
     return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+class LMHeadWithLoss(nn.Linear):
+    """nn.Linear (same `weight`) whose forward returns the chunked loss when given labels.
+
+    The LM head of both families (Llama `lm_head`, ChatGLM `transformer.output_layer`).
+
+    The loss is computed inside this module's forward so that frameworks that gather a
+    parameter around its module's forward/backward (DeepSpeed ZeRO-3) see the head in use.
+    """
+
+    def forward(self, hidden, labels=None, loss_weights=None, cu_seqlens=None,
+                reduction="mean", chunk_size=DEFAULT_CHUNK_TOKENS):
+        if labels is None:
+            return super().forward(hidden)
+        return causal_lm_loss(hidden, self.weight, labels, loss_weights, cu_seqlens,
+                              reduction=reduction, chunk_size=chunk_size)
