@@ -64,9 +64,9 @@ def write_results_md(result: dict, command: str) -> None:
         "Real Llama/ChatGLM tokenizers are slower per token than this small BPE; the figure is the "
         "stage's own overhead plus a fast tokenizer, not a prediction for LongAlign-10k.\n"
     )
-    tmp = RESULTS_MD.with_name(f".{RESULTS_MD.name}.tmp-{os.getpid()}")  # temp + rename, as storage.py
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, RESULTS_MD)
+    from longalign.storage import write_bytes_atomic
+
+    write_bytes_atomic(RESULTS_MD, text.encode("utf-8"))
 
 
 def main(argv=None) -> None:
