@@ -17,6 +17,17 @@ from typing import Any, Iterator
 _logger = logging.getLogger(__name__)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_like_new(path: Path, mode: int) -> None:
+    """mkdtemp/mkstemp create 0700/0600; give outputs the mode a plain create would (umask)."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory next to `final`; on success it replaces `final`.
@@ -31,6 +42,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _chmod_like_new(tmp, 0o777)
     old = None
     if final.exists():  # keep the old one until the new one is in place
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -48,6 +60,7 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+        _chmod_like_new(Path(tmp), 0o666)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
