@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from longalign.attention import available_backends, varlen_attention  # noqa: E402
+from longalign.attention import BACKENDS, available_backends, varlen_attention  # noqa: E402
 
 LONG_RANGE, SHORT_RANGE, LONG_FRACTION = (8192, 32768), (256, 4096), 0.5
 FULL_PACK = 65536  # the ranges above are for a 64k pack; smaller packs scale them down
@@ -125,7 +125,7 @@ def run(args) -> dict:
               "lengths": lengths, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
               "fwd_flops": fwd_flops, "fwd_bwd_flops": 3.5 * fwd_flops, "backends": {}, "skipped": {}}
     usable = available_backends(device, dtype)
-    for name in ("flash_attn", "torch_varlen", "flex", "reference"):
+    for name in args.backends:
         if name not in usable:
             result["skipped"][name] = f"not available on {device.type} / {args.dtype}"
             continue
@@ -161,6 +161,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--matmul-size", type=int, default=8192)
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                   help="which to time (default: all; those not available here are listed as skipped)")
     args = p.parse_args(argv)
     if args.smoke:
         args.tokens, args.heads, args.kv_heads, args.head_dim = 1024, 4, 2, 16

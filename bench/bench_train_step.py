@@ -45,6 +45,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from longalign.collators import PackCollator  # noqa: E402
 from longalign.attention import ENV_VAR as ATTN_ENV, choose_backend  # noqa: E402
@@ -86,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic)")
     p.add_argument("--compile_backend", default="inductor")
     p.add_argument("--attn_backend", default=None, help="sets LONGALIGN_ATTN_BACKEND")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile one more step: kernel time by category")
     p.add_argument("--sweep", nargs="*", default=None, metavar="CONFIG",
                    help="run each quoted flag string, e.g. \"--recompute full\" (a lone flag needs a "
                         "trailing space), in its own subprocess; none given: DEFAULT_SWEEP")
@@ -175,29 +178,42 @@ def run(args) -> dict:
     if args.attn_backend:
         os.environ[ATTN_ENV] = args.attn_backend  # read by varlen_attention at every call
     model = build_model(args, device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    # fused: one kernel per parameter group instead of foreach's several (HF's adamw_torch_fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0,
+                                  fused=device.type == "cuda")
     collate = PackCollator("sequence")
-    batches = [collate([row]) for row in synthetic_packs(args.warmup + args.steps, args.pack_tokens,
-                                                          args.vocab, args.seed)]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
-    compiled_after_warmup = compile_counters()
-    for i, batch in enumerate(batches):
-        batch = {k: v.to(device) for k, v in batch.items() if k != "batch_counts"}
-        synchronize(device)
-        start = time.perf_counter()
+    n_packs = args.warmup + args.steps + int(args.profile)
+    batches = [collate([row]) for row in synthetic_packs(n_packs, args.pack_tokens, args.vocab, args.seed)]
+
+    def train_step(batch):
         loss = model(**batch, loss_reduction="mean").loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    compiled_after_warmup = compile_counters()
+    profiled = None
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items() if k != "batch_counts"}
+        if i == args.warmup + args.steps:  # the extra --profile pack, after the timed ones
+            from step_profile import profile_step
+
+            profiled = profile_step(lambda: train_step(batch), device)
+            break
+        synchronize(device)
+        start = time.perf_counter()
+        loss = train_step(batch)
         synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
             losses.append(loss.item())
         if i + 1 == args.warmup:
             compiled_after_warmup = compile_counters()
-    timed = batches[args.warmup:]
+    timed = batches[args.warmup:args.warmup + args.steps]
     tokens = statistics.mean(int(b["input_ids"].numel()) for b in timed)
     sum_sq = statistics.mean(int(b["batch_counts"][4]) for b in timed)
     seconds = statistics.median(times)
@@ -215,7 +231,8 @@ def run(args) -> dict:
             "steps": args.steps, "warmup": args.warmup, "recompute": args.recompute,
             "gradient_checkpointing": args.recompute != "none", "attn_backend": choose_backend(device, dtype),
             "compile": args.compile, **compile_report(compiled_after_warmup),
-            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "torch": torch.__version__, "smoke": args.smoke}
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "torch": torch.__version__, "smoke": args.smoke,
+            "optimizer": "AdamW(fused)" if device.type == "cuda" else "AdamW(foreach)", "profile": profiled}
 
 
 def compile_report(after_warmup: dict) -> dict:

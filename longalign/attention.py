@@ -8,12 +8,16 @@ A pack holds n sequences laid end to end, T tokens in all; ``cu_seqlens = [0, e_
 so no token ever sees another sequence: the result equals each sequence run alone. GQA/MQA:
 query head h reads key/value head h // (Hq / Hkv) (transformers' ``repeat_kv`` convention).
 
-Backends, fastest first (the automatic choice takes the first that can run here):
-- ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (package installed, CUDA, fp16/bf16);
+Backends in the order the automatic choice tries them (the first that can run here):
+- ``flash_attn``: FlashAttention-2's ``flash_attn_varlen_func`` (the paper's; CUDA, fp16/bf16);
+- ``flash_attn_cute``: FlashAttention-4's ``flash_attn.cute.flash_attn_varlen_func`` (package
+  ``flash-attn-4``, CuTe DSL kernels compiled on first use; Hopper/Blackwell, fp16/bf16);
 - ``torch_varlen``: PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16);
 - ``flex``: FlexAttention with a document mask (compiled on CUDA; eager, unfused and
   forward-only on CPU: torch has no CPU backward for it);
 - ``reference``: ``scaled_dot_product_attention(is_causal=True)`` per sequence, runs anywhere.
+Only on request: ``cudnn``, the per-sequence loop of ``reference`` restricted to SDPA's cuDNN
+kernel (CUDA, fp16/bf16).
 On CPU the automatic choice is ``reference`` (eager flex materialises the whole T x T scores).
 ``backend=`` or the environment variable ``LONGALIGN_ATTN_BACKEND`` override the choice.
 """
@@ -31,7 +35,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "torch_varlen", "flex", "reference")
+BACKENDS = ("flash_attn", "flash_attn_cute", "torch_varlen", "flex", "reference", "cudnn")
+AUTO_ORDER = ("flash_attn", "flash_attn_cute", "torch_varlen", "flex", "reference")  # no cudnn
 ENV_VAR = "LONGALIGN_ATTN_BACKEND"
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _logged: set = set()
@@ -43,6 +48,23 @@ def _torch_varlen_fn():
     except ImportError:
         return None
     return varlen_attn
+
+
+def _module_available(name: str) -> bool:
+    """Whether `name` imports. A plain find_spec is not enough: FlashAttention-4 installs
+    ``flash_attn/cute`` alone, so ``flash_attn`` is then an empty namespace package."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a parent package that is missing or fails to import
+        return False
+
+
+def _has_cudnn_sdpa() -> bool:
+    try:
+        from torch.nn.attention import SDPBackend
+    except ImportError:
+        return False
+    return hasattr(SDPBackend, "CUDNN_ATTENTION")
 
 
 def _has_flex() -> bool:
@@ -59,13 +81,17 @@ def available_backends(device, dtype: torch.dtype | None = None) -> list[str]:
     cuda = device.type == "cuda"
     half_ok = dtype is None or dtype in _HALF_DTYPES
     names = []
-    if cuda and half_ok and importlib.util.find_spec("flash_attn") is not None:
+    if cuda and half_ok and _module_available("flash_attn.flash_attn_interface"):
         names.append("flash_attn")
+    if cuda and half_ok and _module_available("flash_attn.cute"):
+        names.append("flash_attn_cute")
     if cuda and half_ok and _torch_varlen_fn() is not None:
         names.append("torch_varlen")
     if _has_flex():
         names.append("flex")
     names.append("reference")
+    if cuda and half_ok and _has_cudnn_sdpa():
+        names.append("cudnn")
     return names
 
 
@@ -78,7 +104,7 @@ def choose_backend(device, dtype: torch.dtype | None = None, backend: str | None
         if name not in available_backends(device, dtype):
             raise RuntimeError(f"attention backend {name!r} cannot run on {device} / {dtype}")
         return name
-    usable = available_backends(device, dtype)
+    usable = [b for b in available_backends(device, dtype) if b in AUTO_ORDER]
     return usable[0] if torch.device(device).type == "cuda" else "reference"
 
 
@@ -131,6 +157,24 @@ def _reference(q, k, v, cu_seqlens, scale):
     if start != q.shape[0]:
         raise ValueError(f"cu_seqlens ends at {start} but the pack has {q.shape[0]} tokens")
     return out
+
+
+def _cudnn(q, k, v, cu_seqlens, scale):
+    """The per-sequence loop of `_reference`, every SDPA call on cuDNN's fused kernel (an error,
+    not a silent fallback, where cuDNN cannot take the inputs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        return _reference(q, k, v, cu_seqlens, scale)
+
+
+def _flash_attn_cute(q, k, v, cu_seqlens, max_seqlen, scale):
+    from flash_attn.cute import flash_attn_varlen_func
+
+    cu = cu_seqlens.to(torch.int32)
+    out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen,
+                                 max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True)
+    return out[0] if isinstance(out, tuple) else out  # (out, lse) in 4.0 betas
 
 
 def _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -237,10 +281,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None, b
     _log_once(name, q.device)
     if name == "reference":
         return _reference(q, k, v, cu_seqlens, scale)
+    if name == "cudnn":
+        return _cudnn(q, k, v, cu_seqlens, scale)
     if name == "flex":
         return _flex(q, k, v, cu_seqlens, scale)
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    if name == "flash_attn":
-        return _flash_attn(q, k, v, cu_seqlens, int(max_seqlen), scale)
-    return _torch_varlen(q, k, v, cu_seqlens, int(max_seqlen), scale)
+    fused = {"flash_attn": _flash_attn, "flash_attn_cute": _flash_attn_cute, "torch_varlen": _torch_varlen}
+    return fused[name](q, k, v, cu_seqlens, int(max_seqlen), scale)

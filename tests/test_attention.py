@@ -115,3 +115,78 @@ def test_bench_attention_smoke(tmp_path):
     ref = result["backends"]["reference"]
     assert ref["fwd_bwd_ms"] > 0 and max(ref["rel_error_vs_fp32_reference"].values()) == 0.0
     assert "flash_attn" in result["skipped"]
+
+
+@pytest.fixture
+def fake_fa4(tmp_path, monkeypatch):
+    """Installs the fake package below for one test; removes its modules afterwards."""
+    import sys
+
+    _install_fake_fa4(tmp_path, monkeypatch)
+    yield
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        del sys.modules[name]
+
+
+def _install_fake_fa4(tmp_path, monkeypatch):
+    """A FlashAttention-4-shaped package: flash_attn/cute only (flash_attn is then a namespace
+    package), whose varlen function computes the dense reference from keyword arguments alone
+    and returns (out, lse) like flash-attn-4 4.0 betas."""
+    pkg = tmp_path / "flash_attn" / "cute"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "import math\n"
+        "CALLS = []\n"
+        "def flash_attn_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None,\n"
+        "                           max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None,\n"
+        "                           causal=False, **kw):\n"
+        "    assert qv is None and causal and cu_seqlens_q is cu_seqlens_k\n"
+        "    CALLS.append((max_seqlen_q, max_seqlen_k, softmax_scale))\n"
+        "    from longalign.attention import _reference\n"
+        "    return _reference(q, k, v, cu_seqlens_q, softmax_scale), None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+
+
+def test_flash_attn_4_alone_is_not_flash_attn_2(fake_fa4):
+    usable = available_backends("cuda", torch.bfloat16)
+    assert "flash_attn_cute" in usable and "flash_attn" not in usable
+    assert choose_backend("cuda", torch.bfloat16) == "flash_attn_cute"
+    assert "cudnn" not in attention.AUTO_ORDER  # opt-in only
+
+
+def test_flash_attn_cute_adapter_passes_keywords(fake_fa4):
+    """The adapter names every argument (qv is flash-attn-4's 4th positional) and unwraps (out, lse)."""
+    q, k, v, cu = _qkv(4, 2)
+    out = attention._flash_attn_cute(q, k, v, cu, max(LENGTHS), 0.3)
+    torch.testing.assert_close(out, _dense_block_causal(q, k, v, cu, 0.3), rtol=1e-5, atol=1e-6)
+    import flash_attn.cute as fake
+
+    assert fake.CALLS == [(max(LENGTHS), max(LENGTHS), 0.3)]
+
+
+CUDA_BACKENDS = [b for b in ("flash_attn", "flash_attn_cute", "torch_varlen", "flex", "cudnn")
+                 if torch.cuda.is_available() and b in available_backends("cuda", torch.bfloat16)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2)])
+def test_cuda_backend_matches_fp32_reference(backend, hq, hkv):
+    """bf16 output and gradients within 2% (relative norm) of the fp32 reference, head dim 128."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [300, 1, 1200, 77, 512]
+    total = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    base = [torch.randn(total, h, 128, generator=g).cuda() for h in (hq, hkv, hkv)]
+    grad_out = torch.randn(total, hq, 128, generator=g).cuda()
+
+    def run(name, dtype):
+        leaves = [x.to(dtype).requires_grad_(True) for x in base]
+        out = varlen_attention(*leaves, cu, backend=name)
+        out.backward(grad_out.to(dtype))
+        return [out.float()] + [x.grad.float() for x in leaves]
+
+    for got, ref in zip(run(backend, torch.bfloat16), run("reference", torch.float32)):
+        assert ((got - ref).norm() / ref.norm()).item() < 2e-2

@@ -179,3 +179,22 @@ def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys):
     assert [json.loads(line)["config"] for line in out.read_text().splitlines()] == ["--recompute none",
                                                                                     "--recompute bogus"]
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_bench_train_step_profile_breaks_down_one_step(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_train_step
+    import step_profile
+
+    result = bench_train_step.main(["--smoke", "--recompute", "none", "--attn_backend", "reference", "--profile"])
+    prof = result["profile"]
+    assert prof["wall_s"] > 0 and prof["kernel_s"] > 0 and prof["top_kernels"]
+    assert abs(sum(prof["categories_s"].values()) - prof["kernel_s"]) < 1e-9
+    assert step_profile.categorize("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT") == "gemm"
+    assert step_profile.categorize("flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel") == "attention"
+    assert step_profile.categorize("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled_elementwise"
+    assert step_profile.categorize("void at::native::(anonymous namespace)::fused_adam_kernel") == "optimizer"
+    assert step_profile.categorize("some_unknown_kernel") == "other"
