@@ -36,8 +36,11 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def _self_time_us(event) -> float:
-    for attr in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+def _self_time_us(event, cuda: bool) -> float:
+    """GPU self time on CUDA (host-side runtime calls such as cudaDeviceSynchronize have none and
+    drop out), CPU self time otherwise."""
+    attrs = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    for attr in attrs:
         value = getattr(event, attr, None)
         if value:
             return float(value)
@@ -71,7 +74,7 @@ def profile_step(step, device: torch.device) -> dict:
         wall = time.perf_counter() - start
     kernel_times: dict[str, float] = {}
     for event in prof.key_averages():
-        seconds = _self_time_us(event) / 1e6
+        seconds = _self_time_us(event, cuda) / 1e6
         if seconds > 0:
             kernel_times[event.key] = kernel_times.get(event.key, 0.0) + seconds
     return summarize(kernel_times, wall)

@@ -9,17 +9,19 @@ so no token ever sees another sequence: the result equals each sequence run alon
 query head h reads key/value head h // (Hq / Hkv) (transformers' ``repeat_kv`` convention).
 
 Backends in the order the automatic choice tries them (the first that can run here):
-- ``flash_attn``: FlashAttention-2's ``flash_attn_varlen_func`` (the paper's; CUDA, fp16/bf16);
 - ``flash_attn_cute``: FlashAttention-4's ``flash_attn.cute.flash_attn_varlen_func`` (package
-  ``flash-attn-4``, CuTe DSL kernels compiled on first use; Hopper/Blackwell, fp16/bf16);
+  ``flash-attn-4``, CuTe DSL kernels compiled on first use; fp16/bf16; auto on Hopper+ only);
+- ``flash_attn``: FlashAttention-2's ``flash_attn_varlen_func`` (the paper's; CUDA, fp16/bf16);
+- ``cudnn``: the per-sequence loop of ``reference``, every call on SDPA's cuDNN kernel (CUDA,
+  fp16/bf16; auto on Hopper+ only);
 - ``torch_varlen``: PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16);
 - ``flex``: FlexAttention with a document mask (compiled on CUDA; eager, unfused and
   forward-only on CPU: torch has no CPU backward for it);
 - ``reference``: ``scaled_dot_product_attention(is_causal=True)`` per sequence, runs anywhere.
-Only on request: ``cudnn``, the per-sequence loop of ``reference`` restricted to SDPA's cuDNN
-kernel (CUDA, fp16/bf16).
-On CPU the automatic choice is ``reference`` (eager flex materialises the whole T x T scores).
-``backend=`` or the environment variable ``LONGALIGN_ATTN_BACKEND`` override the choice.
+The order is measured (BENCHMARKS.md §2, one H200, torch 2.11, 64k pack fwd+bwd): flash_attn_cute
+590 TFLOP/s, cudnn 397, flex 375, torch_varlen 322. On CPU the automatic choice is ``reference``
+(eager flex materialises the whole T x T scores). ``backend=`` or the environment variable
+``LONGALIGN_ATTN_BACKEND`` override the choice.
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn", "flash_attn_cute", "torch_varlen", "flex", "reference", "cudnn")
-AUTO_ORDER = ("flash_attn", "flash_attn_cute", "torch_varlen", "flex", "reference")  # no cudnn
+BACKENDS = ("flash_attn_cute", "flash_attn", "cudnn", "torch_varlen", "flex", "reference")
+HOPPER_ONLY_AUTO = ("flash_attn_cute", "cudnn")  # measured on sm90 only; before it FA2 et al. first
 ENV_VAR = "LONGALIGN_ATTN_BACKEND"
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _logged: set = set()
@@ -81,17 +83,17 @@ def available_backends(device, dtype: torch.dtype | None = None) -> list[str]:
     cuda = device.type == "cuda"
     half_ok = dtype is None or dtype in _HALF_DTYPES
     names = []
-    if cuda and half_ok and _module_available("flash_attn.flash_attn_interface"):
-        names.append("flash_attn")
     if cuda and half_ok and _module_available("flash_attn.cute"):
         names.append("flash_attn_cute")
+    if cuda and half_ok and _module_available("flash_attn.flash_attn_interface"):
+        names.append("flash_attn")
+    if cuda and half_ok and _has_cudnn_sdpa():
+        names.append("cudnn")
     if cuda and half_ok and _torch_varlen_fn() is not None:
         names.append("torch_varlen")
     if _has_flex():
         names.append("flex")
     names.append("reference")
-    if cuda and half_ok and _has_cudnn_sdpa():
-        names.append("cudnn")
     return names
 
 
@@ -104,8 +106,20 @@ def choose_backend(device, dtype: torch.dtype | None = None, backend: str | None
         if name not in available_backends(device, dtype):
             raise RuntimeError(f"attention backend {name!r} cannot run on {device} / {dtype}")
         return name
-    usable = [b for b in available_backends(device, dtype) if b in AUTO_ORDER]
-    return usable[0] if torch.device(device).type == "cuda" else "reference"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "reference"
+    usable = available_backends(device, dtype)
+    if _capability_major(device) < 9:
+        usable = [b for b in usable if b not in HOPPER_ONLY_AUTO]
+    return usable[0]
+
+
+def _capability_major(device) -> int:
+    try:
+        return torch.cuda.get_device_capability(device)[0]
+    except (AssertionError, RuntimeError):  # no CUDA runtime here (tests on CPU): assume current GPUs
+        return 9
 
 
 def _log_once(name: str, device) -> None:
@@ -147,12 +161,15 @@ def _reference(q, k, v, cu_seqlens, scale):
     start = 0
     for n in _seqlens(cu_seqlens):
         sl = slice(start, start + n)
+        start += n
+        if n == 1:  # softmax over one key is 1: out = v exactly (cuDNN has no kernel for n = 1)
+            outs.append(v[sl].repeat_interleave(rep, dim=1))
+            continue
         qs = q[sl].transpose(0, 1).unsqueeze(0)  # (1, Hq, n, D)
         ks = k[sl].repeat_interleave(rep, dim=1).transpose(0, 1).unsqueeze(0)
         vs = v[sl].repeat_interleave(rep, dim=1).transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         outs.append(out[0].transpose(0, 1))
-        start += n
     out = torch.cat(outs, dim=0)
     if start != q.shape[0]:
         raise ValueError(f"cu_seqlens ends at {start} but the pack has {q.shape[0]} tokens")

@@ -153,7 +153,22 @@ def test_flash_attn_4_alone_is_not_flash_attn_2(fake_fa4):
     usable = available_backends("cuda", torch.bfloat16)
     assert "flash_attn_cute" in usable and "flash_attn" not in usable
     assert choose_backend("cuda", torch.bfloat16) == "flash_attn_cute"
-    assert "cudnn" not in attention.AUTO_ORDER  # opt-in only
+
+
+def test_automatic_order_follows_the_gpu_generation(monkeypatch):
+    """Hopper+: the measured order; older GPUs (the paper's A800s) never get FA4 or cuDNN by default."""
+    monkeypatch.setattr(attention, "available_backends",
+                        lambda device, dtype=None: ["flash_attn_cute", "flash_attn", "cudnn", "torch_varlen",
+                                                    "flex", "reference"])
+    monkeypatch.setattr(attention, "_capability_major", lambda device: 9)
+    assert choose_backend("cuda", torch.bfloat16) == "flash_attn_cute"
+    monkeypatch.setattr(attention, "_capability_major", lambda device: 8)
+    assert choose_backend("cuda", torch.bfloat16) == "flash_attn"
+    monkeypatch.setattr(attention, "available_backends",
+                        lambda device, dtype=None: ["cudnn", "torch_varlen", "flex", "reference"])
+    assert choose_backend("cuda", torch.bfloat16) == "torch_varlen"
+    monkeypatch.setattr(attention, "_capability_major", lambda device: 9)
+    assert choose_backend("cuda", torch.bfloat16) == "cudnn"
 
 
 def test_flash_attn_cute_adapter_passes_keywords(fake_fa4):

@@ -126,7 +126,7 @@ def test_compiled_layers_same_gradients(policy, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU attention backends")
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("backend", ["torch_varlen", "flex", "flash_attn"])
+@pytest.mark.parametrize("backend", ["torch_varlen", "flex", "flash_attn", "flash_attn_cute", "cudnn"])
 def test_cuda_bf16_backends(family, backend, monkeypatch):
     """On the GPU kernels, bf16: selective and full match no checkpointing (to bf16 rounding of
     non-deterministic backward accumulation), and selective runs each kernel once per layer."""
@@ -198,3 +198,19 @@ def test_bench_train_step_profile_breaks_down_one_step(tmp_path):
     assert step_profile.categorize("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled_elementwise"
     assert step_profile.categorize("void at::native::(anonymous namespace)::fused_adam_kernel") == "optimizer"
     assert step_profile.categorize("some_unknown_kernel") == "other"
+
+
+def test_step_profile_counts_only_gpu_time_on_cuda():
+    """Host-side runtime calls (cudaDeviceSynchronize: CPU time, no device time) are not kernels."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import step_profile
+
+    sync = SimpleNamespace(self_device_time_total=0, self_cpu_time_total=1_000_000)
+    kernel = SimpleNamespace(self_device_time_total=250, self_cpu_time_total=0)
+    assert step_profile._self_time_us(sync, cuda=True) == 0.0
+    assert step_profile._self_time_us(kernel, cuda=True) == 250.0
+    assert step_profile._self_time_us(sync, cuda=False) == 1_000_000.0

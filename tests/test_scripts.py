@@ -85,7 +85,9 @@ def test_environment_overrides_defaults(stub_bin, tmp_path):
 
 def test_ds_configs_are_filled_by_the_trainer():
     import json
-    for name in ("stage1", "stage2", "stage3", "stage3_no_offload"):
+    names = sorted(f.stem for f in (REPO / "ds_config").glob("*.json"))
+    assert {"stage1", "stage2", "stage3", "stage3_no_offload"} <= set(names)
+    for name in names:
         config = json.loads((REPO / "ds_config" / f"{name}.json").read_text())
         assert config["train_micro_batch_size_per_gpu"] == "auto" and config["gradient_accumulation_steps"] == "auto"
         zero = config["zero_optimization"]
@@ -97,3 +99,17 @@ def test_ds_configs_are_filled_by_the_trainer():
         assert ("optimizer" in config) == offloaded
         if offloaded:
             assert config["optimizer"]["params"]["lr"] == "auto"
+
+
+def test_tuned_zero3_configs_differ_from_the_default_only_in_bucket_and_persistence_sizes():
+    """The configs behind BENCHMARKS.md §5's tuned rows: same ZeRO-3, bigger communication buckets
+    (and, _tuned, matrices under 1.2e7 elements kept gathered)."""
+    import json
+    base = json.loads((REPO / "ds_config" / "stage3_no_offload.json").read_text())
+    for name, changed in (("stage3_no_offload_buckets", {"reduce_bucket_size", "stage3_prefetch_bucket_size"}),
+                          ("stage3_no_offload_tuned", {"reduce_bucket_size", "stage3_prefetch_bucket_size",
+                                                       "stage3_param_persistence_threshold"})):
+        config = json.loads((REPO / "ds_config" / f"{name}.json").read_text())
+        zero, zero_base = config.pop("zero_optimization"), base["zero_optimization"]
+        assert config == {k: v for k, v in base.items() if k != "zero_optimization"}
+        assert {k for k in zero_base if zero[k] != zero_base[k]} == changed and zero.keys() == zero_base.keys()

@@ -24,7 +24,9 @@ if [ -d .fa4b ]; then
     # so the compiler library is unpacked into that folder afterwards
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .fa4b/wheels/*.whl
     cat "$STASH/cu13libs.tar.xz.part00" .fa4b/cu13libs.tar.xz.part01 | xz -d | tar -x -C "$SITE"
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    # the nvidia-cutlass-dsl wheel puts dsl_packages/ (the `cutlass` package) on sys.path through a
+    # .pth file, which Python reads only in site-packages folders, not in PYTHONPATH ones
+    export PYTHONPATH="$SITE/nvidia_cutlass_dsl/dsl_packages:$SITE${PYTHONPATH:+:$PYTHONPATH}"
     python3 -c "import flash_attn.cute, cutlass; print('fa4: flash_attn.cute', flash_attn.cute.__file__)"
 fi
 set +eu
