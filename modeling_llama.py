@@ -24,7 +24,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama import modeling_llama as hf_llama
 
-from longalign.attention import check_pack, positions_from_cu_seqlens, varlen_attention
+from longalign.attention import check_pack, padded_sdpa_context, positions_from_cu_seqlens, varlen_attention
 from longalign.loss import DEFAULT_CHUNK_TOKENS, LMHeadWithLoss
 from longalign.recompute import saved_attention
 
@@ -37,8 +37,9 @@ class PackedLlamaAttention(hf_llama.LlamaAttention):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cu_seqlens=None, max_seqlen=None, **kwargs):
         if cu_seqlens is None:
-            return super().forward(hidden_states, position_embeddings, attention_mask,
-                                   past_key_values, **kwargs)
+            with padded_sdpa_context():
+                return super().forward(hidden_states, position_embeddings, attention_mask,
+                                       past_key_values, **kwargs)
         if hidden_states.shape[0] != 1:
             raise ValueError("a packed batch (cu_seqlens) must have shape (1, T, hidden)")
         total = hidden_states.shape[1]

@@ -237,14 +237,19 @@ def instrument(trainer) -> dict:
 
     record = {"micro_steps": [], "step_ends": []}
     original = trainer.training_step
+    from bench.step_profile import MicroStepProfiler
+
+    profiler = MicroStepProfiler.from_env(trainer.args.process_index)
 
     def timed_training_step(model, inputs, num_items_in_batch=None):
         features = batch_cost_features(inputs)
         optimizer_step = bool(trainer.accelerator.sync_gradients)
+        profiler.before(len(record["micro_steps"]))
         sync()
         start = time.perf_counter()
         loss = original(model, inputs, num_items_in_batch)
         sync()
+        profiler.after(len(record["micro_steps"]))
         record["micro_steps"].append({**features, "start": start, "seconds": time.perf_counter() - start,
                                       "optimizer_step": optimizer_step})
         return loss

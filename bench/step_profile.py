@@ -7,13 +7,16 @@ The step runs once under torch.profiler (CUDA activity on a GPU, CPU ops otherwi
 self time is summed into the first CATEGORIES entry whose patterns its name contains
 (case-insensitive), else into "other". Also returned: the 20 most expensive kernels and the
 profiled wall time, so `sum(categories) / wall` says how busy the GPU was (1.0 = never idle).
+`MicroStepProfiler` does the same for bench_batching's DeepSpeed runs, as op tables.
 Names are matched, not guessed from the op: cuBLAS GEMMs on Hopper are `nvjet_*` or `sm90_xmma_*`,
 FlashAttention kernels `flash_*`, cuDNN attention `cudnn_*sdpa*`, compiled flex `*flex_attention*`,
 inductor-fused elementwise code `triton_*`.
 """
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -78,3 +81,38 @@ def profile_step(step, device: torch.device) -> dict:
         if seconds > 0:
             kernel_times[event.key] = kernel_times.get(event.key, 0.0) + seconds
     return summarize(kernel_times, wall)
+
+
+class MicroStepProfiler:
+    """$BENCH_PROFILE_MICRO_STEPS=A:B profiles micro-steps A..B-1 (CPU ops and CUDA kernels) and
+    writes rank 0's top ops by self CPU and by self CUDA time to $BENCH_PROFILE_OUT (or
+    profile_rank0.txt in the working directory). Unset: does nothing."""
+
+    def __init__(self, first: int | None, stop: int | None, out: Path, rank: int):
+        self.first, self.stop, self.out, self.rank, self.prof = first, stop, out, rank, None
+
+    @classmethod
+    def from_env(cls, rank: int):
+        spec = os.environ.get("BENCH_PROFILE_MICRO_STEPS")
+        first, stop = (int(x) for x in spec.split(":")) if spec else (None, None)
+        out = Path(os.environ.get("BENCH_PROFILE_OUT", "profile_rank0.txt"))
+        return cls(first, stop, out, rank)
+
+    def before(self, index: int) -> None:
+        if index == self.first:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def after(self, index: int) -> None:
+        if self.prof is None or index + 1 != self.stop:
+            return
+        self.prof.__exit__(None, None, None)
+        if self.rank == 0:
+            events = self.prof.key_averages()
+            tables = [f"micro-steps {self.first}..{self.stop - 1}, sorted by {key}\n"
+                      + events.table(sort_by=key, row_limit=35, max_name_column_width=70)
+                      for key in ("self_cpu_time_total", "self_cuda_time_total")]
+            self.out.write_text("\n\n".join(tables))
+        self.prof = None

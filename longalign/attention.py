@@ -12,19 +12,21 @@ Backends in the order the automatic choice tries them (the first that can run he
 - ``flash_attn_cute``: FlashAttention-4's ``flash_attn.cute.flash_attn_varlen_func`` (package
   ``flash-attn-4``, CuTe DSL kernels compiled on first use; fp16/bf16; auto on Hopper+ only);
 - ``flash_attn``: FlashAttention-2's ``flash_attn_varlen_func`` (the paper's; CUDA, fp16/bf16);
-- ``cudnn``: the per-sequence loop of ``reference``, every call on SDPA's cuDNN kernel (CUDA,
-  fp16/bf16; auto on Hopper+ only);
 - ``torch_varlen``: PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16);
 - ``flex``: FlexAttention with a document mask (compiled on CUDA; eager, unfused and
   forward-only on CPU: torch has no CPU backward for it);
 - ``reference``: ``scaled_dot_product_attention(is_causal=True)`` per sequence, runs anywhere.
-The order is measured (BENCHMARKS.md §2, one H200, torch 2.11, 64k pack fwd+bwd): flash_attn_cute
-590 TFLOP/s, cudnn 397, flex 375, torch_varlen 322. On CPU the automatic choice is ``reference``
-(eager flex materialises the whole T x T scores). ``backend=`` or the environment variable
-``LONGALIGN_ATTN_BACKEND`` override the choice.
+Only on request: ``cudnn``, the per-sequence loop of ``reference`` with every call on SDPA's cuDNN
+kernel (CUDA, fp16/bf16). Measured on one H200 (BENCHMARKS.md §2, §4, §5): 64k pack fwd+bwd
+flash_attn_cute 590 TFLOP/s, cudnn 397, flex 375, torch_varlen 322; cudnn also gave the faster
+single-GPU 64k step (2.05 s against 2.43), but costs ~3 ms of host time per call, which made
+4-GPU ZeRO-3 packed training of many-sequence packs slower than torch_varlen (23.8 s against
+19.2 s an epoch) — hence not automatic. On CPU the automatic choice is ``reference`` (eager flex
+materialises the whole T x T scores). ``backend=`` or ``LONGALIGN_ATTN_BACKEND`` override it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import logging
@@ -37,11 +39,33 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("flash_attn_cute", "flash_attn", "cudnn", "torch_varlen", "flex", "reference")
-HOPPER_ONLY_AUTO = ("flash_attn_cute", "cudnn")  # measured on sm90 only; before it FA2 et al. first
+BACKENDS = ("flash_attn_cute", "flash_attn", "torch_varlen", "flex", "reference", "cudnn")
+ON_REQUEST_ONLY = ("cudnn",)
+HOPPER_ONLY_AUTO = ("flash_attn_cute",)  # measured on sm90 only; on older GPUs FA2 et al. first
 ENV_VAR = "LONGALIGN_ATTN_BACKEND"
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _logged: set = set()
+
+
+SDPA_ENV_VAR = "LONGALIGN_SDPA_BACKENDS"  # e.g. "flash,efficient": kernels padded batches may use
+
+
+def padded_sdpa_context():
+    """Restrict torch's kernel choice for padded (B, L) batches (SDPA with a mask or is_causal) to
+    the comma-separated names in $LONGALIGN_SDPA_BACKENDS (flash, efficient, cudnn, math); unset:
+    torch's own choice (cuDNN first on Hopper, whose ~3 ms of host time per call shows in
+    short-sequence micro-steps: BENCHMARKS.md §5)."""
+    names = [n.strip() for n in os.environ.get(SDPA_ENV_VAR, "").split(",") if n.strip()]
+    if not names:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    table = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    unknown = sorted(set(names) - set(table))
+    if unknown:
+        raise ValueError(f"${SDPA_ENV_VAR}: unknown SDPA backend(s) {unknown}; choose from {sorted(table)}")
+    return sdpa_kernel([table[n] for n in names])
 
 
 def _torch_varlen_fn():
@@ -87,13 +111,13 @@ def available_backends(device, dtype: torch.dtype | None = None) -> list[str]:
         names.append("flash_attn_cute")
     if cuda and half_ok and _module_available("flash_attn.flash_attn_interface"):
         names.append("flash_attn")
-    if cuda and half_ok and _has_cudnn_sdpa():
-        names.append("cudnn")
     if cuda and half_ok and _torch_varlen_fn() is not None:
         names.append("torch_varlen")
     if _has_flex():
         names.append("flex")
     names.append("reference")
+    if cuda and half_ok and _has_cudnn_sdpa():
+        names.append("cudnn")
     return names
 
 
@@ -109,7 +133,7 @@ def choose_backend(device, dtype: torch.dtype | None = None, backend: str | None
     device = torch.device(device)
     if device.type != "cuda":
         return "reference"
-    usable = available_backends(device, dtype)
+    usable = [b for b in available_backends(device, dtype) if b not in ON_REQUEST_ONLY]
     if _capability_major(device) < 9:
         usable = [b for b in usable if b not in HOPPER_ONLY_AUTO]
     return usable[0]

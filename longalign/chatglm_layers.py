@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from longalign.attention import varlen_attention
+from longalign.attention import padded_sdpa_context, varlen_attention
 from longalign.recompute import saved_attention
 
 ROPE_BASE = 10000.0  # ChatGLM's RoPE base before `rope_ratio` scaling
@@ -118,7 +118,8 @@ class SelfAttention(nn.Module):
         rep = self.num_heads // self.num_groups
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         is_causal = mask is None and q.shape[2] > 1  # the model passes a mask whenever Lq != Lk > 1
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        with padded_sdpa_context():
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return ctx.transpose(1, 2)
 
 

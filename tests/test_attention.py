@@ -156,19 +156,20 @@ def test_flash_attn_4_alone_is_not_flash_attn_2(fake_fa4):
 
 
 def test_automatic_order_follows_the_gpu_generation(monkeypatch):
-    """Hopper+: the measured order; older GPUs (the paper's A800s) never get FA4 or cuDNN by default."""
+    """Hopper+: FA4 first; older GPUs (the paper's A800s) never get it by default; cudnn only on request."""
     monkeypatch.setattr(attention, "available_backends",
-                        lambda device, dtype=None: ["flash_attn_cute", "flash_attn", "cudnn", "torch_varlen",
-                                                    "flex", "reference"])
+                        lambda device, dtype=None: ["flash_attn_cute", "flash_attn", "torch_varlen", "flex",
+                                                    "reference", "cudnn"])
     monkeypatch.setattr(attention, "_capability_major", lambda device: 9)
     assert choose_backend("cuda", torch.bfloat16) == "flash_attn_cute"
     monkeypatch.setattr(attention, "_capability_major", lambda device: 8)
     assert choose_backend("cuda", torch.bfloat16) == "flash_attn"
     monkeypatch.setattr(attention, "available_backends",
-                        lambda device, dtype=None: ["cudnn", "torch_varlen", "flex", "reference"])
-    assert choose_backend("cuda", torch.bfloat16) == "torch_varlen"
-    monkeypatch.setattr(attention, "_capability_major", lambda device: 9)
-    assert choose_backend("cuda", torch.bfloat16) == "cudnn"
+                        lambda device, dtype=None: ["torch_varlen", "flex", "reference", "cudnn"])
+    for major in (8, 9):
+        monkeypatch.setattr(attention, "_capability_major", lambda device, m=major: m)
+        assert choose_backend("cuda", torch.bfloat16) == "torch_varlen"
+    assert choose_backend("cuda", torch.bfloat16, backend="cudnn") == "cudnn"
 
 
 def test_flash_attn_cute_adapter_passes_keywords(fake_fa4):
@@ -205,3 +206,24 @@ def test_cuda_backend_matches_fp32_reference(backend, hq, hkv):
 
     for got, ref in zip(run(backend, torch.bfloat16), run("reference", torch.float32)):
         assert ((got - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_padded_sdpa_backends_are_restricted_by_the_environment(monkeypatch):
+    """$LONGALIGN_SDPA_BACKENDS limits the kernels of padded batches: math alone still computes the
+    same attention; cuDNN alone has no CPU kernel, which proves the restriction is applied."""
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(1, 2, 7, HEAD_DIM) for _ in range(3))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    monkeypatch.setenv(attention.SDPA_ENV_VAR, "math")
+    with attention.padded_sdpa_context():
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, is_causal=True), want)
+    monkeypatch.setenv(attention.SDPA_ENV_VAR, "cudnn")
+    with attention.padded_sdpa_context(), pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    monkeypatch.setenv(attention.SDPA_ENV_VAR, "flash, fastest")
+    with pytest.raises(ValueError, match="fastest"):
+        attention.padded_sdpa_context()
+    monkeypatch.delenv(attention.SDPA_ENV_VAR)
+    with attention.padded_sdpa_context():
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, is_causal=True), want)

@@ -214,3 +214,47 @@ def test_step_profile_counts_only_gpu_time_on_cuda():
     assert step_profile._self_time_us(sync, cuda=True) == 0.0
     assert step_profile._self_time_us(kernel, cuda=True) == 250.0
     assert step_profile._self_time_us(sync, cuda=False) == 1_000_000.0
+
+
+def test_micro_step_profiler_writes_rank0_tables(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import step_profile
+
+    out = tmp_path / "prof.txt"
+    monkeypatch.setenv("BENCH_PROFILE_MICRO_STEPS", "1:3")
+    monkeypatch.setenv("BENCH_PROFILE_OUT", str(out))
+    x = torch.randn(64, 64)
+    for rank in (1, 0):  # only rank 0 writes
+        prof = step_profile.MicroStepProfiler.from_env(rank)
+        for i in range(4):
+            prof.before(i)
+            x = (x @ x).tanh()
+            prof.after(i)
+        assert out.exists() == (rank == 0)
+    text = out.read_text()
+    assert "micro-steps 1..2, sorted by self_cpu_time_total" in text and "aten::mm" in text
+    monkeypatch.delenv("BENCH_PROFILE_MICRO_STEPS")
+    idle = step_profile.MicroStepProfiler.from_env(0)
+    idle.before(0), idle.after(0)
+    assert idle.prof is None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_padded_batches_use_the_sdpa_kernels_the_environment_allows(family, monkeypatch):
+    """Both models' padded path (no cu_seqlens) runs under padded_sdpa_context: cuDNN alone has no
+    CPU kernel, so the forward fails; math alone gives the unrestricted logits."""
+    from longalign import attention
+
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        monkeypatch.setenv(attention.SDPA_ENV_VAR, "math")
+        torch.testing.assert_close(model(input_ids=ids).logits, want)
+        monkeypatch.setenv(attention.SDPA_ENV_VAR, "cudnn")
+        with pytest.raises(RuntimeError):
+            model(input_ids=ids)
