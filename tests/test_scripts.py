@@ -106,10 +106,13 @@ def test_tuned_zero3_configs_differ_from_the_default_only_in_bucket_and_persiste
     (and, _tuned, matrices under 1.2e7 elements kept gathered)."""
     import json
     base = json.loads((REPO / "ds_config" / "stage3_no_offload.json").read_text())
-    for name, changed in (("stage3_no_offload_buckets", {"reduce_bucket_size", "stage3_prefetch_bucket_size"}),
-                          ("stage3_no_offload_tuned", {"reduce_bucket_size", "stage3_prefetch_bucket_size",
-                                                       "stage3_param_persistence_threshold"})):
+    tuned = {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"}
+    for name, changed, added in (
+            ("stage3_no_offload_buckets", {"reduce_bucket_size", "stage3_prefetch_bucket_size"}, set()),
+            ("stage3_no_offload_tuned", tuned, set()),
+            ("stage3_no_offload_leaf", tuned, {"stage3_module_granularity_threshold"})):
         config = json.loads((REPO / "ds_config" / f"{name}.json").read_text())
         zero, zero_base = config.pop("zero_optimization"), base["zero_optimization"]
         assert config == {k: v for k, v in base.items() if k != "zero_optimization"}
-        assert {k for k in zero_base if zero[k] != zero_base[k]} == changed and zero.keys() == zero_base.keys()
+        assert {k for k in zero_base if zero[k] != zero_base[k]} == changed
+        assert set(zero) - set(zero_base) == added and set(zero_base) <= set(zero)
