@@ -27,6 +27,7 @@ materialises the whole T x T scores). ``backend=`` or ``LONGALIGN_ATTN_BACKEND``
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import logging
@@ -76,9 +77,11 @@ def _torch_varlen_fn():
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=None)
 def _module_available(name: str) -> bool:
     """Whether `name` imports. A plain find_spec is not enough: FlashAttention-4 installs
-    ``flash_attn/cute`` alone, so ``flash_attn`` is then an empty namespace package."""
+    ``flash_attn/cute`` alone, so ``flash_attn`` is then an empty namespace package. Cached: the
+    automatic choice runs at every attention call, and a find_spec that misses scans sys.path."""
     try:
         return importlib.util.find_spec(name) is not None
     except ImportError:  # a parent package that is missing or fails to import

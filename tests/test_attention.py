@@ -123,9 +123,11 @@ def fake_fa4(tmp_path, monkeypatch):
     import sys
 
     _install_fake_fa4(tmp_path, monkeypatch)
+    attention._module_available.cache_clear()
     yield
     for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
         del sys.modules[name]
+    attention._module_available.cache_clear()
 
 
 def _install_fake_fa4(tmp_path, monkeypatch):
