@@ -17,6 +17,7 @@ if [ -d .fa4b ]; then
     (cd .fa4b && sha256sum -c --quiet SHA256SUMS)
     if [ ! -f "$STASH/cu13libs.tar.xz.part00" ]; then
         echo "fa4: the first half is not on this machine (released between calls?): carry .fa4a first" >&2
+        set +eu  # sourced: leave the caller's shell options as they were
         return 1 2>/dev/null || exit 1
     fi
     mkdir -p "$SITE"
