@@ -6,24 +6,27 @@
 
 --train_file is a pre_tokenize.py dataset (used as is by --batch_method naive); sort and pack read
 its `sort/` and `pack/` subdirectories written by sort_and_group.py (DESIGN.md §1-2). The model
-family comes from the checkpoint's config.json (model_type chatglm -> modeling_chatglm.py,
-llama -> modeling_llama.py). Data order, loss normalisation and logs: longalign/trainer.py;
+family comes from the checkpoint's config.json (model_type chatglm or llama); the model is the
+family's transformers class with LongAlign's packed attention and weighted loss
+(longalign/modeling/), and every saved checkpoint loads without this repository (Llama: stock
+transformers; ChatGLM: with its remote code, `trust_remote_code=True`), its tokenizer carrying
+the training chat template. Data order, loss normalisation and logs: longalign/trainer.py;
 batches and loss weights: longalign/collators.py. Every standard TrainingArguments flag applies.
 """
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from longalign.chat_template import attach_chat_template
 from longalign.collators import BATCH_METHODS, LOSS_REDUCTIONS, build_collator
+from longalign.modeling.checkpoints import SelfDescribingCheckpoints, make_self_describing
+from longalign.modeling.loading import load_training_model, load_training_tokenizer, model_family, pad_token_id
+from longalign.recompute import apply_recompute
+from longalign.train_data import load_train_dataset
 from longalign.trainer import DEFAULT_PEAK_TFLOPS, LongAlignTrainer, resolve_loss_reduction
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # modeling_*.py live beside this file
 
 
 @dataclass
@@ -46,6 +49,12 @@ class LongAlignArguments:
                 "that flag's transformers checkpointing. BENCHMARKS.md §4: selective 1.15x over full"})
     compile_layers: bool = field(default=False, metadata={
         "help": "torch.compile each decoder layer (dynamic shapes); BENCHMARKS.md §4: ~1.1-1.15x"})
+    rope_ratio: float | None = field(default=None, metadata={
+        "help": "ChatGLM only: RoPE base = 10000 * rope_ratio. Default: read from the checkpoint (its "
+                "config.json, or a ratio hard-coded in its modeling_chatglm.py); an error if it has none"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow the tokenizer folder's own Python code to run (ChatGLM3's tokenizer is remote code); "
+                "the model always loads through this package's code"})
 
 
 def build_parser() -> HfArgumentParser:
@@ -67,97 +76,32 @@ def parse_args(argv=None) -> tuple[LongAlignArguments, TrainingArguments]:
     return args, training_args
 
 
-def model_family(model_path: str) -> str:
-    """'chatglm' or 'llama' from the checkpoint's config.json model_type."""
-    config_file = Path(model_path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--model_name_or_path {model_path}: no config.json (download the checkpoint first)")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type not in ("chatglm", "llama"):
-        raise ValueError(f"{config_file}: model_type {model_type!r}; supported: 'chatglm', 'llama'")
-    return model_type
-
-
-def model_class(family: str):
-    if family == "chatglm":
-        from modeling_chatglm import ChatGLMForConditionalGeneration
-        return ChatGLMForConditionalGeneration
-    from modeling_llama import LlamaForCausalLM
-    return LlamaForCausalLM
-
-
-def load_model(model_path: str, training_args: TrainingArguments):
-    """The family's class from_pretrained; bf16 weights under DeepSpeed --bf16, else fp32 masters."""
-    dtype = torch.bfloat16 if (training_args.bf16 and training_args.deepspeed) else torch.float32
-    return model_class(model_family(model_path)).from_pretrained(model_path, dtype=dtype)
-
-
-def load_train_dataset(train_file: str, batch_method: str):
-    """(dataset, group_size) for the method; group_size from <dir>/stats.json (None for naive)."""
-    import datasets
-
-    directory = Path(train_file) if batch_method == "naive" else Path(train_file) / batch_method
-    if not directory.is_dir():
-        hint = "run pre_tokenize.py" if batch_method == "naive" else f"run sort_and_group.py --train_file {train_file}"
-        raise FileNotFoundError(f"{directory}: no dataset for --batch_method {batch_method} ({hint})")
-    dataset = datasets.load_from_disk(str(directory))
-    if not isinstance(dataset, datasets.Dataset):
-        raise ValueError(f"{directory}: expected one Dataset, found {type(dataset).__name__}")
-    needed = {"input_ids", "labels"} | ({"cu_seqlens"} if batch_method == "pack" else set())
-    if needed - set(dataset.column_names):
-        raise ValueError(f"{directory}: missing columns {sorted(needed - set(dataset.column_names))} (DESIGN.md §1-2)")
-    if batch_method == "naive":
-        return dataset, None
-    stats_file = directory / "stats.json"
-    if not stats_file.is_file():
-        raise FileNotFoundError(f"{stats_file}: missing; the group size of the stored order is read from it")
-    group_size = json.loads(stats_file.read_text()).get("group_size")
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"{stats_file}: group_size must be a positive int, got {group_size!r}")
-    return dataset, group_size
-
-
-def load_tokenizer(args: LongAlignArguments):
-    """The tokenizer of --tokenizer_name or the model directory, or None when there is none."""
-    from transformers import AutoTokenizer
-
-    name = args.tokenizer_name or args.model_name_or_path
-    try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=True)
-    except (OSError, ValueError):
-        if args.tokenizer_name:
-            raise
-        return None
-
-
-def pad_token_id(tokenizer, config) -> int | None:
-    """Pad id: the tokenizer's, else the config's pad, else its eos (padding is masked anyway)."""
-    for value in (getattr(tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None),
-                  getattr(config, "eos_token_id", None)):
-        if isinstance(value, (list, tuple)):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return None
+def model_dtype(training_args: TrainingArguments) -> torch.dtype:
+    """bf16 weights under DeepSpeed --bf16 (ZeRO keeps fp32 masters itself), else fp32 masters."""
+    return torch.bfloat16 if (training_args.bf16 and training_args.deepspeed) else torch.float32
 
 
 def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     """Everything train() needs, from command-line arguments (used by main and the tests)."""
     args, training_args = parse_args(argv)
     dataset, group_size = load_train_dataset(args.train_file, args.batch_method)
-    model = load_model(args.model_name_or_path, training_args)
+    family = model_family(args.model_name_or_path)
+    model = load_training_model(args.model_name_or_path, dtype=model_dtype(training_args), rope_ratio=args.rope_ratio)
     if args.recompute is not None or args.compile_layers:
-        from longalign.recompute import apply_recompute
-
         apply_recompute(model, args.recompute or "none", compile=args.compile_layers)
-    tokenizer = load_tokenizer(args)
+    tokenizer = load_training_tokenizer(args.tokenizer_name or args.model_name_or_path,
+                                        trust_remote_code=args.trust_remote_code,
+                                        required=args.tokenizer_name is not None)
+    if tokenizer is not None:
+        attach_chat_template(tokenizer, family)  # saved with every checkpoint: the training format
     pad_id = pad_token_id(tokenizer, model.config) if args.batch_method != "pack" else None
     collator = build_collator(args.batch_method, args.loss_reduction, pad_id)
+    callbacks = [SelfDescribingCheckpoints(family), *(callbacks or [])]
     trainer = LongAlignTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                                processing_class=tokenizer, callbacks=callbacks, batch_method=args.batch_method,
                                loss_reduction=args.loss_reduction, group_size=group_size,
                                peak_tflops=args.peak_tflops)
-    trainer.longalign_args = args
+    trainer.longalign_args, trainer.model_family = args, family
     return trainer
 
 
@@ -171,6 +115,7 @@ def main(argv=None) -> LongAlignTrainer:
     trainer.save_model(trainer.args.output_dir)  # HF format (ZeRO-3: gathered 16-bit weights)
     trainer.save_state()
     if trainer.is_world_process_zero():
+        make_self_describing(trainer.args.output_dir, trainer.model_family)
         print(f"model saved to {trainer.args.output_dir}", flush=True)
     return trainer
 

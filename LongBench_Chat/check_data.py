@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LongBench_Chat.lbc_data import DataError, load_data  # noqa: E402
-from LongBench_Chat.lbc_score import detect_language  # noqa: E402
+from lbc_data import DataError, load_data
+from lbc_score import detect_language
 
 
 def main(argv=None) -> int:

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LongBench_Chat.lbc_data import DEFAULT_BASE_URL, download  # noqa: E402
+from lbc_data import DEFAULT_BASE_URL, download
 
 
 def main(argv=None) -> dict:

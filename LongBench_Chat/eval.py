@@ -20,13 +20,11 @@ import re
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from LongBench_Chat.lbc_data import load_data, write_bytes_atomic  # noqa: E402
-from LongBench_Chat.lbc_score import (LEADERBOARD_HEADER, case_record, judge_messages,  # noqa: E402
+from lbc_data import load_data, write_bytes_atomic
+from lbc_score import (LEADERBOARD_HEADER, case_record, judge_messages,
                                       judgement_key_for, leaderboard_row, summarize)
-from longalign.storage import append_jsonl, read_jsonl, write_json_atomic  # noqa: E402
+from longalign.storage import append_jsonl, read_jsonl, write_json_atomic
 
 STAGES = ("predict", "score", "all")
 PAPER_MAX_NEW_TOKENS = 1024

@@ -14,12 +14,10 @@ import statistics
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from Needle_test.needle import load_config, resolve  # noqa: E402
-from Needle_test.scoring import judge_key, judge_messages, match_score  # noqa: E402
-from longalign.storage import read_jsonl, write_json_atomic  # noqa: E402
+from needle import load_config, resolve
+from scoring import judge_key, judge_messages, match_score
+from longalign.storage import read_jsonl, write_json_atomic
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-eval.yaml"
 SCORERS = ("judge", "match")

@@ -12,11 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from Needle_test.needle import load_config, resolve  # noqa: E402
-from longalign.storage import append_jsonl, drop_torn_tail, read_jsonl, write_json_atomic  # noqa: E402
+from needle import load_config, resolve
+from longalign.storage import append_jsonl, drop_torn_tail, read_jsonl, write_json_atomic
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-pred.yaml"
 

@@ -11,12 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from Needle_test.needle import (context_lengths, depth_percents, haystack_ids, load_config,  # noqa: E402
+from needle import (context_lengths, depth_percents, haystack_ids, load_config,
                                 make_prompt, read_haystack, resolve, sentence_end_patterns)
-from longalign.storage import write_json_atomic  # noqa: E402
+from longalign.storage import write_json_atomic
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-prompt.yaml"
 

@@ -11,10 +11,8 @@ import statistics
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from Needle_test.needle import load_config, resolve  # noqa: E402
+from needle import load_config, resolve
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-eval.yaml"
 SCORE_RANGE = (1, 10)

@@ -21,15 +21,13 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from longalign.attention import BACKENDS, available_backends, varlen_attention  # noqa: E402
+from longalign.attention import BACKENDS, available_backends, varlen_attention
 
 LONG_RANGE, SHORT_RANGE, LONG_FRACTION = (8192, 32768), (256, 4096), 0.5
 FULL_PACK = 65536  # the ranges above are for a 64k pack; smaller packs scale them down

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from bench.bench_sort_and_group import (LONG_RANGE, LONG_TARGET_FRACTION, SHORT_RANGE,  # noqa: E402
+from bench_sort_and_group import (LONG_RANGE, LONG_TARGET_FRACTION, SHORT_RANGE,
                                         SHORT_TARGET_FRACTION)
-from longalign.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX  # noqa: E402
+from longalign.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
+
+REPO = Path(__file__).resolve().parents[1]
 
 METHODS = {"naive": ["--batch_method", "naive"], "sort": ["--batch_method", "sort"],
            "pack": ["--batch_method", "pack", "--pack_loss"]}
@@ -210,14 +210,14 @@ def run_method(args, method: str, paths: dict) -> Path:
 def batch_cost_features(inputs: dict) -> dict:
     """What one rank computes on in a micro-batch: (cost_tokens, cost_sum_sq) plus real counts.
 
-    Packed (cu_seqlens): sum l and sum l^2 over its sequences (block-diagonal attention). Padded
+    Packed (cu_seq_lens_q): sum l and sum l^2 over its sequences (block-diagonal attention). Padded
     (B, L): B L and B L^2, since the padded rows are computed too.
     """
     from longalign.collators import COUNT_FIELDS, COUNTS_KEY
 
     counts = dict(zip(COUNT_FIELDS, (int(v) for v in inputs[COUNTS_KEY].tolist())))
-    if "cu_seqlens" in inputs:
-        rows = int(inputs["cu_seqlens"].numel()) - 1
+    if "cu_seq_lens_q" in inputs:
+        rows = int(inputs["cu_seq_lens_q"].numel()) - 1
         cost_tokens, cost_sum_sq = counts["tokens"], counts["sum_sq_lengths"]
     else:
         rows, length = (int(n) for n in inputs["input_ids"].shape)
@@ -237,7 +237,7 @@ def instrument(trainer) -> dict:
 
     record = {"micro_steps": [], "step_ends": []}
     original = trainer.training_step
-    from bench.step_profile import MicroStepProfiler
+    from step_profile import MicroStepProfiler
 
     profiler = MicroStepProfiler.from_env(trainer.args.process_index)
 

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from longalign.constants import IGNORE_INDEX  # noqa: E402
-from longalign.loss import causal_lm_loss  # noqa: E402
+from longalign.constants import IGNORE_INDEX
+from longalign.loss import causal_lm_loss
 
 GIB = 2**30
 

@@ -21,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS_MD = Path(__file__).resolve().parent / "measured" / "pretokenize.md"
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from longalign.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from longalign.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX  # noqa: E402
 
 # The mix of the issue: LongAlign-10k's long data plus ShareGPT-like short chats.
 NUM_LONG, LONG_RANGE = 10_000, (8_192, 65_536)

@@ -42,16 +42,17 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig
+
+from longalign.collators import PackCollator
+from longalign.attention import ENV_VAR as ATTN_ENV, choose_backend
+from longalign.constants import IGNORE_INDEX
+from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
+from longalign.modeling.weighted_lm import LongAlignLlamaForCausalLM
+from longalign.recompute import apply_recompute
+from longalign.trainer import matmul_parameters, training_flops
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from longalign.collators import PackCollator  # noqa: E402
-from longalign.attention import ENV_VAR as ATTN_ENV, choose_backend  # noqa: E402
-from longalign.constants import IGNORE_INDEX  # noqa: E402
-from longalign.recompute import apply_recompute  # noqa: E402
-from longalign.trainer import matmul_parameters, training_flops  # noqa: E402
 
 SHORT_MIN, SHORT_MAX, LONG_MIN, LONG_FRACTION = 64, 4096, 8192, 0.5
 PROMPT_FRACTION = 0.9  # long-context SFT: most tokens are the (unlabelled) document
@@ -156,14 +157,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def build_model(args, device, dtype):
-    from modeling_llama import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+    register_packed_attention()
+    config = LlamaConfig(attn_implementation=ATTN_IMPLEMENTATION, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, intermediate_size=args.intermediate,
                          vocab_size=args.vocab, max_position_embeddings=args.pack_tokens)
     torch.manual_seed(args.seed)
     with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU init
-        model = LlamaForCausalLM(config).to(dtype=dtype)
+        model = LongAlignLlamaForCausalLM(config).to(dtype=dtype)
     apply_recompute(model, args.recompute, compile=args.compile, compile_backend=args.compile_backend)
     model.train()
     return model
@@ -205,7 +205,8 @@ def run(args) -> dict:
     compiled_after_warmup = compile_counters()
     profiled = None
     for i, batch in enumerate(batches):
-        batch = {k: v.to(device) for k, v in batch.items() if k != "batch_counts"}
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items() if k != "batch_counts"}
         if i == args.warmup + args.steps:  # the extra --profile pack, after the timed ones
             from step_profile import profile_step
 

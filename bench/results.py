@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from longalign.storage import write_json_atomic  # noqa: E402
+from longalign.storage import write_json_atomic
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
 

@@ -33,17 +33,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from longalign.constants import DEFAULT_MAX_LENGTH
+from longalign.packing import plan_packs
+from longalign.sorting import sorted_group_order
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from longalign.constants import DEFAULT_MAX_LENGTH  # noqa: E402
-from longalign.packing import plan_packs  # noqa: E402
-from longalign.sorting import sorted_group_order  # noqa: E402
 
 # Paper §3.2 / Figure (training hours on 8 x A800 80G): naive, packing, sorted batching.
 PAPER_HOURS = {"ChatGLM3-6B-64k": {"naive": 45.4, "pack": 20.5, "sort": 19.1},
@@ -237,7 +236,7 @@ def dataset_lengths(directory: str) -> np.ndarray:
 def load_lengths(args) -> np.ndarray:
     if args.data_dir:
         return dataset_lengths(args.data_dir)
-    from bench.bench_sort_and_group import synthetic_lengths
+    from bench_sort_and_group import synthetic_lengths
 
     lengths, _ = synthetic_lengths(args.length_seed, args.long_distribution)
     return lengths

@@ -12,6 +12,11 @@ The model returns S = sum_i w_i l_i (loss_reduction="sum"); the trainer divides 
 count D (longalign/trainer.py). Weights are computed here from labels and cu_seqlens, so they
 always match the positions the loss uses (a stored `loss_weights` column is not read).
 
+A pack batch carries its geometry under transformers' packed-attention keyword names
+(`FlashAttentionKwargs`, as `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` emits
+them): `cu_seq_lens_q` = `cu_seq_lens_k` = [0, e_1, ..., T] (int32) and `max_length_q` =
+`max_length_k` = the longest sequence (int). The dataset column keeps its name `cu_seqlens`.
+
 Every batch also carries `batch_counts` (int64, fields COUNT_FIELDS) for the trainer's global
 denominators and throughput logs; the trainer removes it before calling the model.
 """
@@ -107,8 +112,8 @@ class PackCollator:
     """Pack rows -> one flat batch (DESIGN.md §3); several packs are concatenated.
 
     Weights are computed per pack before concatenating, so `pack_mean` still averages within
-    each pack. Output: input_ids, labels, position_ids, loss_weights (1, T); cu_seqlens (n+1,)
-    int32; batch_counts.
+    each pack. Output: input_ids, labels, position_ids, loss_weights (1, T); cu_seq_lens_q and
+    cu_seq_lens_k (n+1,) int32; max_length_q and max_length_k (int); batch_counts.
     """
 
     def __init__(self, reduction: str):
@@ -136,9 +141,11 @@ class PackCollator:
             offset += len(row_ids)
             counts += row_counts
         cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long)] + ends).to(torch.int32)
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
                 "position_ids": torch.cat(positions)[None], "loss_weights": torch.cat(weights)[None],
-                "cu_seqlens": cu_seqlens, COUNTS_KEY: counts}
+                "cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens,
+                "max_length_q": longest, "max_length_k": longest, COUNTS_KEY: counts}
 
 
 class PaddedCollator:

@@ -20,6 +20,9 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+from longalign.chat_template import is_training_template
+from longalign.constants import MODEL_FAMILIES
+
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("chatglm", "llama", "chat_template")
@@ -41,6 +44,8 @@ def detect_family(model_path: str, tokenizer=None, model_type: str | None = None
     if any(hint in name for hint in LLAMA_NAME_HINTS):
         return "llama"
     has_template = bool(getattr(tokenizer, "chat_template", None))
+    if has_template and model_type in MODEL_FAMILIES and is_training_template(tokenizer, model_type):
+        return model_type  # a checkpoint of this repo: its template is the family's training format
     if model_type == "llama" and not has_template:
         return "llama"
     if has_template:
@@ -157,30 +162,20 @@ def load_model_and_tokenizer(model_path: str, family: str | None = None, dtype: 
                              device: str | None = None):
     """Load a model for generation; returns `(model, tokenizer, family)`.
 
-    ChatGLM checkpoints load through this repo's modeling_chatglm.py (its `.chat`); Llama models on
-    CUDA get the FlashAttention-2 patch of llama_flash_attn_monkey_patch.py (which warns and keeps
-    the stock attention where flash-attn is missing).
+    ChatGLM checkpoints of this repo carry their remote code (its `.chat`); Llama checkpoints are
+    stock transformers.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _register_chatglm()  # so AutoConfig knows model_type "chatglm" of this repo's checkpoints
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
     model_type = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=True), "model_type", None)
     family = family or detect_family(model_path, tokenizer, model_type)
     if family not in FAMILIES:
         raise ValueError(f"--family must be one of {FAMILIES}, got {family!r}")
     torch_dtype = _resolve_dtype(dtype, device)
-    if family == "chatglm":
-        model_cls = _chatglm_class()
-    else:
-        if model_type == "llama" and device.startswith("cuda"):
-            from llama_flash_attn_monkey_patch import replace_llama_attn_with_flash_attn
-
-            replace_llama_attn_with_flash_attn()
-        model_cls = AutoModelForCausalLM
-    model = model_cls.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=True)
     model = model.to(device).eval()
     logger.info("loaded %s (family %s, dtype %s, device %s)", model_path, family, torch_dtype, device)
     return model, tokenizer, family
@@ -194,19 +189,3 @@ def _resolve_dtype(dtype: str, device: str):
     if not hasattr(torch, dtype):
         raise ValueError(f"unknown --dtype {dtype!r}")
     return getattr(torch, dtype)
-
-
-def _register_chatglm() -> None:
-    try:
-        import modeling_chatglm  # noqa: F401  (registers the "chatglm" auto classes on import)
-    except ImportError as err:
-        logger.debug("modeling_chatglm not importable (%s); only hub chatglm code can load", err)
-
-
-def _chatglm_class():
-    try:
-        from modeling_chatglm import ChatGLMForConditionalGeneration
-    except ImportError as err:
-        raise ImportError("chatglm models need modeling_chatglm.py at the repository root "
-                          f"(import failed: {err})") from err
-    return ChatGLMForConditionalGeneration

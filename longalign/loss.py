@@ -54,6 +54,17 @@ def shift_targets(labels, loss_weights=None, cu_seqlens=None):
     return targets, weights
 
 
+def mask_padding_labels(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """IGNORE_INDEX on padding (attention_mask 0) and on a token right after padding: with left
+    padding the first real token would otherwise be the target of the padding position before it.
+
+    mask [0 0 1 1], labels [a b c d] -> [-100 -100 -100 d]
+    """
+    real = attention_mask != 0
+    prev_real = torch.cat([torch.ones_like(real[:, :1]), real[:, :-1]], dim=1)
+    return labels.masked_fill(~(real & prev_real), IGNORE_INDEX)
+
+
 def _chunk_losses(h, weight, t):
     """(fp32 logits, per-token loss l with 0 on ignored targets) for one chunk."""
     logits = (h @ weight.t()).to(torch.promote_types(h.dtype, torch.float32))

@@ -3,8 +3,8 @@
     python -m longalign.tiny_model --family llama --tokenizer data/demo/raw/tokenizer \
         --out data/demo/model_init [--hidden 64 --layers 2 --heads 4 --kv_heads 2 ...]
 
-builds this repo's `modeling_llama.LlamaForCausalLM` or
-`modeling_chatglm.ChatGLMForConditionalGeneration` with the vocabulary size and the pad/bos/eos
+builds transformers' `LlamaForCausalLM` or this repo's ChatGLM remote-code
+`ChatGLMForConditionalGeneration` (longalign/modeling/) with the vocabulary size and the pad/bos/eos
 ids of the tokenizer, saves it with `save_pretrained` and copies the tokenizer files beside it, so
 train.py and the evaluation scripts load model and tokenizer from one directory. The output
 directory is replaced atomically; same seed, same weights. Used by the demo and the tests.
@@ -18,11 +18,16 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from longalign.constants import MODEL_FAMILIES
+from longalign.modeling.checkpoints import make_self_describing
+from longalign.modeling.configuration_chatglm import ChatGLMConfig
+from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
 from longalign.storage import atomic_dir, write_json_atomic
 
 STATS_FILE = "stats.json"  # what was built, beside the weights (every stage writes one)
-REPO_ROOT = Path(__file__).resolve().parents[1]  # modeling_*.py live at the repository root
+TINY_ROPE_RATIO = 1.0  # ChatGLM RoPE base 10000 * 1: ample for the tiny models' context lengths
 
 
 @dataclass
@@ -52,25 +57,21 @@ def special_ids(tokenizer) -> dict:
 
 
 def build_model(family: str, vocab_size: int, ids: dict, shape: TinyShape):
-    """A random-init model of `family` (this repo's classes) with the given vocabulary and sizes."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
+    """A random-init model of `family`: transformers' LlamaForCausalLM, or the ChatGLM remote-code
+    class of longalign/modeling/ (the checkpoint it saves ships that code)."""
     if family == "llama":
-        from modeling_llama import LlamaConfig, LlamaForCausalLM
-
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                              num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                              num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.max_positions,
                              **ids)
         return LlamaForCausalLM(config)
     if family == "chatglm":
-        from modeling_chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
-
         config = ChatGLMConfig(padded_vocab_size=vocab_size, hidden_size=shape.hidden,
                                ffn_hidden_size=shape.intermediate, num_layers=shape.layers,
                                num_attention_heads=shape.heads, kv_channels=shape.hidden // shape.heads,
                                multi_query_attention=shape.kv_heads < shape.heads,
-                               multi_query_group_num=shape.kv_heads, seq_length=shape.max_positions, **ids)
+                               multi_query_group_num=shape.kv_heads, seq_length=shape.max_positions,
+                               rope_ratio=TINY_ROPE_RATIO, **ids)
         return ChatGLMForConditionalGeneration(config)
     raise ValueError(f"family must be one of {MODEL_FAMILIES}, got {family!r}")
 
@@ -91,6 +92,7 @@ def save_tiny_model(family: str, tokenizer_dir: str | Path, out_dir: str | Path,
              "parameters": sum(p.numel() for p in model.parameters()), **ids, **asdict(shape)}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
+        make_self_describing(tmp, family)
         for path in Path(tokenizer_dir).iterdir():
             if path.is_file() and not (tmp / path.name).exists():  # never overwrite the model's own files
                 shutil.copy(path, tmp / path.name)

@@ -35,7 +35,8 @@ def test_single_pack_batch_layout():
     batch = PackCollator("sequence")([PACK_A])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (1, 5)
     assert batch["loss_weights"].dtype == torch.float32 and batch["loss_weights"].shape == (1, 5)
-    assert batch["cu_seqlens"].dtype == torch.int32 and batch["cu_seqlens"].tolist() == [0, 3, 5]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    assert batch["cu_seq_lens_k"].tolist() == [0, 3, 5] and batch["max_length_q"] == batch["max_length_k"] == 3
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["loss_weights"].tolist() == [[0, .5, .5, 0, 1]]
 
@@ -43,7 +44,7 @@ def test_single_pack_batch_layout():
 def test_two_packs_concatenate_with_per_pack_means():
     batch = PackCollator("pack_mean")([PACK_A, PACK_B])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
-    assert batch["cu_seqlens"].tolist() == [0, 3, 5, 7, 9]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5, 7, 9] and batch["max_length_q"] == 3
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 0, 1]]
     # pack A has 3 targets, pack B one (9); 6 and the label on token 8's successor are not targets
     assert torch.allclose(batch["loss_weights"][0], torch.tensor([0, 1 / 3, 1 / 3, 0, 1 / 3, 0, 0, 0, 1]))

@@ -102,17 +102,17 @@ def test_demo_needle_heatmap(demo):
 # ---------- longalign.tiny_model ----------
 @pytest.mark.parametrize("family", ["llama", "chatglm"])
 def test_tiny_model_matches_tokenizer_and_trains(family, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
-    import train
+    from longalign.modeling.loading import load_training_model
 
     summary = save_tiny_model(family, tiny_tokenizer_dir, tmp_path / "m", SMALL, seed=1)
-    model = train.model_class(train.model_family(str(tmp_path / "m"))).from_pretrained(str(tmp_path / "m"))
+    model = load_training_model(tmp_path / "m", dtype=torch.float32)
     config = model.config
     assert config.vocab_size == len(tiny_tokenizer) == summary["vocab_size"]
     assert (config.pad_token_id, config.eos_token_id) == (tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id)
     assert summary["parameters"] == sum(p.numel() for p in model.parameters())
     assert json.loads((tmp_path / "m" / STATS_FILE).read_text())["family"] == family
     ids = torch.tensor([tiny_tokenizer("The key is 42. The key is 42.")["input_ids"]])
-    loss = model(ids, labels=ids, cu_seqlens=torch.tensor([0, ids.shape[1]], dtype=torch.int32)).loss
+    loss = model(ids, labels=ids, cu_seq_lens_q=torch.tensor([0, ids.shape[1]], dtype=torch.int32)).loss
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
 

@@ -91,22 +91,13 @@ def test_chatglm_family_gets_decoded_halves(tiny_tokenizer):
 
 
 def test_chatglm_checkpoint_loads_and_chats(tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
-    import shutil
-    from pathlib import Path
+    from longalign.tiny_model import TinyShape, save_tiny_model
 
-    import torch
-    from modeling_chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
-
-    config = ChatGLMConfig(num_layers=2, padded_vocab_size=len(tiny_tokenizer), hidden_size=32, ffn_hidden_size=64,
-                           kv_channels=8, num_attention_heads=4, multi_query_group_num=2, seq_length=512,
-                           eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
-    torch.manual_seed(0)
     out = tmp_path / "my-run"  # a name without "chatglm": detected from config.model_type
-    ChatGLMForConditionalGeneration(config).save_pretrained(str(out))
-    for path in Path(tiny_tokenizer_dir).iterdir():
-        shutil.copy(path, out / path.name)
+    save_tiny_model("chatglm", tiny_tokenizer_dir, out, TinyShape(hidden=32, layers=2, heads=4, kv_heads=2,
+                                                                  intermediate=64, max_positions=512))
     model, tokenizer, family = load_model_and_tokenizer(str(out))
-    assert family == "chatglm" and isinstance(model, ChatGLMForConditionalGeneration)
+    assert family == "chatglm" and type(model).__name__ == "ChatGLMForConditionalGeneration"
     settings = GenerationSettings(max_new_tokens=4, max_length=30)
     result = generate_response(model, tokenizer, family, "The quick brown fox jumps. " * 20, settings)
     assert result["truncated"] and result["kept_query_tokens"] == 30

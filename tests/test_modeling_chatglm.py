@@ -1,5 +1,6 @@
-"""modeling_chatglm.py on tiny random configs, fp32 CPU: packing exactness, loss weighting,
-checkpoint layout, KV-cache generation, chat(), gradient checkpointing, padded batches."""
+"""The ChatGLM3 model (longalign/modeling/modeling_chatglm.py, remote code) and its training class
+on tiny random configs, fp32 CPU: packing exactness, loss weighting, checkpoint layout, KV-cache
+generation, chat(), gradient checkpointing, padded batches."""
 import json
 
 import pytest
@@ -7,11 +8,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from longalign.constants import IGNORE_INDEX
-from modeling_chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
+from longalign.modeling.configuration_chatglm import ChatGLMConfig
+from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
+from longalign.modeling.weighted_lm import LongAlignChatGLMForConditionalGeneration as ChatGLMForConditionalGeneration
 
+register_packed_attention()
 TINY = dict(num_layers=2, padded_vocab_size=256, hidden_size=32, ffn_hidden_size=64, kv_channels=16,
             num_attention_heads=4, multi_query_attention=True, multi_query_group_num=2, seq_length=128,
-            rope_ratio=2.0)
+            rope_ratio=2.0, attn_implementation=ATTN_IMPLEMENTATION)
 LENGTHS = (7, 12, 5)  # a pack of three sequences
 
 
@@ -71,7 +75,9 @@ def test_release_config_and_full_size_shapes():
                    post_layer_norm=True, rmsnorm=True, seq_length=8192, torch_dtype="float16",
                    eos_token_id=2, pad_token_id=0, pre_seq_len=None, prefix_projection=False,
                    auto_map={"AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration"})
-    cfg = ChatGLMConfig(**release)
+    with pytest.raises(ValueError, match="rope_ratio"):  # the release config says no RoPE ratio: never assumed
+        ChatGLMForConditionalGeneration(ChatGLMConfig(**release))
+    cfg = ChatGLMConfig(**release, rope_ratio=200.0)
     assert cfg.apply_query_key_layer_scaling is True and cfg.num_hidden_layers == 28
     with torch.device("meta"):
         model = ChatGLMForConditionalGeneration(cfg)
@@ -84,7 +90,7 @@ def test_release_config_and_full_size_shapes():
 
 def test_rotary_is_glm_interleaved_on_first_half():
     """Pairs (x[2i], x[2i+1]) of the first D/2 dims turn by p * (10000 * rope_ratio)^(-2i / (D/2))."""
-    from longalign.chatglm_layers import apply_rotary, rope_cos_sin
+    from longalign.modeling.modeling_chatglm import apply_rotary, rope_cos_sin
 
     D, ratio = 16, 200.0
     x = torch.randn(1, 5, 3, D, dtype=torch.float64)
@@ -104,8 +110,8 @@ def test_packed_logits_equal_each_sequence_alone(mqa):
     model = tiny_model(multi_query_attention=mqa)
     seqs, ids, cu, pos = random_pack(256)
     with torch.no_grad():
-        packed = model(ids, cu_seqlens=cu, position_ids=pos).logits[0]
-        derived = model(ids, cu_seqlens=cu).logits[0]  # position ids derived from cu_seqlens
+        packed = model(ids, cu_seq_lens_q=cu, position_ids=pos).logits[0]
+        derived = model(ids, cu_seq_lens_q=cu).logits[0]  # position ids derived from cu_seq_lens_q
         alone = torch.cat([model(s[None]).logits[0] for s in seqs])
     assert (packed - alone).abs().max().item() <= 1e-5
     assert torch.equal(packed, derived)
@@ -118,8 +124,8 @@ def test_changing_one_sequence_leaves_others_bit_identical():
     changed = ids.clone()
     changed[0, cu[j] + 3] = (changed[0, cu[j] + 3] + 1) % 256
     with torch.no_grad():
-        a = model(ids, cu_seqlens=cu, position_ids=pos).logits[0]
-        b = model(changed, cu_seqlens=cu, position_ids=pos).logits[0]
+        a = model(ids, cu_seq_lens_q=cu, position_ids=pos).logits[0]
+        b = model(changed, cu_seq_lens_q=cu, position_ids=pos).logits[0]
     others = torch.ones(ids.shape[1], dtype=torch.bool)
     others[cu[j]:cu[j + 1]] = False
     assert torch.equal(a[others], b[others])
@@ -135,7 +141,7 @@ def test_weighted_packed_loss_gradients_equal_mean_of_sequence_means():
 
     packed_model, ref_model = tiny_model(), tiny_model()
     loss = packed_model(ids, labels=torch.cat(labels)[None], loss_weights=weights,
-                        cu_seqlens=cu, position_ids=pos).loss
+                        cu_seq_lens_q=cu, position_ids=pos).loss
     loss.backward()
     ref = torch.stack([ref_model(s[None], labels=lab[None]).loss for s, lab in zip(seqs, labels)]).mean()
     ref.backward()
@@ -168,17 +174,17 @@ def test_packed_batch_rejects_attention_mask():
     model = tiny_model()
     _, ids, cu, _ = random_pack(256)
     with pytest.raises(ValueError):
-        model(ids, cu_seqlens=cu, attention_mask=torch.ones_like(ids))
+        model(ids, cu_seq_lens_q=cu, attention_mask=torch.ones_like(ids))
     with pytest.raises(ValueError):
-        model(ids, cu_seqlens=cu[:-1])  # does not end at T
+        model(ids, cu_seq_lens_q=cu[:-1])  # does not end at T
 
 
 def test_bf16_packed_close_to_fp32():
     model = tiny_model()
     seqs, ids, cu, pos = random_pack(256)
     with torch.no_grad():
-        ref = model(ids, cu_seqlens=cu, position_ids=pos).logits
-        low = model.to(torch.bfloat16)(ids, cu_seqlens=cu, position_ids=pos).logits
+        ref = model(ids, cu_seq_lens_q=cu, position_ids=pos).logits
+        low = model.to(torch.bfloat16)(ids, cu_seq_lens_q=cu, position_ids=pos).logits
     assert low.dtype == torch.bfloat16
     assert ((low.float() - ref).norm() / ref.norm()).item() <= 2e-2
 
@@ -239,7 +245,7 @@ def test_gradient_checkpointing_gives_identical_gradients():
         model = tiny_model().train()
         if checkpointing:
             _enable_checkpointing(model)
-        model(ids, labels=labels, cu_seqlens=cu, position_ids=pos).loss.backward()
+        model(ids, labels=labels, cu_seq_lens_q=cu, position_ids=pos).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 

@@ -1,6 +1,5 @@
-"""modeling_llama: a pack trains exactly as its sequences run alone; HF checkpoints load as-is."""
-from contextlib import nullcontext
-
+"""The Llama training model: transformers' Llama + the registered packed attention + the weighted
+chunked loss. A pack trains exactly as its sequences run alone; HF checkpoints load as-is."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +7,11 @@ import transformers
 
 from longalign.constants import IGNORE_INDEX
 from longalign.attention import positions_from_cu_seqlens
-from modeling_llama import LlamaForCausalLM
+from longalign.loss import LMHeadWithLoss
+from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, packed_attention_mask, register_packed_attention
+from longalign.modeling.weighted_lm import LongAlignLlamaForCausalLM as LlamaForCausalLM
+
+register_packed_attention()
 
 VOCAB = 128
 LENGTHS = [9, 3, 16, 1, 11]
@@ -17,7 +20,7 @@ LENGTHS = [9, 3, 16, 1, 11]
 def _config(**overrides):
     cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-               initializer_range=0.1, attn_implementation="sdpa")
+               initializer_range=0.1, attn_implementation=ATTN_IMPLEMENTATION)
     cfg.update(overrides)
     return transformers.LlamaConfig(**cfg)
 
@@ -43,7 +46,7 @@ def _pack(seed=0):
             w[1:] = (lab[1:] != IGNORE_INDEX).float() / n_targets
         weights.append(w)
     batch = dict(input_ids=torch.cat(seqs)[None], labels=torch.cat(labels)[None],
-                 loss_weights=torch.cat(weights)[None], cu_seqlens=cu,
+                 loss_weights=torch.cat(weights)[None], cu_seq_lens_q=cu,
                  position_ids=positions_from_cu_seqlens(cu, sum(LENGTHS)))
     return seqs, labels, batch
 
@@ -56,9 +59,9 @@ def test_position_ids_restart():
 def test_packed_logits_equal_sequences_alone(model):
     seqs, _, batch = _pack()
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], cu_seqlens=batch["cu_seqlens"],
+        packed = model(input_ids=batch["input_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"],
                        position_ids=batch["position_ids"]).logits[0]
-        derived = model(input_ids=batch["input_ids"], cu_seqlens=batch["cu_seqlens"]).logits[0]
+        derived = model(input_ids=batch["input_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"]).logits[0]
         alone = torch.cat([model(input_ids=s[None]).logits[0] for s in seqs])
     assert torch.equal(packed, derived)
     assert (packed - alone).abs().max().item() <= 1e-5
@@ -66,14 +69,14 @@ def test_packed_logits_equal_sequences_alone(model):
 
 def test_changing_one_sequence_leaves_others_bit_identical(model):
     _, _, batch = _pack()
-    cu = batch["cu_seqlens"].tolist()
+    cu = batch["cu_seq_lens_q"].tolist()
     with torch.no_grad():
-        base = model(input_ids=batch["input_ids"], cu_seqlens=batch["cu_seqlens"]).logits[0]
+        base = model(input_ids=batch["input_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"]).logits[0]
         for j in range(len(LENGTHS)):
             ids = batch["input_ids"].clone()
             ids[0, cu[j + 1] - 1] = (ids[0, cu[j + 1] - 1] + 1) % VOCAB  # last token of sequence j
             ids[0, cu[j]] = (ids[0, cu[j]] + 7) % VOCAB  # and its first
-            out = model(input_ids=ids, cu_seqlens=batch["cu_seqlens"]).logits[0]
+            out = model(input_ids=ids, cu_seq_lens_q=batch["cu_seq_lens_q"]).logits[0]
             others = torch.ones(len(ids[0]), dtype=torch.bool)
             others[cu[j]:cu[j + 1]] = False
             assert torch.equal(out[others], base[others])
@@ -140,15 +143,15 @@ def test_gradient_checkpointing_identical_grads():
 
 def test_loads_transformers_checkpoint(tmp_path):
     torch.manual_seed(2)
-    stock = transformers.LlamaForCausalLM(_config()).eval()
+    stock = transformers.LlamaForCausalLM(_config(attn_implementation="sdpa")).eval()
     stock.save_pretrained(tmp_path)
-    ours = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ours = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTN_IMPLEMENTATION).eval()
     assert ours.state_dict().keys() == stock.state_dict().keys()
     ids = torch.randint(0, VOCAB, (2, 13))
     with torch.no_grad():
         assert torch.equal(ours(input_ids=ids).logits, stock(input_ids=ids).logits)
         cu = torch.tensor([0, 13], dtype=torch.int32)
-        packed = ours(input_ids=ids[:1], cu_seqlens=cu).logits
+        packed = ours(input_ids=ids[:1], cu_seq_lens_q=cu).logits
         assert (packed - stock(input_ids=ids[:1]).logits).abs().max().item() <= 1e-5
     greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(ids[:1], **greedy), stock.generate(ids[:1], **greedy))
@@ -157,54 +160,56 @@ def test_loads_transformers_checkpoint(tmp_path):
 def test_packed_batch_rejects_padding_mask(model):
     _, _, batch = _pack()
     with pytest.raises(ValueError):
-        model(input_ids=batch["input_ids"], cu_seqlens=batch["cu_seqlens"],
+        model(input_ids=batch["input_ids"], cu_seq_lens_q=batch["cu_seq_lens_q"],
               attention_mask=torch.ones_like(batch["input_ids"]))
 
 
-def test_monkey_patch_falls_back_with_warning(tmp_path):
-    from llama_flash_attn_monkey_patch import replace_llama_attn_with_flash_attn, undo_llama_attn_patch
-
-    transformers.LlamaForCausalLM(_config(attn_implementation="eager")).save_pretrained(tmp_path)
-    expected = "flash_attention_2" if torch.cuda.is_available() else "sdpa"
-    try:
-        with pytest.warns(RuntimeWarning) if expected == "sdpa" else nullcontext():
-            assert replace_llama_attn_with_flash_attn() == expected
-            replace_llama_attn_with_flash_attn()  # idempotent
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-        assert loaded.config._attn_implementation == expected
-        explicit = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
-        assert explicit.config._attn_implementation == "eager"
-        with pytest.warns(RuntimeWarning) if expected == "sdpa" else nullcontext():
-            replace_llama_attn_with_flash_attn(explicit)
-        assert explicit.config._attn_implementation == expected
-    finally:
-        undo_llama_attn_patch()
-    assert "from_pretrained" not in transformers.LlamaPreTrainedModel.__dict__
+def test_modules_are_transformers_own():
+    """No internal module is replaced or re-typed: only the LM head (same key) computes the loss."""
+    model = LlamaForCausalLM(_config())
+    for layer in model.model.layers:
+        assert type(layer.self_attn) is transformers.models.llama.modeling_llama.LlamaAttention
+        assert "forward" not in vars(layer.self_attn)
+    assert type(model.lm_head) is LMHeadWithLoss and "lm_head.weight" in model.state_dict()
 
 
-def test_monkey_patch_sets_default_of_later_loads(tmp_path, monkeypatch):
-    """With the choice forced to a non-default ("eager"), a plain load must get it."""
-    import llama_flash_attn_monkey_patch as patch
+def test_stock_class_runs_packs_from_transformers_flattening_collator(model, tmp_path):
+    """transformers' own LlamaForCausalLM with the registered attention, fed by
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True), gives each sequence's own logits."""
+    model.save_pretrained(tmp_path)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTN_IMPLEMENTATION)
+    assert type(stock) is transformers.LlamaForCausalLM
+    seqs, _, _ = _pack()
+    collator = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    batch = collator([{"input_ids": s.tolist()} for s in seqs])
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = stock.eval()(**batch).logits[0]
+        by_positions = stock(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        alone = torch.cat([stock(input_ids=s[None]).logits[0] for s in seqs])
+    assert (packed - alone).abs().max().item() <= 1e-5
+    assert torch.equal(by_positions, packed)  # boundaries derived from restarting position_ids
 
-    transformers.LlamaForCausalLM(_config()).save_pretrained(tmp_path)
-    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation != "eager"
-    monkeypatch.setattr(patch, "best_llama_attn_implementation", lambda: "eager")
-    try:
-        with pytest.warns(RuntimeWarning):
-            patch.replace_llama_attn_with_flash_attn()
-        assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "eager"
-        assert LlamaForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "eager"
-    finally:
-        patch.undo_llama_attn_patch()
-    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation != "eager"
+
+def test_no_mask_is_built_for_a_pack():
+    """The registered mask function builds nothing for an unpadded call without cache (a pack), and
+    transformers' SDPA mask once there is padding or cached keys."""
+    common = dict(batch_size=1, q_length=6, kv_length=6, q_offset=0, kv_offset=0)
+    assert packed_attention_mask(attention_mask=None, **common) is None
+    padded = packed_attention_mask(attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]]).bool(),
+                                   **{**common, "allow_is_causal_skip": False})
+    assert padded.shape == (1, 1, 6, 6) and not padded[0, 0, :, 4:].any()
+    cached = packed_attention_mask(attention_mask=None, **{**common, "q_length": 1, "kv_offset": 0,
+                                                           "kv_length": 7, "allow_is_causal_skip": False})
+    assert cached is not None and cached.shape[-1] == 7
 
 
 def test_padded_batch_loss_equals_stock(tmp_path):
     """Naive/sort batches (B, L) with attention_mask: our chunked loss == transformers' loss."""
     torch.manual_seed(4)
-    stock = transformers.LlamaForCausalLM(_config()).eval()
+    stock = transformers.LlamaForCausalLM(_config(attn_implementation="sdpa")).eval()
     stock.save_pretrained(tmp_path)
-    ours = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ours = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTN_IMPLEMENTATION).eval()
     ours.loss_chunk_size = 5
     ids = torch.randint(0, VOCAB, (2, 12))
     mask = torch.ones_like(ids)

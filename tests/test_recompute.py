@@ -6,6 +6,7 @@ import torch
 import longalign.attention as attention
 from longalign.constants import IGNORE_INDEX
 from longalign.recompute import apply_recompute, parse_policy
+from training_models import tiny_chatglm, tiny_llama
 
 LENGTHS = (7, 12, 5, 9)  # one pack of four sequences
 LAYERS = 4
@@ -13,20 +14,11 @@ POLICIES = ("none", "full", "selective", "partial:2", "selective:3", "full:0")
 
 
 def llama():
-    from modeling_llama import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=128, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(num_hidden_layers=LAYERS)
 
 
 def chatglm():
-    from modeling_chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
-
-    cfg = ChatGLMConfig(num_layers=LAYERS, padded_vocab_size=128, hidden_size=32, ffn_hidden_size=64,
-                        kv_channels=16, num_attention_heads=4, multi_query_attention=True,
-                        multi_query_group_num=2, seq_length=64)
-    return ChatGLMForConditionalGeneration(cfg)
+    return tiny_chatglm(num_layers=LAYERS)
 
 
 FAMILIES = {"llama": llama, "chatglm": chatglm}  # head_dim 16: the smallest flex (Triton) takes
@@ -40,7 +32,7 @@ def pack(vocab=128, seed=1):
     labels[0, :3] = IGNORE_INDEX
     cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
     weights = torch.rand(1, total, generator=g)
-    return dict(input_ids=ids, labels=labels, cu_seqlens=cu, loss_weights=weights)
+    return dict(input_ids=ids, labels=labels, cu_seq_lens_q=cu, loss_weights=weights)
 
 
 def grads_and_calls(family, policy, monkeypatch, compile_backend=None, backend="reference",
@@ -244,7 +236,7 @@ def test_micro_step_profiler_writes_rank0_tables(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_padded_batches_use_the_sdpa_kernels_the_environment_allows(family, monkeypatch):
-    """Both models' padded path (no cu_seqlens) runs under padded_sdpa_context: cuDNN alone has no
+    """Both models' padded path (no cu_seq_lens_q) runs under padded_sdpa_context: cuDNN alone has no
     CPU kernel, so the forward fails; math alone gives the unrestricted logits."""
     from longalign import attention
 

@@ -18,26 +18,33 @@ sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
 from longalign.constants import IGNORE_INDEX as X  # noqa: E402
+from longalign.modeling.checkpoints import make_self_describing  # noqa: E402
+from longalign.modeling.configuration_chatglm import ChatGLMConfig  # noqa: E402
+from longalign.modeling.loading import load_training_model  # noqa: E402
+from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration  # noqa: E402
 from longalign.trainer import check_data_parallel_layout, resolve_loss_reduction  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 64
 PATTERN = [5, 6, 7, 8]
-FAMILIES = ["chatglm"] + (["llama"] if (REPO / "modeling_llama.py").exists() else [])
+FAMILIES = ["chatglm", "llama"]
 
 
 # ---------- tiny models and datasets ----------
 def make_model_dir(path: Path, family: str) -> str:
+    """A random-init checkpoint of `family` (public class: stock Llama / the ChatGLM remote code)."""
     torch.manual_seed(0)
     if family == "chatglm":
-        from modeling_chatglm import ChatGLMConfig as Config, ChatGLMForConditionalGeneration as Model
-        config = Config(num_layers=2, hidden_size=32, ffn_hidden_size=64, kv_channels=8, num_attention_heads=4,
-                        multi_query_group_num=2, padded_vocab_size=VOCAB, seq_length=512, pad_token_id=0)
+        config = ChatGLMConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, kv_channels=8, num_attention_heads=4,
+                               multi_query_group_num=2, padded_vocab_size=VOCAB, seq_length=512, pad_token_id=0,
+                               rope_ratio=1.0)
+        model = ChatGLMForConditionalGeneration(config)
     else:
-        from modeling_llama import LlamaForCausalLM as Model
-        from transformers import LlamaConfig as Config
-        config = Config(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=0)
-    Model(config).save_pretrained(path)
+        config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, pad_token_id=0)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    make_self_describing(path, family)
     return str(path)
 
 
@@ -114,8 +121,9 @@ def test_saved_model_reloads(workdir):
     out = root / "out_reload"
     trainer = train.main(argv_for(models["chatglm"], data, str(out), "pack", "--max_steps", "2", "--pack_loss"))
     from transformers import AutoModelForCausalLM
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out))
-    assert type(reloaded) is type(trainer.model)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)  # the code it ships
+    assert type(reloaded).__name__ == "ChatGLMForConditionalGeneration"
+    assert type(reloaded).__module__.startswith("transformers_modules.")  # not this package's module
     trained = trainer.model.state_dict()
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, trained[name]), name
@@ -179,7 +187,7 @@ def run_one_step(spec: dict, method: str, reduction: str, world: int, *extra: st
 def reference_step(model_dir: str, data: str, method: str, reduction: str) -> tuple[float, dict]:
     """The step loss written out from per-sequence token means (model run on each sequence alone)."""
     import datasets
-    model = train.model_class("chatglm").from_pretrained(model_dir, dtype=torch.float32)
+    model = load_training_model(model_dir, dtype=torch.float32)
     rows = datasets.load_from_disk(os.path.join(data, method)).select(range(4))
     packs = []
     for row in rows:

@@ -1,0 +1,85 @@
+"""Jinja chat templates that render exactly the training prompt of `longalign.templates`.
+
+Every checkpoint train.py saves carries one on its tokenizer, so `tokenizer.apply_chat_template`
+(vLLM, lm-eval-harness, LongBench-style scripts) reproduces the text the model was trained on:
+
+    apply_chat_template(history_messages + [{"role": "user", "content": q}],
+                        tokenize=False, add_generation_prompt=True)
+        == prefix + longalign.templates.build_prompt(family, history, q)
+
+`prefix` is the text of the tokenizer's own leading special tokens (BOS `<s>` for Llama-2,
+`[gMASK]sop` for ChatGLM3), which pre_tokenize puts in front of every example as token ids:
+`apply_chat_template(tokenize=True)` tokenizes without adding special tokens, so the template
+writes them. Per family, with i the round number:
+
+    llama:   [INST]{user}[/INST]{assistant}                  rounds joined by "\\n\\n"
+    chatglm: [Round {i}]\\n\\n问：{user}\\n\\n答：{assistant}   rounds joined by "\\n\\n"
+
+ChatGLM's "\\n\\n答：" is the assistant header: written before each assistant message and, at the
+end, only with `add_generation_prompt=True`. Llama-2's "[/INST]" closes the user turn (as in
+Meta's own template). Roles must alternate user/assistant starting with user; a system message is
+an error (the LongAlign formats have none).
+"""
+from __future__ import annotations
+
+from longalign.constants import MODEL_FAMILIES
+from longalign.tokenization import special_token_frame
+
+_ROLE_CHECK = (
+    "{% if message['role'] not in ['user', 'assistant'] %}"
+    "{{ raise_exception('LongAlign chat formats have only user and assistant turns, got ' + message['role']) }}"
+    "{% endif %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate user/assistant/user/... starting with user') }}"
+    "{% endif %}"
+)
+
+_BODIES = {
+    "llama": (
+        "{% if message['role'] == 'user' %}"
+        "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+        "{{ '[INST]' + message['content'] + '[/INST]' }}"
+        "{% else %}{{ message['content'] }}{% endif %}"
+    ),
+    "chatglm": (
+        "{% if message['role'] == 'user' %}"
+        "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+        "{{ '[Round ' + (loop.index0 // 2 + 1) | string + ']\\n\\n问：' + message['content'] }}"
+        "{% else %}{{ '\\n\\n答：' + message['content'] }}{% endif %}"
+    ),
+}
+_GENERATION_PROMPT = {
+    "llama": "",
+    "chatglm": "{% if add_generation_prompt and messages[-1]['role'] == 'user' %}{{ '\\n\\n答：' }}{% endif %}",
+}
+
+
+def jinja_chat_template(family: str, prefix: str) -> str:
+    """The template of `family`; `prefix` is written literally before the first round."""
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {MODEL_FAMILIES}")
+    literal = prefix.replace("\\", "\\\\").replace("'", "\\'")
+    return ("{{ '" + literal + "' }}"
+            "{% for message in messages %}" + _ROLE_CHECK + _BODIES[family] + "{% endfor %}"
+            + _GENERATION_PROMPT[family])
+
+
+def prefix_text(tokenizer) -> str:
+    """The text of the special tokens the tokenizer puts in front of an encoded text."""
+    prefix_ids, _ = special_token_frame(tokenizer)
+    return "".join(tokenizer.convert_ids_to_tokens(prefix_ids))
+
+
+def attach_chat_template(tokenizer, family: str) -> str:
+    """Set `tokenizer.chat_template` to the family's training format; returns the template."""
+    tokenizer.chat_template = jinja_chat_template(family, prefix_text(tokenizer))
+    return tokenizer.chat_template
+
+
+def is_training_template(tokenizer, family: str) -> bool:
+    """Whether the tokenizer's chat template is exactly `family`'s training format (set by train.py)."""
+    try:
+        expected = jinja_chat_template(family, prefix_text(tokenizer))
+    except ValueError:  # a tokenizer whose special-token frame cannot be read
+        return False
+    return getattr(tokenizer, "chat_template", None) == expected
