@@ -96,7 +96,8 @@ def main(argv=None) -> dict:
                       retry=RetryPolicy(max_attempts=args.judge_max_attempts, backoff_s=args.judge_backoff_s,
                                         max_backoff_s=args.judge_max_backoff_s),
                       timeout_s=args.judge_timeout_s)
-        out["score"] = run_score(judge, log, predictions, data, cases, args.runs, args.concurrency, options.label, args.lang)
+        out["score"] = run_score(judge, log, predictions, data, cases, args.runs, args.concurrency,
+                                 options.label, args.lang)
     return out
 
 

@@ -100,7 +100,7 @@ def run_score(judge: Judge, log: PredictionLog, predictions: dict, data: LongBen
     records = [case_record(case, predictions[case["idx"]], [results[keys[(case["idx"], run)]] for run in range(runs)])
                for case in predicted]
     files = data.provenance()
-    summary = {"model": label, "lang": lang, "judge_model": judge.model, "runs": runs,
+    summary = {"model": label, "lang": lang, "judge_model": judge.model, "judge_endpoint": judge.endpoint, "runs": runs,
                "judge_prompt_sha256": files[TEMPLATE]["sha256"], "judge_prompt_official": files[TEMPLATE]["official"],
                "data_files": files, "chat_format": log.settings["chat_format"]["name"],
                "prediction_settings_key": log.key, "prediction_settings": log.settings,

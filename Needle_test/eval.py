@@ -77,7 +77,7 @@ def summarize(scorer: str, results: dict, settings: dict, judge: Judge | None, c
     rated = [r["score"] for r in results.values() if r["score"] is not None]
     return {"scorer": scorer, "model": settings["candidate"].get("model") or settings["candidate"].get("model_name"),
             "chat_format": settings["chat_format"]["name"], "prompt_set_sha256": settings.get("prompt_set_sha256"),
-            "judge_model": judge.model if judge else None,
+            "judge_model": judge.model if judge else None, "judge_endpoint": judge.endpoint if judge else None,
             "judge_prompt_sha256": JUDGE_PROMPT_SHA256 if judge else None,
             "key_facts": None if judge else config.get("key_facts"),
             "runs": JUDGE_RUNS, "predictions": len(results), "scored": len(rated), "missing": len(results) - len(rated),

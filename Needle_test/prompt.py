@@ -21,7 +21,7 @@ from Needle_test.needle import (context_lengths, depth_percents, haystack_ids, l
                                 make_prompt, read_haystack, resolve, sentence_end_patterns)
 from Needle_test.prompt_set import write_prompt_set  # noqa: E402
 from longalign.generation import load_tokenizer  # noqa: E402
-from longalign.prediction_keys import directory_fingerprint, resolve_model_dir  # noqa: E402
+from longalign.prediction_keys import TOKENIZER_FILE_SUFFIXES, directory_fingerprint, resolve_model_dir  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-prompt.yaml"
 
@@ -40,11 +40,12 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     config = load_config(args.config)
-    haystack_dir = Path(args.haystack_dir) if args.haystack_dir else resolve(config, config["prompt"].get("haystack_dir"))
+    haystack_dir = (Path(args.haystack_dir) if args.haystack_dir
+                    else resolve(config, config["prompt"].get("haystack_dir")))
     save_dir = Path(args.save_dir) if args.save_dir else resolve(config, config["save_dir"])
     tokenizer_name = args.tokenizer or config["tokenizer"]["model_name"]
     trust = args.trust_remote_code or bool(config["tokenizer"].get("trust_remote_code", False))
-    tokenizer_dir = resolve_model_dir(tokenizer_name)
+    tokenizer_dir = resolve_model_dir(tokenizer_name, TOKENIZER_FILE_SUFFIXES)
     tokenizer = load_tokenizer(str(tokenizer_dir), trust)
     lengths, depths = context_lengths(config["context"]), depth_percents(config["document_depth"])
     buffer = int(config["final_context_buffer"])
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
             stats["over_length"] += int(record["prompt_tokens"] > length)
     made_with = {"needle": needle, "retrieval_question": question, "context_lengths": lengths,
                  "depth_percents": depths, "buffer": buffer, "tokenizer": tokenizer_name,
-                 "tokenizer_fingerprint": directory_fingerprint(tokenizer_dir)}
+                 "tokenizer_fingerprint": directory_fingerprint(tokenizer_dir, TOKENIZER_FILE_SUFFIXES)}
     manifest = write_prompt_set(save_dir, records, stats, made_with)
     stats["prompt_set_sha256"] = manifest["prompt_set_sha256"]
     print(f"[prompt] {stats['written']} prompts ({len(lengths)} lengths x {len(depths)} depths) in {save_dir} "

@@ -248,8 +248,9 @@ class LocalModel(Candidate):
         prompt = prepare_prompt(query, self.chat_format, self.tokenizer, settings.max_length)
         input_ids = encode_prompt(self.tokenizer, prompt.text)
         seed_everything(settings.seed)
-        response = sample(self.model, self.tokenizer, input_ids, settings)
-        return {"response": response, **prompt.record(), "prompt_tokens": len(input_ids)}
+        response, finish_reason = sample(self.model, self.tokenizer, input_ids, settings)
+        return {"response": response, **prompt.record(), "prompt_tokens": len(input_ids),
+                "finish_reason": finish_reason}
 
 
 def load_model_and_tokenizer(model_path: str, chat_format: str = AUTO, dtype: str = "auto", device: str | None = None,
@@ -267,8 +268,11 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def sample(model, tokenizer, input_ids: Sequence[int], settings: GenerationSettings) -> str:
-    """Generate from `input_ids` (temperature 0 = greedy) and decode only the new tokens."""
+def sample(model, tokenizer, input_ids: Sequence[int], settings: GenerationSettings) -> tuple[str, str]:
+    """(decoded new tokens, finish reason) of a generation from `input_ids` (temperature 0 = greedy).
+
+    The finish reason is the OpenAI API's: "stop" when an EOS ended it, "length" at max_new_tokens.
+    """
     import torch
 
     device = next(model.parameters()).device
@@ -279,8 +283,11 @@ def sample(model, tokenizer, input_ids: Sequence[int], settings: GenerationSetti
         if settings.top_p is not None:
             kwargs["top_p"] = settings.top_p
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(model, tokenizer)
     with torch.no_grad():
         output = model.generate(inputs, attention_mask=torch.ones_like(inputs), pad_token_id=pad,
-                                eos_token_id=stop_token_ids(model, tokenizer), **kwargs)
-    return tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True).strip()
+                                eos_token_id=stops, **kwargs)
+    new = output[0, inputs.shape[1]:].tolist()
+    finish = "stop" if any(token in stops for token in new) else "length"
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), finish
 

@@ -34,6 +34,7 @@ BRACKETS_PATTERN = re.compile(r"\[\[([^\[\]]*)\]\]")
 SIGNED_NUMBER_PATTERN = re.compile(r"[-+]?\d+(?:\.\d+)?")
 DEFAULT_TIMEOUT_S = 120.0  # the original scripts' request timeout
 DEFAULT_RATING_RANGE = (1.0, 10.0)
+OPENAI_DEFAULT_ENDPOINT = "https://api.openai.com/v1"  # the SDK's default base URL
 
 
 class JudgeConfigError(RuntimeError):
@@ -106,6 +107,7 @@ class Judge:
             raise JudgeConfigError("no judge API key: set OPENAI_API_KEY (for a keyless local "
                                    "OpenAI-compatible server any value works, e.g. OPENAI_API_KEY=EMPTY)")
         base_url = self.base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self.endpoint = base_url or OPENAI_DEFAULT_ENDPOINT  # recorded in summaries
         self._client = OpenAICompatibleClient(base_url, api_key, self.timeout_s, what="judge")
         self._lock = threading.Lock()
         self._cache = {}
@@ -145,7 +147,9 @@ class Judge:
 
         def accept(reply):
             rating = parse_rating(reply.text, low, high)
-            return (rating, None) if rating is not None else (None, f"no [[rating]] in [{low:g}, {high:g}] in the reply")
+            if rating is None:
+                return None, f"no [[rating]] in [{low:g}, {high:g}] in the reply"
+            return rating, None
 
         outcome = call_with_retries(lambda: self._client.chat(self.model, messages, temperature=0),
                                     self.retry, accept, self.sleep, stop)

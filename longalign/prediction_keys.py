@@ -14,10 +14,11 @@ Nothing is regenerated next to the old records and nothing is deleted: the user 
 output (LongBench-Chat's default output folder is named by the settings key, so a changed
 setting never lands in the old folder).
 
-`directory_fingerprint`: sha256 over the top-level files of a model or tokenizer folder that
-define it (`MODEL_FILE_SUFFIXES`: configs, generation config, tokenizer files, chat templates,
-remote code, weights), each hashed whole. A file of the Hugging Face cache (a symlink to a blob
-named by its sha256) is identified by that name without being read.
+`directory_fingerprint`: sha256 over the top-level files of a model folder that define it
+(`MODEL_FILE_SUFFIXES`: configs, generation config, tokenizer files, chat templates, remote code,
+weights), each hashed whole; a tokenizer alone is fingerprinted by `TOKENIZER_FILE_SUFFIXES`.
+A file of the Hugging Face cache (a symlink to a blob named by its sha256) is identified by that
+name without being read; other weights are read once per run to be hashed.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from pathlib import Path
 
 from longalign.storage import append_jsonl, drop_torn_tail, write_json_atomic
 
-MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".py", ".jinja", ".tiktoken",
-                       ".pt", ".pth", ".gguf")
+TOKENIZER_FILE_SUFFIXES = (".json", ".model", ".txt", ".py", ".jinja", ".tiktoken")
+MODEL_FILE_SUFFIXES = TOKENIZER_FILE_SUFFIXES + (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 HASH_CHUNK_BYTES = 1 << 24
 CONTENT_ADDRESS = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")  # git blob sha1 / LFS sha256 names
 SETTINGS_SUFFIX = ".settings.json"
@@ -41,16 +42,15 @@ class PredictionMismatch(ValueError):
     """Stored predictions were made under other settings (or are ambiguous): refused."""
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
+def resolve_model_dir(name_or_path: str, suffixes: tuple = MODEL_FILE_SUFFIXES) -> Path:
     """A local folder for a model path or hub id (a hub id resolves to its snapshot in the HF cache,
-    downloading the files `from_pretrained` would fetch)."""
+    downloading the files with these suffixes, as `from_pretrained` would)."""
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    patterns = [f"*{suffix}" for suffix in MODEL_FILE_SUFFIXES]
-    return Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
+    return Path(snapshot_download(str(name_or_path), allow_patterns=[f"*{suffix}" for suffix in suffixes]))
 
 
 def file_digest(path: Path) -> str:
@@ -66,11 +66,12 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def directory_fingerprint(directory: str | os.PathLike) -> dict:
-    """{"sha256", "files", "bytes"} of the defining files of a model/tokenizer folder (module docstring)."""
+def directory_fingerprint(directory: str | os.PathLike, suffixes: tuple = MODEL_FILE_SUFFIXES) -> dict:
+    """{"sha256", "files", "bytes"} of the defining files of a model folder (or, with
+    TOKENIZER_FILE_SUFFIXES, of the tokenizer in it: weights are then left out)."""
     directory = Path(directory)
     files = sorted(p for p in directory.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix in MODEL_FILE_SUFFIXES)
+                   if p.is_file() and not p.name.startswith(".") and p.suffix in suffixes)
     if not files:
         raise FileNotFoundError(f"{directory} holds no model or tokenizer files")
     digest = hashlib.sha256()
@@ -153,8 +154,9 @@ class PredictionLog:
             if line.strip():
                 record_id = self._check_record(line, f"{self.path}:{number}", prompt_hashes)
                 if record_id in done:
-                    raise PredictionMismatch(f"{self.path}:{number}: duplicate {self.id_field} {record_id!r} (also "
-                                             f"line {lines[record_id]}); one prediction per {self.id_field}: remove one")
+                    raise PredictionMismatch(f"{self.path}:{number}: duplicate {self.id_field} {record_id!r} "
+                                             f"(also line {lines[record_id]}); one prediction per "
+                                             f"{self.id_field}: remove one")
                 done[record_id], lines[record_id] = json.loads(line), number
         return done, torn
 

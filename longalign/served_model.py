@@ -28,7 +28,7 @@ from typing import Callable
 from longalign.chat_formats import AUTO, resolve_chat_format
 from longalign.generation import Candidate, GenerationSettings, load_tokenizer, prepare_prompt
 from longalign.openai_api import APIS, CHAT, OpenAICompatibleClient, RetryPolicy, call_with_retries
-from longalign.prediction_keys import directory_fingerprint, resolve_model_dir
+from longalign.prediction_keys import TOKENIZER_FILE_SUFFIXES, directory_fingerprint, resolve_model_dir
 
 MODEL_API_KEY_ENV = "MODEL_API_KEY"
 KEYLESS_PLACEHOLDER = "EMPTY"  # what vLLM / SGLang accept when started without --api-key
@@ -60,9 +60,9 @@ class ServedModel(Candidate):
         self.retry, self.sleep = retry or RetryPolicy(), sleep
         model_type = None
         if tokenizer:
-            local = resolve_model_dir(tokenizer)
+            local = resolve_model_dir(tokenizer, TOKENIZER_FILE_SUFFIXES)
             self.tokenizer, self.tokenizer_path = load_tokenizer(str(local), trust_remote_code), str(tokenizer)
-            self.tokenizer_fingerprint = directory_fingerprint(local)
+            self.tokenizer_fingerprint = directory_fingerprint(local, TOKENIZER_FILE_SUFFIXES)
             model_type = _model_type(local)
         self.chat_format = resolve_chat_format(chat_format, model_name, self.tokenizer, model_type,
                                                served_chat_api=api == CHAT)

@@ -113,6 +113,7 @@ def test_local_generation_truncates_and_is_seeded(tiny_llama_dir):
     settings = GenerationSettings(max_new_tokens=6, temperature=1.0, seed=42, max_length=40)
     first = model.respond(QUERY, settings)
     assert first["truncated"] and first["kept_query_length"] == 40 and first["truncation_unit"] == TOKENS
+    assert first["finish_reason"] in ("stop", "length")
     assert first["query_length"] == len(encode_text(model.tokenizer, QUERY))
     expected = prepare_prompt(QUERY, model.chat_format, model.tokenizer, 40)
     assert first["prompt_tokens"] == len(encode_prompt(model.tokenizer, expected.text))
