@@ -148,7 +148,8 @@ def check_texts(texts: dict, expected_cases: int | None = OFFICIAL_NUM_CASES) ->
     if cases is not None:
         problems += case_problems(cases, expected_cases)
     if few_shots is not None:
-        problems += few_shot_problems(few_shots, len(cases) if isinstance(cases, list) else OFFICIAL_NUM_CASES)
+        num_cases = len(cases) if isinstance(cases, list) else expected_cases or OFFICIAL_NUM_CASES
+        problems += few_shot_problems(few_shots, num_cases)
     problems += template_problems(texts[TEMPLATE])
     if problems:
         return None, problems
