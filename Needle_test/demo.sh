@@ -25,7 +25,7 @@ final_context_buffer: 100
 save_dir: prompts
 YAML
 cat > "$OUT/config-pred.yaml" <<YAML
-model: {model_name: "$MODEL", family: null, dtype: auto}
+model: {model: "$MODEL", chat_format: null, dtype: auto}
 generation: {max_new_tokens: 32, temperature: 0.1, seed: 42}
 prompt_dir: prompts
 save_file: pred/preds.jsonl

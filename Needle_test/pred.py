@@ -1,69 +1,90 @@
-"""Stage 2: run the model on every test prompt; resumable (finished ids are skipped).
+"""Stage 2: run the model on every test prompt; resumable, keyed by everything that determines an answer.
 
     python Needle_test/pred.py [--config Needle_test/config-pred.yaml] [--model PATH]
+        [--model_base_url URL --model_name NAME [--model_api chat|completions] [--tokenizer PATH]]
+        [--chat_format auto|chatglm|llama|chat_template] [--trust_remote_code]
         [--prompt_dir DIR] [--save_file FILE] [--max_new_tokens N]
 
-Appends one JSON line per prompt to save_file as it finishes; writes <save_file>.stats.json.
+Reads the prompt set that prompt.py wrote (manifest.json). Appends one JSON line per prompt to
+save_file as it finishes, with <save_file>.settings.json beside it (model and its fingerprint,
+tokenizer, chat format, generation parameters, the prompt set's sha256): a rerun under any other
+setting — a regenerated prompt set included — is refused, never mixed. Writes <save_file>.stats.json.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 
-from needle import load_config, resolve
-from longalign.storage import append_jsonl, drop_torn_tail, read_jsonl, write_json_atomic
+from longalign.needle_test.needle import load_config, resolve
+from longalign.needle_test.prompt_set import read_prompt_set
+from longalign.candidates import add_candidate_arguments, candidate_options, open_candidate, predict_all
+from longalign.generation import GenerationSettings, default_top_p
+from longalign.openai_api import AuthenticationFailed
+from longalign.prediction_keys import PredictionLog, prompt_sha256
+from longalign.storage import write_json_atomic
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-pred.yaml"
+SUITE = "needle"
+ORIGINAL_TEMPERATURE = 0.1  # the original needle scripts' sampling settings
+ORIGINAL_MAX_NEW_TOKENS = 1024
+ORIGINAL_SEED = 42
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
-    p.add_argument("--model", default=None, help="overrides model.model_name")
+    add_candidate_arguments(p)
     p.add_argument("--prompt_dir", default=None)
     p.add_argument("--save_file", default=None)
     p.add_argument("--max_new_tokens", type=int, default=None)
     return p.parse_args(argv)
 
 
-def load_prompts(prompt_dir: Path) -> list[dict]:
-    files = sorted(f for f in prompt_dir.glob("len*_depth*.json"))
-    if not files:
-        raise FileNotFoundError(f"no prompt files in {prompt_dir}; run Needle_test/prompt.py first")
-    return [json.loads(f.read_text(encoding="utf-8")) for f in files]
+def model_defaults(config: dict, served_by_flag: bool) -> dict:
+    """The config's model section as candidate options (the original's keys `model_name` for a local
+    model and `family` are still read)."""
+    section = dict(config.get("model") or {})
+    if "family" in section:
+        section.setdefault("chat_format", section.pop("family"))
+    served = served_by_flag or bool(section.get("model_base_url"))
+    if not served and "model" not in section and "model_name" in section:
+        section["model"] = section.pop("model_name")
+    return section
 
 
 def main(argv=None) -> dict:
-    from longalign import generation
-
     args = parse_args(argv)
     config = load_config(args.config)
-    model_cfg, gen_cfg = config["model"], config.get("generation", {})
+    gen_cfg = config.get("generation", {})
     prompt_dir = Path(args.prompt_dir) if args.prompt_dir else resolve(config, config["prompt_dir"])
     save_file = Path(args.save_file) if args.save_file else resolve(config, config["save_file"])
-    prompts = load_prompts(prompt_dir)
-    torn = drop_torn_tail(save_file)
-    done = {r["id"] for r in read_jsonl(save_file)}
-    todo = [p for p in prompts if p["id"] not in done]
-    stats = {"prompts": len(prompts), "already_done": len(done & {p["id"] for p in prompts}),
-             "predicted_now": 0, "torn_bytes_dropped": torn}
-    print(f"[pred] {stats['already_done']} of {len(prompts)} prompts already predicted; {len(todo)} to go")
-    if todo:
-        model_name = args.model or model_cfg["model_name"]
-        model, tokenizer, family = generation.load_model_and_tokenizer(
-            model_name, model_cfg.get("family"), model_cfg.get("dtype", "auto"))
-        settings = generation.GenerationSettings(
-            max_new_tokens=args.max_new_tokens or int(gen_cfg.get("max_new_tokens", 1024)),
-            temperature=float(gen_cfg.get("temperature", 0.1)), seed=int(gen_cfg.get("seed", 42)))
-        for prompt in todo:
-            result = generation.generate_response(model, tokenizer, family, prompt["prompt"], settings)
-            append_jsonl(save_file, {"id": prompt["id"], "context_length": prompt["context_length"],
-                                     "depth_percent": prompt["depth_percent"], "model": model_name, **result})
-            stats["predicted_now"] += 1
-            print(f"[pred] {prompt['id']}: {result['response'][:80]!r}", flush=True)
+    manifest, prompts = read_prompt_set(prompt_dir)
+    options = candidate_options(args, model_defaults(config, bool(args.model_base_url)))
+    candidate = open_candidate(options)
+    top_p = gen_cfg.get("top_p")
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens or int(gen_cfg.get("max_new_tokens", ORIGINAL_MAX_NEW_TOKENS)),
+        temperature=float(gen_cfg.get("temperature", ORIGINAL_TEMPERATURE)),
+        seed=int(gen_cfg.get("seed", ORIGINAL_SEED)),
+        top_p=float(top_p) if top_p is not None else default_top_p(candidate.chat_format))
+    record = {"suite": SUITE, "prompt_set_sha256": manifest["prompt_set_sha256"], **candidate.settings_record(settings)}
+    log = PredictionLog(save_file, record, id_field="id",
+                        advice="pass another --save_file (or save_file in the config), or move "
+                               f"{save_file} and its .settings.json away yourself")
+    hashes = {p["id"]: prompt_sha256(p["prompt"]) for p in prompts}
+    done, torn = log.load(hashes)
+    todo = [(p["id"], p["prompt"], hashes[p["id"]]) for p in prompts if p["id"] not in done]
+    stats = {"prompts": len(prompts), "already_done": len(done), "torn_bytes_dropped": torn,
+             "settings_key": log.key, "prompt_set_sha256": manifest["prompt_set_sha256"]}
+    print(f"[pred] {options.label}: chat format {candidate.chat_format.name}; {len(done)} of {len(prompts)} "
+          f"prompts already predicted; {len(todo)} to go")
+    by_id = {p["id"]: p for p in prompts}
+    stats.update(predict_all(candidate, log, todo, settings, options.model_concurrency,
+                             extra=lambda i: {"context_length": by_id[i]["context_length"],
+                                              "depth_percent": by_id[i]["depth_percent"], "model": options.label},
+                             tag="pred"))
     write_json_atomic(save_file.with_name(save_file.name + ".stats.json"), stats)
     print(f"[pred] {stats}")
     return stats
@@ -72,5 +93,5 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except FileNotFoundError as err:  # bad input: the message says what to do
+    except (FileNotFoundError, ValueError, AuthenticationFailed) as err:  # the message says what to do
         sys.exit(f"[pred] ERROR: {err}")

@@ -1,9 +1,12 @@
 """Stage 1: write one test prompt per (context length, depth) with the model's own tokenizer.
 
     python Needle_test/prompt.py [--config Needle_test/config-prompt.yaml]
-        [--haystack_dir DIR] [--tokenizer PATH] [--save_dir DIR]
+        [--haystack_dir DIR] [--tokenizer PATH] [--save_dir DIR] [--trust_remote_code]
 
-Writes <save_dir>/<id>.json (id = len{L}_depth{d}) and <save_dir>/stats.json.
+Replaces <save_dir> as a unit (Needle_test/prompt_set.py): <id>.json per prompt (id =
+len{L}_depth{d}), stats.json and manifest.json (every id with the sha256 of its prompt). A
+save_dir that prompt.py did not write is refused. A tokenizer folder with its own code (ChatGLM)
+loads only with --trust_remote_code (or tokenizer.trust_remote_code: true in the config).
 """
 from __future__ import annotations
 
@@ -12,9 +15,11 @@ import sys
 from pathlib import Path
 
 
-from needle import (context_lengths, depth_percents, haystack_ids, load_config,
+from longalign.needle_test.needle import (context_lengths, depth_percents, haystack_ids, load_config,
                                 make_prompt, read_haystack, resolve, sentence_end_patterns)
-from longalign.storage import write_json_atomic
+from longalign.needle_test.prompt_set import write_prompt_set
+from longalign.generation import load_tokenizer
+from longalign.prediction_keys import TOKENIZER_FILE_SUFFIXES, directory_fingerprint, resolve_model_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-prompt.yaml"
 
@@ -25,18 +30,21 @@ def parse_args(argv=None):
     p.add_argument("--haystack_dir", default=None, help="overrides prompt.haystack_dir")
     p.add_argument("--tokenizer", default=None, help="overrides tokenizer.model_name")
     p.add_argument("--save_dir", default=None, help="overrides save_dir")
+    p.add_argument("--trust_remote_code", action="store_true", default=None,
+                   help="allow the tokenizer folder's own Python code to run (ChatGLM needs it)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
-    from transformers import AutoTokenizer
-
     args = parse_args(argv)
     config = load_config(args.config)
-    haystack_dir = Path(args.haystack_dir) if args.haystack_dir else resolve(config, config["prompt"].get("haystack_dir"))
+    haystack_dir = (Path(args.haystack_dir) if args.haystack_dir
+                    else resolve(config, config["prompt"].get("haystack_dir")))
     save_dir = Path(args.save_dir) if args.save_dir else resolve(config, config["save_dir"])
     tokenizer_name = args.tokenizer or config["tokenizer"]["model_name"]
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, trust_remote_code=True)
+    trust = args.trust_remote_code or bool(config["tokenizer"].get("trust_remote_code", False))
+    tokenizer_dir = resolve_model_dir(tokenizer_name, TOKENIZER_FILE_SUFFIXES)
+    tokenizer = load_tokenizer(str(tokenizer_dir), trust)
     lengths, depths = context_lengths(config["context"]), depth_percents(config["document_depth"])
     buffer = int(config["final_context_buffer"])
     ends = sentence_end_patterns(tokenizer)
@@ -46,18 +54,23 @@ def main(argv=None) -> dict:
              "context_lengths": lengths, "depth_percents": depths, "buffer": buffer,
              "period_token_ids": sorted(ends.ids), "period_token_sequences": [list(s) for s in ends.sequences],
              "written": 0, "needle_without_sentence_end": 0, "over_length": 0}
+    records = []
     for length in lengths:
         for depth in depths:
             record = make_prompt(tokenizer, hay, needle, question, length, depth, buffer, ends)
             record["tokenizer"] = tokenizer_name
-            write_json_atomic(save_dir / f"{record['id']}.json", record)
+            records.append(record)
             stats["written"] += 1
             stats["needle_without_sentence_end"] += int(not record["needle_at_sentence_end"])
             stats["over_length"] += int(record["prompt_tokens"] > length)
-    write_json_atomic(save_dir / "stats.json", stats)
-    print(f"[prompt] {stats['written']} prompts ({len(lengths)} lengths x {len(depths)} depths) in {save_dir}; "
-          f"needle without sentence end: {stats['needle_without_sentence_end']}, "
-          f"prompts over their length: {stats['over_length']}")
+    made_with = {"needle": needle, "retrieval_question": question, "context_lengths": lengths,
+                 "depth_percents": depths, "buffer": buffer, "tokenizer": tokenizer_name,
+                 "tokenizer_fingerprint": directory_fingerprint(tokenizer_dir, TOKENIZER_FILE_SUFFIXES)}
+    manifest = write_prompt_set(save_dir, records, stats, made_with)
+    stats["prompt_set_sha256"] = manifest["prompt_set_sha256"]
+    print(f"[prompt] {stats['written']} prompts ({len(lengths)} lengths x {len(depths)} depths) in {save_dir} "
+          f"(set {manifest['prompt_set_sha256'][:12]}, replaced as a unit); needle without sentence end: "
+          f"{stats['needle_without_sentence_end']}, prompts over their length: {stats['over_length']}")
     return stats
 
 

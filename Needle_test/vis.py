@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 
-from needle import load_config, resolve
+from longalign.needle_test.needle import load_config, resolve
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-eval.yaml"
 SCORE_RANGE = (1, 10)

@@ -1,7 +1,7 @@
 """Shared fixtures: a tokenizer trained on the spot (no downloads in tests).
 
 The project is an installed package (`pip install -e .`); the repository root (train.py,
-pre_tokenize.py, ...) and the script folders (bench/, Needle_test/, LongBench_Chat/, whose scripts
+pre_tokenize.py, the script folders Needle_test/ and LongBench_Chat/) and bench/ (whose scripts
 import their sibling modules as a script run does) are put on the path for the tests that import them.
 """
 import sys
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-for _path in (REPO, REPO / "bench", REPO / "Needle_test", REPO / "LongBench_Chat"):
+for _path in (REPO, REPO / "bench"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 

@@ -11,9 +11,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import bench_batching as bb  # noqa: E402
-from bench import simulate_schedule as sim  # noqa: E402
-from longalign.constants import IGNORE_INDEX  # noqa: E402
+from bench import bench_batching as bb
+from bench import simulate_schedule as sim
+from longalign.constants import IGNORE_INDEX
 
 
 def test_synthetic_mix_is_seeded_and_in_range():

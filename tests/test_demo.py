@@ -11,7 +11,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from longalign.tiny_model import STATS_FILE, TinyShape, main as tiny_model_main, save_tiny_model  # noqa: E402
+from longalign.tiny_model import STATS_FILE, TinyShape, main as tiny_model_main, save_tiny_model
 
 TEST_STEPS = 20  # ~1/4 of the demo's default: enough for a clear fall from the random-init loss
 LOG_STEPS = 5

@@ -1,5 +1,6 @@
 """Needle_test/: exact context lengths, depth and sentence-boundary placement with two different
-tokenizers, resumable pred, match scorer, judge on a loopback server, heatmap PNG."""
+tokenizers, prompt sets replaced as a unit, keyed and resumable pred, match scorer, judge on a loopback
+server (malformed replies, timeouts, a refused key), heatmap PNG."""
 import json
 from pathlib import Path
 
@@ -8,9 +9,13 @@ import yaml
 
 from fake_openai_server import FakeOpenAIServer
 from Needle_test import eval as needle_eval, pred as needle_pred, prompt as needle_prompt, vis as needle_vis
-from Needle_test.needle import (build_context, context_lengths, depth_percents, encode, haystack_ids,
+from longalign.needle_test.needle import (build_context, context_lengths, depth_percents, encode, haystack_ids,
                                 read_haystack, sentence_end_patterns)
-from Needle_test.scoring import match_score
+from longalign.needle_test.prompt_set import PromptSetError
+from longalign.needle_test.scoring import JUDGE_PROMPT_SHA256, match_score
+from longalign.generation import RemoteCodeRequired
+from longalign.openai_api import AuthenticationFailed
+from longalign.prediction_keys import PredictionLog, PredictionMismatch, prompt_sha256
 from longalign.storage import read_jsonl
 from tiny_llama import save_tiny_llama
 
@@ -122,44 +127,106 @@ def test_prompt_files_fit_their_length(tmp_path, tiny_tokenizer_dir, tiny_tokeni
     stats = needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir)])
     files = sorted((tmp_path / "prompts").glob("len*.json"))
     assert stats["written"] == len(files) == 6 and stats["over_length"] == 0
+    manifest = json.loads((tmp_path / "prompts" / "manifest.json").read_text())
+    assert sorted(manifest["prompts"]) == sorted(f.stem for f in files)
+    assert manifest["prompt_set_sha256"] == stats["prompt_set_sha256"]
     for f in files:
         record = json.loads(f.read_text())
         assert record["context_tokens"] == record["context_length"] - 40
         assert record["context_length"] - 40 < record["prompt_tokens"] <= record["context_length"]
         assert len(encode(tiny_tokenizer, record["prompt"])) == record["prompt_tokens"]
         assert NEEDLE.strip() in record["prompt"] and record["prompt"].endswith(QUESTION)
+        assert manifest["prompts"][f.stem] == prompt_sha256(record["prompt"])
     with pytest.raises(FileNotFoundError, match="haystack"):
         needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, tmp_path / "none")])
 
 
+def test_prompt_folder_is_replaced_as_a_unit(tmp_path, tiny_tokenizer_dir, haystack_dir):
+    """The audit: regenerating with new lengths left the old prompt files beside the new ones."""
+    needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (300, 600))])
+    needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,), (50,))])
+    assert sorted(p.name for p in (tmp_path / "prompts").iterdir()) == [
+        "len200_depth50.00.json", "manifest.json", "stats.json"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(PromptSetError, match="not written by prompt.py"):
+        needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,)),
+                            "--save_dir", str(foreign)])
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_remote_code_tokenizer_needs_the_flag(tmp_path, tiny_tokenizer_dir, haystack_dir):
+    import shutil
+
+    tok = tmp_path / "remote_tok"
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    (tok / "tokenization_rtok.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\nclass RTokTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="RTokTokenizer", auto_map={"AutoTokenizer": [None, "tokenization_rtok.RTokTokenizer"]})
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    argv = ["--config", prompt_config(tmp_path, str(tok), haystack_dir, (200,), (50,))]
+    with pytest.raises(RemoteCodeRequired, match="pass --trust_remote_code"):
+        needle_prompt.main(argv)
+    assert needle_prompt.main(argv + ["--trust_remote_code"])["written"] == 1
+
+
+def pred_config(tmp_path, model_dir, temperature=0.1, save_file="pred/preds.jsonl"):
+    return write_config(tmp_path / "config-pred.yaml", {
+        "model": {"model": model_dir}, "generation": {"max_new_tokens": 3, "temperature": temperature},
+        "prompt_dir": "prompts", "save_file": save_file})
+
+
 def test_pred_is_resumable(tmp_path, tiny_tokenizer_dir, tiny_llama_dir, haystack_dir, monkeypatch):
-    import longalign.generation as generation
+    from longalign.generation import LocalModel
 
     needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,), (0, 50, 100))])
-    config = write_config(tmp_path / "config-pred.yaml", {
-        "model": {"model_name": tiny_llama_dir}, "generation": {"max_new_tokens": 3, "temperature": 0.1},
-        "prompt_dir": "prompts", "save_file": "pred/preds.jsonl"})
-    real = generation.generate_response
-    calls = []
+    config = pred_config(tmp_path, tiny_llama_dir)
+    real, calls = LocalModel.respond, []
 
-    def crash_on_second(*args, **kwargs):
+    def crash_on_second(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("killed")
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(generation, "generate_response", crash_on_second)
+    monkeypatch.setattr(LocalModel, "respond", crash_on_second)
     with pytest.raises(RuntimeError, match="killed"):
         needle_pred.main(["--config", config])
     first = read_jsonl(tmp_path / "pred" / "preds.jsonl")
     assert len(first) == 1
-    monkeypatch.setattr(generation, "generate_response", real)
+    monkeypatch.setattr(LocalModel, "respond", real)
     stats = needle_pred.main(["--config", config])
     assert (stats["already_done"], stats["predicted_now"]) == (1, 2)
     records = read_jsonl(tmp_path / "pred" / "preds.jsonl")
     assert records[0] == first[0] and sorted(r["id"] for r in records) == sorted(
         ["len200_depth0.00", "len200_depth50.00", "len200_depth100.00"])
     assert needle_pred.main(["--config", config])["predicted_now"] == 0
+    # the original config's keys (model_name for a local model, family) still work
+    legacy = write_config(tmp_path / "legacy.yaml", {"model": {"model_name": tiny_llama_dir, "family": None},
+                                                     "generation": {"max_new_tokens": 3, "temperature": 0.1},
+                                                     "prompt_dir": "prompts", "save_file": "pred/preds.jsonl"})
+    assert needle_pred.main(["--config", legacy])["already_done"] == 3
+
+
+def test_pred_refuses_stale_predictions(tmp_path, tiny_tokenizer_dir, tiny_llama_dir, haystack_dir):
+    """The audit: a new needle or new lengths reused the old predictions."""
+    needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,), (50,))])
+    needle_pred.main(["--config", pred_config(tmp_path, tiny_llama_dir)])
+    before = (tmp_path / "pred" / "preds.jsonl").read_text()
+    with pytest.raises(PredictionMismatch, match="generation.temperature: 0.1 -> 0.5"):
+        needle_pred.main(["--config", pred_config(tmp_path, tiny_llama_dir, temperature=0.5)])
+    with pytest.raises(PredictionMismatch, match="chat_format"):
+        needle_pred.main(["--config", pred_config(tmp_path, tiny_llama_dir), "--chat_format", "chatglm"])
+    config = yaml.safe_load(Path(prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,), (50,))).read_text())
+    config["prompt"]["needle"] = "\nThe secret word is pineapple.\n"
+    needle_prompt.main(["--config", write_config(tmp_path / "config-prompt.yaml", config)])
+    with pytest.raises(PredictionMismatch, match="prompt_set_sha256"):
+        needle_pred.main(["--config", pred_config(tmp_path, tiny_llama_dir)])
+    assert (tmp_path / "pred" / "preds.jsonl").read_text() == before
+    fresh = needle_pred.main(["--config", pred_config(tmp_path, tiny_llama_dir, save_file="pred/new.jsonl")])
+    assert fresh["predicted_now"] == 1
 
 
 def test_match_scorer_on_known_answers():
@@ -171,17 +238,23 @@ def test_match_scorer_on_known_answers():
         match_score("anything", [])
 
 
-def write_predictions(path, answers):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"id": f"len{length}_depth{depth:.2f}", "context_length": length, "depth_percent": depth,
-                         "response": answer}) for (length, depth), answer in answers.items()]
-    path.write_text("\n".join(lines) + "\n")
+SETTINGS = {"suite": "needle", "prompt_set_sha256": "ab" * 32, "chat_format": {"name": "llama"},
+            "candidate": {"kind": "local", "model": "/models/test"}}
 
 
-def eval_config(tmp_path, scorer):
+def write_predictions(path, answers, duplicate=None):
+    """Predictions as pred.py writes them (settings beside them), optionally one id twice."""
+    log = PredictionLog(path, SETTINGS, id_field="id", advice="test")
+    items = list(answers.items()) + ([duplicate] if duplicate else [])
+    for (length, depth), answer in items:
+        log.append(f"len{length}_depth{depth:.2f}", prompt_sha256(answer), {
+            "context_length": length, "depth_percent": depth, "response": answer})
+
+
+def eval_config(tmp_path, scorer, **judge):
     return write_config(tmp_path / "config-eval.yaml", {
         "pred_file": "pred/preds.jsonl", "save_dir": "results", "scorer": scorer,
-        "judge": {"model_name": "judge-x", "concurrency": 2, "backoff_s": 0},
+        "judge": {"model_name": "judge-x", "concurrency": 2, "backoff_s": 0, **judge},
         "prompt": {"needle": NEEDLE, "retrieval_question": QUESTION}, "key_facts": FACTS})
 
 
@@ -193,23 +266,53 @@ def test_eval_match_and_heatmap(tmp_path):
     write_predictions(tmp_path / "pred" / "preds.jsonl", ANSWERS)
     summary = needle_eval.main(["--config", eval_config(tmp_path, "match")])
     assert summary["mean_score"] == pytest.approx((10 + 4 + 1 + 7) / 4) and summary["missing"] == 0
+    assert (summary["model"], summary["prompt_set_sha256"], summary["judge_model"]) == ("/models/test", "ab" * 32, None)
     out = needle_vis.main(["--config", str(tmp_path / "config-eval.yaml"), "--scorer", "match"])
     assert out == tmp_path / "results" / "heatmap_match.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+
+
+def test_eval_refuses_duplicates_and_unkeyed_predictions(tmp_path):
+    """The audit: a duplicate id paired a score with the wrong answer under concurrency."""
+    write_predictions(tmp_path / "pred" / "preds.jsonl", ANSWERS, duplicate=((100, 0.0), "ANS-Z other answer"))
+    with pytest.raises(PredictionMismatch, match="duplicate id 'len100_depth0.00'"):
+        needle_eval.main(["--config", eval_config(tmp_path, "match")])
+    (tmp_path / "pred" / "preds.jsonl.settings.json").unlink()
+    with pytest.raises(PredictionMismatch, match="no preds.jsonl.settings.json"):
+        needle_eval.main(["--config", eval_config(tmp_path, "match")])
 
 
 def test_eval_judge_on_loopback_server(tmp_path, monkeypatch):
     write_predictions(tmp_path / "pred" / "preds.jsonl", ANSWERS)
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     rules = [("ANS-A", [{"status": 200, "content": "Accurate. [[10]]"}]),
-             ("ANS-B", [{"status": 429}, {"status": 200, "content": "[[5]]"}]),
-             ("ANS-C", [{"status": 500}, {"status": 200, "content": "Unrelated. [[1]]"}]),
-             ("ANS-D", [{"status": 200, "content": "cannot say"}])]
+             ("ANS-B", [{"status": 429, "retry_after": "90"}, {"status": 200, "content": "[[5]]"}]),
+             ("ANS-C", [{"body": "{truncated", "content_type": "application/json"},
+                        {"status": 200, "content": "Unrelated. [[1]]"}]),
+             ("ANS-D", [{"status": 200, "content": "like \"Rating: [[5]]\"; mine: [[-1]]"}])]
     with FakeOpenAIServer(rules) as server:
-        summary = needle_eval.main(["--config", eval_config(tmp_path, "judge"), "--judge_base_url", server.base_url])
+        summary = needle_eval.main(["--config", eval_config(tmp_path, "judge", max_backoff_s=0.01),
+                                    "--judge_base_url", server.base_url])
         user = next(r for r in server.requests if "ANS-A" in r["messages"][-1]["content"])["messages"][-1]["content"]
     assert summary["mean_score"] == pytest.approx((10 + 5 + 1) / 3) and summary["missing"] == 1
+    assert (summary["judge_model"], summary["runs"], summary["judge_prompt_sha256"]) == ("judge-x", 1, JUDGE_PROMPT_SHA256)
     assert NEEDLE.strip() in user and QUESTION in user and "Score 10" in user
     results = json.loads((tmp_path / "results" / "results_judge.json").read_text())
     assert results["len200_depth50.00"]["score"] is None and "no [[rating]]" in results["len200_depth50.00"]["error"]
+    assert results["len100_depth50.00"]["prediction"] == "ANS-B Dolores Park"  # each score with its own answer
     assert needle_vis.main(["--config", str(tmp_path / "config-eval.yaml")]).is_file()
+
+
+def test_eval_judge_timeout_flag_and_refused_key(tmp_path, monkeypatch):
+    write_predictions(tmp_path / "pred" / "preds.jsonl", ANSWERS)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAIServer([("ANS-A", [{"status": 200, "content": "[[9]]", "delay_s": 5}])],
+                          default={"status": 200, "content": "[[2]]"}) as server:
+        summary = needle_eval.main(["--config", eval_config(tmp_path, "judge"), "--judge_base_url", server.base_url,
+                                    "--judge_timeout_s", "0.3", "--judge_max_attempts", "1"])
+    assert (summary["scored"], summary["missing"], summary["mean_score"]) == (3, 1, 2.0)
+    with FakeOpenAIServer([], default={"status": 403, "delay_s": 0.1}) as server:
+        with pytest.raises(AuthenticationFailed):
+            needle_eval.main(["--config", eval_config(tmp_path, "judge", concurrency=1),
+                              "--save_dir", str(tmp_path / "other"), "--judge_base_url", server.base_url])
+        assert len(server.requests) == 1

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402
+import train
 
 SCRIPTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if p.name != "demo.sh" and not p.name.startswith("_"))
 PAPER = {"learning_rate": 2e-5, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "adam_beta1": 0.9,

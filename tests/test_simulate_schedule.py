@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import simulate_schedule as sim  # noqa: E402
+from bench import simulate_schedule as sim
 
 # t = 1 + l + 0.5 l^2 for one sequence alone: l=4 -> 13, 3 -> 8.5, 2 -> 5, 1 -> 2.5
 MODEL = sim.CostModel(c0=1.0, c1=1.0, c2=0.5, c_opt=0.25)

@@ -16,14 +16,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402
-from longalign.constants import IGNORE_INDEX as X  # noqa: E402
-from longalign.modeling.checkpoints import make_self_describing  # noqa: E402
-from longalign.modeling.configuration_chatglm import ChatGLMConfig  # noqa: E402
-from longalign.modeling.loading import load_training_model  # noqa: E402
-from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration  # noqa: E402
-from longalign.trainer import check_data_parallel_layout, resolve_loss_reduction  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import train
+from longalign.constants import IGNORE_INDEX as X
+from longalign.modeling.checkpoints import make_self_describing
+from longalign.modeling.configuration_chatglm import ChatGLMConfig
+from longalign.modeling.loading import load_training_model
+from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
+from longalign.trainer import check_data_parallel_layout, resolve_loss_reduction
+from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
 PATTERN = [5, 6, 7, 8]

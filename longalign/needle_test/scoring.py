@@ -5,9 +5,10 @@ The judge prompt follows the needle test's accuracy rubric (1 unrelated ... 10 f
 """
 from __future__ import annotations
 
+import hashlib
 import re
 
-from longalign.judge import judgement_key, text_hash
+from longalign.judge import judgement_key, messages_hash
 
 JUDGE_SYSTEM = "You are a helpful assistant."
 RUBRIC = (
@@ -27,6 +28,9 @@ JUDGE_TEMPLATE = (
     "[The Start of Assistant's Answer]\n{prediction}\n[The End of Assistant's Answer]"
 )
 MIN_SCORE, MAX_SCORE = 1.0, 10.0
+JUDGE_RUNS = 1  # one judgement per prediction, as the original
+# identifies the judge prompt in summaries (the needle suite's counterpart of prompt_fs.txt's hash)
+JUDGE_PROMPT_SHA256 = hashlib.sha256("\0".join((JUDGE_SYSTEM, JUDGE_TEMPLATE, RUBRIC)).encode("utf-8")).hexdigest()
 
 
 def judge_messages(needle: str, question: str, prediction: str) -> list[dict]:
@@ -34,8 +38,9 @@ def judge_messages(needle: str, question: str, prediction: str) -> list[dict]:
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
-def judge_key(prediction_id: str, prediction: str, judge_model: str) -> str:
-    return judgement_key("needle", prediction_id, text_hash(prediction), judge_model)
+def judge_key(prediction_id: str, messages: list[dict], judge_model: str) -> str:
+    """Cache key of one judgement: the prediction id, the exact messages and the judge model."""
+    return judgement_key("needle", prediction_id, messages_hash(messages), judge_model)
 
 
 def normalize(text: str) -> str:
