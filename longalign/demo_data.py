@@ -187,7 +187,7 @@ def write_demo_data(out_dir: str | Path, seed: int = DEFAULT_SEED, num_long: int
 
     rng = random.Random(seed)
     long_rows, short_rows = generate_long(rng, num_long), generate_short(rng, num_short)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, stage="demo_data", overwrite=True) as tmp:  # --out is replaced whole
         for name, rows in (("long.jsonl", long_rows), ("sharegpt.jsonl", short_rows)):
             with open(tmp / name, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

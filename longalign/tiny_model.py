@@ -90,7 +90,7 @@ def save_tiny_model(family: str, tokenizer_dir: str | Path, out_dir: str | Path,
     model = build_model(family, len(tokenizer), ids, shape)
     stats = {"family": family, "tokenizer": str(tokenizer_dir), "vocab_size": len(tokenizer), "seed": seed,
              "parameters": sum(p.numel() for p in model.parameters()), **ids, **asdict(shape)}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, stage="tiny_model", overwrite=True) as tmp:  # --out is replaced whole
         model.save_pretrained(str(tmp))
         make_self_describing(tmp, family)
         for path in Path(tokenizer_dir).iterdir():
