@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_proc", type=int, default=min(os.cpu_count() or 1, 8))
     parser.add_argument("--output_dir", default=None, help="default data/<model>/<datanum>")
     parser.add_argument("--strict", action="store_true", help="stop at the first invalid input row")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="replace a previous pre_tokenize output even if other files were put in it "
+                             "(never an unrelated folder, a file, or a folder holding the inputs)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow a tokenizer that ships Python code (ChatGLM3's); read that code first")
     return parser
 
 
@@ -57,11 +62,17 @@ def main(argv=None) -> None:
         num_proc=args.num_proc,
         output_dir=args.output_dir or os.path.join("data", args.model, args.datanum),
         strict=args.strict,
+        overwrite_output_dir=args.overwrite_output_dir,
+        trust_remote_code=args.trust_remote_code,
     )
     stats = run_pretokenize(config)
     if stats["total"]["skipped_invalid"]:
         print(f"warning: {stats['total']['skipped_invalid']} invalid input rows skipped; line numbers and "
               f"reasons in {os.path.join(config.output_dir, stats['invalid_report'])}", file=sys.stderr)
+    for name, source in stats["sources"].items():
+        if source["byte_order_marks_removed"]:
+            print(f"warning: {source['origin']}:1: a UTF-8 byte-order mark started the {name} file; "
+                  "removed (counted in stats.json)", file=sys.stderr)
     long = stats["sources"]["long"]
     if long["available"] is not None and long["available"] < config.datanum:
         print(f"warning: --datanum {args.datanum} asked for {config.datanum} long rows; "

@@ -5,6 +5,13 @@ Input rows (JSONL lines, or rows of the HF dataset THUDM/LongAlign-10k) look lik
 A valid row becomes a list of complete `(user, assistant)` rounds; a bad row becomes an
 `InvalidRow` carrying its 1-based line number and a reason, so the caller can count and report
 it (or stop at it with --strict). Nothing is dropped without being counted.
+
+Two encodings problems legal in JSON are handled here, before any tokenizer sees the text:
+- a lone UTF-16 surrogate escape (`"\\ud800"` without its pair) decodes to a str no UTF-8
+  encoder (or tokenizer) accepts: the row is invalid (`lone_surrogate`), counted with its line;
+- a UTF-8 byte-order mark at the start of a file would make its first line malformed JSON: it
+  is removed and counted (`SourceRows.byte_order_mark`); under --strict both stop the run,
+  naming file and line.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from longalign.constants import ZERO_WIDTH_CHARS
 USER, ASSISTANT = "user", "assistant"
 _ZERO_WIDTH_TABLE = str.maketrans({ch: None for ch in ZERO_WIDTH_CHARS})
 _DATANUM_PATTERN = re.compile(r"^\s*(\d+)\s*([kK]?)\s*$")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # only a lone \\uXXXX escape leaves one in a str
+UTF8_BOM = b"\xef\xbb\xbf"
 
 # Kinds of bad rows (keys of the `skipped_invalid_by_kind` counts).
 MALFORMED_JSON = "malformed_json"
@@ -29,6 +38,7 @@ BAD_MESSAGES = "bad_messages"  # not a list, empty, or an item that is not an ob
 UNKNOWN_ROLE = "unknown_role"
 WRONG_ROLE_ORDER = "wrong_role_order"
 NON_STRING_CONTENT = "non_string_content"
+LONE_SURROGATE = "lone_surrogate"
 
 
 class InvalidInputError(ValueError):
@@ -64,6 +74,7 @@ class SourceRows:
     rows: list[Conversation | InvalidRow] = field(default_factory=list)
     blank_lines: int = 0
     available: int | None = None  # rows in the source when known (None: reading stopped early)
+    byte_order_mark: bool = False  # a UTF-8 BOM started the file (removed before line 1 was parsed)
 
 
 def parse_datanum(text: str) -> int:
@@ -95,6 +106,12 @@ def _check_message(index: int, message: Any) -> InvalidRow | None:
     if not isinstance(content, str):
         return InvalidRow(0, NON_STRING_CONTENT,
                           f"messages[{index}].content is {type(content).__name__}, not a string")
+    surrogate = _SURROGATE.search(content)
+    if surrogate is not None:
+        return InvalidRow(0, LONE_SURROGATE,
+                          f"messages[{index}].content has a lone UTF-16 surrogate "
+                          f"\\u{ord(surrogate.group()):04x} at character {surrogate.start()}: not text "
+                          "a tokenizer can encode")
     return None
 
 
@@ -156,12 +173,22 @@ def read_jsonl(path: str | Path, limit: int | None = None, strict: bool = False)
         for line_no, raw in enumerate(f, start=1):
             if limit is not None and len(source.rows) >= limit:
                 return source
+            if line_no == 1 and raw.startswith(UTF8_BOM):
+                raw = _drop_byte_order_mark(source, raw, strict)
             if not raw.strip():
                 source.blank_lines += 1
                 continue
             _keep(source, parse_line(raw, line_no), strict)
     source.available = len(source.rows)
     return source
+
+
+def _drop_byte_order_mark(source: SourceRows, raw: bytes, strict: bool) -> bytes:
+    if strict:
+        raise InvalidInputError(f"{source.origin}:1: the file starts with a UTF-8 byte-order mark "
+                                "(--strict; drop --strict to remove it and count it)")
+    source.byte_order_mark = True
+    return raw[len(UTF8_BOM):]
 
 
 def read_rows(rows: Iterable[Any], origin: str, total: int | None = None,

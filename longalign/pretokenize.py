@@ -20,11 +20,12 @@ import numpy as np
 
 from longalign.constants import DEFAULT_LONG_JSONL, LONGALIGN_HF_DATASET, TOKEN_COLUMNS
 from longalign.conversations import Conversation, InvalidRow, SourceRows, read_jsonl, read_rows
-from longalign.storage import atomic_dir, write_json_atomic
+from longalign.storage import atomic_dir, check_output_dir, write_json_atomic
 from longalign.tokenization import (KEPT, SKIPPED_NO_TARGET, SKIPPED_TOO_LONG, TRUNCATED,
                                     ConversationTokenizer, TokenizedExample, load_tokenizer,
                                     tokenize_all)
 
+STAGE = "pre_tokenize"  # the writer named in the output folder's marker (longalign.storage)
 INVALID_REPORT = "invalid_rows.jsonl"
 STATS_FILE = "stats.json"
 DATA_HELP = "see data/README.md for how to obtain LongAlign-10k and ShareGPT in the messages format"
@@ -43,6 +44,8 @@ class PretokenizeConfig:
     output_dir: str
     strict: bool = False
     batch_size: int = 64  # conversations per batched tokenizer call / per pool task
+    overwrite_output_dir: bool = False  # replace a previous output that holds other files too
+    trust_remote_code: bool = False  # allow a tokenizer that ships Python code (ChatGLM3's)
 
 
 # ---- inputs -------------------------------------------------------------------------------
@@ -92,6 +95,7 @@ class SourceStats:
     available: int | None
     rows_read: int = 0
     blank_lines: int = 0
+    byte_order_marks_removed: int = 0
     kept: int = 0
     truncated: int = 0
     skipped_too_long: int = 0
@@ -196,7 +200,8 @@ def _split_rows(sources: dict[str, SourceRows], requested: dict, stats: dict, re
     tagged = []
     for name, source in sources.items():
         stats[name] = SourceStats(source.origin, requested[name], source.available,
-                                  rows_read=len(source.rows), blank_lines=source.blank_lines)
+                                  rows_read=len(source.rows), blank_lines=source.blank_lines,
+                                  byte_order_marks_removed=int(source.byte_order_mark))
         for row in source.rows:
             if isinstance(row, InvalidRow):
                 stats[name].add_invalid(row)
@@ -212,7 +217,7 @@ def _tokenize(config: PretokenizeConfig, tagged: list, stats: dict) -> list:
 
     conversations = [conversation.rounds for _, conversation in tagged]
     batches = tokenize_all(conversations, config.tokenizer, config.family, config.max_length,
-                           config.truncate, config.num_proc, config.batch_size)
+                           config.truncate, config.num_proc, config.batch_size, config.trust_remote_code)
     record_batches, position = [], 0
     total = -(-len(conversations) // config.batch_size)
     for examples in tqdm(batches, total=total, desc="pre_tokenize", unit="batch"):
@@ -246,18 +251,63 @@ def _stats_document(config, encoder, per_source, arrow_bytes, seconds, tokenize_
     }
 
 
+def _inputs(config: PretokenizeConfig) -> list:
+    return [config.long_path or DEFAULT_LONG_JSONL, config.short_path, config.tokenizer]
+
+
+def _check_max_length_fits_template(encoder: ConversationTokenizer, config: PretokenizeConfig) -> None:
+    """Refuse a --max_length with which no example could keep a target (nothing to write)."""
+    from longalign.constants import LEFT_TRUNCATION_KEEP_HEAD
+
+    if config.truncate == "left":
+        if config.max_length <= LEFT_TRUNCATION_KEEP_HEAD:
+            raise ValueError(f"--truncate left keeps the first {LEFT_TRUNCATION_KEEP_HEAD} tokens and the tail: "
+                             f"it needs --max_length > {LEFT_TRUNCATION_KEEP_HEAD}, got {config.max_length}")
+        return
+    [(shortest, _)] = encoder.encode_batch([[("", "")]])  # special tokens + empty round + EOS
+    if config.max_length < len(shortest):
+        raise ValueError(f"--max_length {config.max_length} is shorter than the {config.family} chat template "
+                         f"itself ({len(shortest)} tokens for an empty round with its EOS target): with "
+                         f"--truncate {config.truncate} no example could keep a target")
+
+
+class NothingToWriteError(ValueError):
+    """No example survived: a dataset without rows is not written. `stats`: what was counted."""
+
+    def __init__(self, message: str, stats: dict):
+        super().__init__(message)
+        self.stats = stats
+
+
+def _check_something_kept(per_source: dict, report: list) -> None:
+    """A dataset without rows cannot be read by sort_and_group.py: refuse to write one."""
+    total = _total(per_source)
+    if total["kept"]:
+        return
+    first_bad = f"; first invalid row: {report[0]['origin']}:{report[0]['line']} ({report[0]['kind']})" \
+        if report else ""
+    counts = {k: v for k, v in total.items() if k.startswith("skipped") or k == "rows_read"}
+    raise NothingToWriteError(f"no example to write ({counts}{first_bad}); nothing was written: check the "
+                              "input files, --datanum and --max_length",
+                              {"sources": {name: s.as_dict() for name, s in per_source.items()}, "total": total})
+
+
 def run_pretokenize(config: PretokenizeConfig) -> dict:
     """Run the whole stage; returns the stats that are also saved as stats.json."""
     _check_config(config)
     started = time.perf_counter()
-    encoder = ConversationTokenizer(load_tokenizer(config.tokenizer), config.family)  # fail early
+    check_output_dir(config.output_dir, STAGE, config.overwrite_output_dir, _inputs(config))  # fail early
+    encoder = ConversationTokenizer(load_tokenizer(config.tokenizer, config.trust_remote_code), config.family)
+    _check_max_length_fits_template(encoder, config)
     sources = _read_sources(config)
     per_source, report = {}, []
     tagged = _split_rows(sources, {"long": config.datanum, "short": None}, per_source, report)
     tokenize_started = time.perf_counter()
     record_batches = _tokenize(config, tagged, per_source)
     tokenize_seconds = time.perf_counter() - tokenize_started
-    with atomic_dir(config.output_dir) as tmp:
+    _check_something_kept(per_source, report)
+    with atomic_dir(config.output_dir, stage=STAGE, overwrite=config.overwrite_output_dir,
+                    inputs=_inputs(config)) as tmp:
         arrow_bytes = save_dataset(record_batches, tmp)
         stats = _stats_document(config, encoder, per_source, arrow_bytes,
                                 time.perf_counter() - started, tokenize_seconds)

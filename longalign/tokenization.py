@@ -22,9 +22,11 @@ string at once (a reply is then learnt as "▁" + reply, i.e. " reply" — decod
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -52,14 +54,43 @@ class TokenizedExample:
     num_targets: int
 
 
-def load_tokenizer(path_or_id: str):
+REMOTE_CODE_FILES = ("tokenizer_config.json", "config.json")  # where an `auto_map` names custom classes
+
+
+def _remote_code_classes(path_or_id: str) -> tuple[str, dict] | None:
+    """(file, auto_map) when a local tokenizer folder ships its own Python classes, else None."""
+    for name in REMOTE_CODE_FILES:
+        config_file = Path(path_or_id) / name
+        if config_file.is_file():
+            try:
+                auto_map = json.loads(config_file.read_text(encoding="utf-8")).get("auto_map")
+            except (ValueError, AttributeError):
+                continue  # not our concern here: transformers reports an unreadable config
+            if auto_map:
+                return name, auto_map
+    return None
+
+
+def load_tokenizer(path_or_id: str, trust_remote_code: bool = False):
+    """AutoTokenizer.from_pretrained; a tokenizer that ships Python code loads only with
+    `trust_remote_code` (--trust_remote_code): ChatGLM3's does, byte-level BPE folders do not."""
     from transformers import AutoTokenizer
 
+    remote = None if trust_remote_code else _remote_code_classes(path_or_id)
+    if remote is not None:
+        raise ValueError(f"tokenizer {path_or_id!r} ships its own Python code ({remote[0]} has auto_map "
+                         f"{remote[1]}), which runs only with --trust_remote_code (ChatGLM3's tokenizer "
+                         "is such a tokenizer): read that code, then pass --trust_remote_code")
     try:
-        return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=True)
+        return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
     except OSError as err:  # re-raised with the hint a user needs (offline, typo in the path)
         raise OSError(f"cannot load tokenizer {path_or_id!r}: {err}. Pass --tokenizer with a local "
                       "tokenizer directory (offline, `python -m longalign.demo_data` makes one)") from err
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(f"tokenizer {path_or_id!r} needs its own Python code, which runs only with "
+                         f"--trust_remote_code (ChatGLM3's tokenizer is such a tokenizer): {err}") from err
 
 
 def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
@@ -175,8 +206,9 @@ def finish_example(ids: list[int], labels: list[int], max_length: int, mode: str
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_path: str, family: str, max_length: int, mode: str) -> None:
-    _WORKER.update(encoder=ConversationTokenizer(load_tokenizer(tokenizer_path), family),
+def _init_worker(tokenizer_path: str, family: str, max_length: int, mode: str,
+                 trust_remote_code: bool = False) -> None:
+    _WORKER.update(encoder=ConversationTokenizer(load_tokenizer(tokenizer_path, trust_remote_code), family),
                    max_length=max_length, mode=mode)
 
 
@@ -197,12 +229,12 @@ def _batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
 
 
 def tokenize_all(conversations: Sequence[Sequence[tuple[str, str]]], tokenizer_path: str, family: str,
-                 max_length: int, mode: str, num_proc: int = 1,
-                 batch_size: int = 64) -> Iterable[list[TokenizedExample]]:
+                 max_length: int, mode: str, num_proc: int = 1, batch_size: int = 64,
+                 trust_remote_code: bool = False) -> Iterable[list[TokenizedExample]]:
     """Yield, batch by batch and in input order, the TokenizedExample of every conversation."""
     if num_proc < 1:
         raise ValueError(f"num_proc must be >= 1, got {num_proc}")
-    init_args = (tokenizer_path, family, max_length, mode)
+    init_args = (tokenizer_path, family, max_length, mode, trust_remote_code)
     if num_proc == 1:
         _init_worker(*init_args)
         yield from map(_work, _batches(conversations, batch_size))

@@ -9,7 +9,8 @@ import pytest
 
 from longalign.constants import IGNORE_INDEX
 from longalign.conversations import InvalidInputError, parse_datanum, read_jsonl
-from longalign.pretokenize import INVALID_REPORT, STATS_FILE, PretokenizeConfig, run_pretokenize
+from longalign.pretokenize import (INVALID_REPORT, STATS_FILE, NothingToWriteError, PretokenizeConfig,
+                                  run_pretokenize)
 from longalign.templates import conversation_text, round_prompt
 from longalign.tokenization import ConversationTokenizer, finish_example, truncate
 
@@ -150,9 +151,10 @@ def test_truncation_end_to_end(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, mod
 def test_truncation_that_removes_every_target_is_counted(tmp_path, tiny_tokenizer_dir):
     config = make_config(tmp_path, tiny_tokenizer_dir, [messages("word " * 50, "answer")], [],
                          max_length=10, truncate="right")
-    stats = run_pretokenize(config)
-    assert stats["sources"]["long"]["skipped_no_target"] == 1
-    assert stats["total"]["kept"] == 0
+    with pytest.raises(NothingToWriteError) as refused:  # an empty dataset is not written
+        run_pretokenize(config)
+    assert refused.value.stats["sources"]["long"]["skipped_no_target"] == 1
+    assert refused.value.stats["total"]["kept"] == 0 and not Path(config.output_dir).exists()
 
 
 # ---- cleaning ----------------------------------------------------------------------------
@@ -171,8 +173,9 @@ def test_zero_width_removed_from_assistant_only_and_trailing_user_dropped(tmp_pa
 
 
 def test_single_user_turn_is_skipped_as_no_target(tmp_path, tiny_tokenizer_dir):
-    stats = run_pretokenize(make_config(tmp_path, tiny_tokenizer_dir, [messages("only a question")], []))
-    assert stats["sources"]["long"]["skipped_no_target"] == 1
+    with pytest.raises(NothingToWriteError) as refused:
+        run_pretokenize(make_config(tmp_path, tiny_tokenizer_dir, [messages("only a question")], []))
+    assert refused.value.stats["sources"]["long"]["skipped_no_target"] == 1
 
 
 # ---- --datanum ---------------------------------------------------------------------------
