@@ -9,6 +9,10 @@ Remainder policy: when the number of sequences is not a multiple of `group_size`
 exactly once, the repeated rows are counted in stats.json, and every group is complete, which a
 trainer on world size == group_size needs (otherwise its sampler would pad with unrelated rows,
 as torch's DistributedSampler does, mixing a long sequence into a short step).
+
+A dataset with fewer sequences than `group_size` cannot fill one group without repeating rows
+(100 rows, group_size 1000 -> 1000 rows): `check_enough_sequences` makes that an error unless
+the caller opts in (sort_and_group.py --repeat_small_dataset).
 """
 from __future__ import annotations
 
@@ -21,6 +25,16 @@ from longalign.constants import MATERIALIZE_CHUNK_TOKENS
 def check_group_size(group_size: int) -> None:
     if not isinstance(group_size, (int, np.integer)) or group_size < 1:
         raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
+
+
+def check_enough_sequences(num_sequences: int, group_size: int, allow_repeats: bool = False) -> None:
+    """Refuse group_size > sequences (every row would be repeated) unless `allow_repeats`."""
+    if num_sequences < group_size and not allow_repeats:
+        raise ValueError(
+            f"--group_size {group_size} is larger than the dataset's {num_sequences} sequences: one "
+            f"step needs {group_size} distinct sequences, so rows would be repeated to fill it. Use "
+            f"--group_size <= {num_sequences} (fewer GPUs), or pass --repeat_small_dataset to repeat "
+            "rows (counted in stats.json)")
 
 
 def fill_last_group(order: np.ndarray, group_size: int) -> tuple[np.ndarray, int]:

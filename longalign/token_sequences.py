@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from longalign.constants import IGNORE_INDEX, TOKEN_COLUMNS
-from longalign.storage import atomic_dir, write_json_atomic
+from longalign.storage import write_json_atomic
 
 TOO_LONG_POLICIES = ("truncate", "skip", "error")
 
@@ -102,6 +102,7 @@ def load_token_table(path: str | Path) -> pa.Table:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--train_file {path}: no such dataset directory")
+    check_has_rows(path)
     try:
         dataset = datasets.load_from_disk(str(path))
     except FileNotFoundError as err:
@@ -113,6 +114,16 @@ def load_token_table(path: str | Path) -> pa.Table:
     table = dataset.data.table
     check_token_columns(table, path)
     return table
+
+
+def check_has_rows(path: Path) -> None:
+    """An empty dataset has no Arrow file, and datasets' load_from_disk fails on it with an IndexError."""
+    try:
+        data_files = json.loads((path / "state.json").read_text(encoding="utf-8")).get("_data_files")
+    except (OSError, ValueError):
+        return  # not a save_to_disk folder: load_from_disk says so
+    if data_files == []:
+        raise ValueError(f"--train_file {path}: the dataset has no rows (nothing to sort or pack)")
 
 
 def check_token_columns(table: pa.Table, where: str | Path) -> None:
@@ -195,17 +206,16 @@ def prepare_sequences(table: pa.Table, max_length: int, too_long: str) -> tuple[
     return sequences, counts
 
 
-def save_table(table: pa.Table, out_dir: str | Path, stats: dict) -> None:
-    """Write `table` as a datasets Arrow directory plus stats.json, atomically (temp + rename)."""
+def write_table(table: pa.Table, folder: str | Path, stats: dict) -> None:
+    """Write `table` as a datasets Arrow directory plus stats.json into the existing `folder`."""
     import datasets
 
     # An explicit fingerprint: without one, datasets hashes the whole in-memory table (seconds
     # and a full extra copy for gigabytes of tokens). It only names caches, so hashing the stats
     # (input path, seed, policies, counts) is enough.
     fingerprint = hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()[:16]
-    with atomic_dir(out_dir) as tmp:
-        datasets.Dataset(table, fingerprint=fingerprint).save_to_disk(str(tmp))
-        write_json_atomic(Path(tmp) / "stats.json", stats)
+    datasets.Dataset(table, fingerprint=fingerprint).save_to_disk(str(folder))
+    write_json_atomic(Path(folder) / "stats.json", stats)
 
 
 def format_stats_table(title: str, stats: dict) -> str:
