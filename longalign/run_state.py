@@ -243,6 +243,25 @@ def check_resume(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, t
                                 "one, or move the later ones away first")
 
 
+def start_run(dataset_dir, training_args, overwrite: bool, inputs: list, run_record: dict) -> dict:
+    """train.py's checks before the model loads; returns the data fingerprint for the checkpoints.
+
+    Resume: `check_resume`; a fresh run, or a resume into another output folder:
+    `prepare_fresh_output_dir` (which prints where --overwrite_output_dir moved a previous run).
+    """
+    fingerprint = data_fingerprint(dataset_dir)
+    output_dir, resume = Path(training_args.output_dir).resolve(), training_args.resume_from_checkpoint
+    if resume:
+        check_resume(resume, output_dir, training_args, fingerprint)
+    if not resume or Path(resume).resolve().parent != output_dir:
+        moved = prepare_fresh_output_dir(output_dir, overwrite, inputs, {**run_record, "data": fingerprint},
+                                         is_main_process=training_args.should_save)
+        if moved is not None:
+            print(f"--overwrite_output_dir: the previous run in {output_dir} was moved to {moved} "
+                  "(nothing deleted)", flush=True)
+    return fingerprint
+
+
 def main(argv=None) -> None:
     """`python -m longalign.run_state stamp CHECKPOINT DATASET_DIR`: vouch that a checkpoint saved
     without a fingerprint was trained on DATASET_DIR (writes its FINGERPRINT_FILE)."""
