@@ -193,6 +193,8 @@ def prepare_fresh_output_dir(output_dir: str | os.PathLike, overwrite: bool, inp
     process writes RUN_MARKER (`run_record`: what this run trains on).
     """
     output_dir = Path(output_dir).resolve()
+    if os.path.lexists(output_dir) and not output_dir.is_dir():
+        raise RunStateError(f"--output_dir {output_dir} is an existing file, not a folder: choose another path")
     previous = _entries_of_a_previous_run(output_dir) if output_dir.is_dir() else []
     moved = None
     if previous:
@@ -215,8 +217,12 @@ def prepare_fresh_output_dir(output_dir: str | os.PathLike, overwrite: bool, inp
         if is_main_process:
             moved = _move_aside(output_dir, previous)
     if is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(output_dir / RUN_MARKER, run_record)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(output_dir / RUN_MARKER, run_record)
+        except OSError as err:
+            raise RunStateError(f"cannot write in --output_dir {output_dir} ({err.strerror}): train.py checks "
+                                "this before it loads the model; choose a writable --output_dir") from err
     return moved
 
 

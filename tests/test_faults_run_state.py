@@ -153,3 +153,11 @@ def test_overwrite_never_moves_inputs_or_an_unrelated_folder(tmp_path):
     with pytest.raises(RunStateError, match="not a training output"):
         prepare_fresh_output_dir(home, True, [], {})
     assert sorted(p.name for p in home.iterdir()) == ["thesis.tex"] and (out / "checkpoint-2").is_dir()
+
+
+def test_an_output_path_that_is_a_file_or_unwritable_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunStateError, match="is an existing file"):
+        prepare_fresh_output_dir(tmp_path / "file", True, [], {})
+    with pytest.raises(RunStateError, match="cannot write in --output_dir"):
+        prepare_fresh_output_dir(tmp_path / "file" / "sub", False, [], {})
