@@ -40,7 +40,7 @@ STATS+=("$RAW/stats.json")
 stage "2/6 pre_tokenize (llama template) -> $DATA"
 $PY pre_tokenize.py --model llama --tokenizer "$RAW/tokenizer" \
     --long "$RAW/long.jsonl" --short "$RAW/sharegpt.jsonl" \
-    --datanum 10k --max_length "$MAX_LENGTH" --output_dir "$DATA"
+    --datanum 10k --max_length "$MAX_LENGTH" --output_dir "$DATA" --overwrite_output_dir  # a re-run replaces its sort/, pack/ too
 STATS+=("$DATA/stats.json")
 
 stage "3/6 sort_and_group (group size 1) -> $DATA/sort, $DATA/pack"
