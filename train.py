@@ -25,8 +25,10 @@ from longalign.collators import BATCH_METHODS, LOSS_REDUCTIONS, build_collator
 from longalign.modeling.checkpoints import SelfDescribingCheckpoints, make_self_describing
 from longalign.modeling.loading import load_training_model, load_training_tokenizer, model_family, pad_token_id
 from longalign.recompute import apply_recompute
+from longalign.run_state import fingerprint_callback, start_run
 from longalign.train_data import load_train_dataset
 from longalign.trainer import DEFAULT_PEAK_TFLOPS, LongAlignTrainer, resolve_loss_reduction
+from longalign.validation import check_sort_pack_pair, dataset_directory, validate_training_dataset
 
 
 @dataclass
@@ -55,6 +57,9 @@ class LongAlignArguments:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow the tokenizer folder's own Python code to run (ChatGLM3's tokenizer is remote code); "
                 "the model always loads through this package's code"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "a fresh run into a used --output_dir moves the previous run into <output_dir>/replaced-<time>/ "
+                "(nothing is deleted; longalign/run_state.py)"})
 
 
 def build_parser() -> HfArgumentParser:
@@ -85,8 +90,16 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     """Everything train() needs, from command-line arguments (used by main and the tests)."""
     args, training_args = parse_args(argv)
     dataset, group_size = load_train_dataset(args.train_file, args.batch_method)
+    if args.batch_method != "naive":
+        check_sort_pack_pair(args.train_file)
+    fingerprint = start_run(dataset_directory(dataset), training_args, args.overwrite_output_dir,
+                            [args.model_name_or_path, args.train_file, args.tokenizer_name, training_args.deepspeed],
+                            {"train_file": args.train_file, "batch_method": args.batch_method,
+                             "model_name_or_path": args.model_name_or_path})
     family = model_family(args.model_name_or_path)
     model = load_training_model(args.model_name_or_path, dtype=model_dtype(training_args), rope_ratio=args.rope_ratio)
+    validate_training_dataset(dataset, model.get_input_embeddings().num_embeddings, args.batch_method == "pack",
+                              str(dataset_directory(dataset)))  # every row, before the first step
     if args.recompute is not None or args.compile_layers:
         apply_recompute(model, args.recompute or "none", compile=args.compile_layers)
     tokenizer = load_training_tokenizer(args.tokenizer_name or args.model_name_or_path,
@@ -96,7 +109,7 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
         attach_chat_template(tokenizer, family)  # saved with every checkpoint: the training format
     pad_id = pad_token_id(tokenizer, model.config) if args.batch_method != "pack" else None
     collator = build_collator(args.batch_method, args.loss_reduction, pad_id)
-    callbacks = [SelfDescribingCheckpoints(family), *(callbacks or [])]
+    callbacks = [SelfDescribingCheckpoints(family), fingerprint_callback(fingerprint), *(callbacks or [])]
     trainer = LongAlignTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                                processing_class=tokenizer, callbacks=callbacks, batch_method=args.batch_method,
                                loss_reduction=args.loss_reduction, group_size=group_size,

@@ -15,7 +15,8 @@ MAXLEN=8192
 $PY -m longalign.demo_data --out "$WORK/raw"
 for fam in llama chatglm; do
   $PY pre_tokenize.py --model $fam --tokenizer "$WORK/raw/tokenizer" --long "$WORK/raw/long.jsonl" \
-      --short "$WORK/raw/sharegpt.jsonl" --datanum 10k --max_length $MAXLEN --output_dir "$WORK/$fam"
+      --short "$WORK/raw/sharegpt.jsonl" --datanum 10k --max_length $MAXLEN --output_dir "$WORK/$fam" \
+      --overwrite_output_dir
   $PY sort_and_group.py --train_file "$WORK/$fam" --group_size "$NUM_GPUS" --max_length $MAXLEN
   $PY -m longalign.tiny_model --family $fam --tokenizer "$WORK/raw/tokenizer" --out "$WORK/model_$fam" \
       --hidden 512 --layers 4 --heads 8 --kv_heads 2 --intermediate 1024 --max_positions $MAXLEN
@@ -24,5 +25,5 @@ for script in llama_pack llama_sort chatglm_pack chatglm_sort; do
   fam=${script%%_*}
   NUM_GPUS=$NUM_GPUS MODEL="$WORK/model_$fam" DATA="$WORK/$fam" OUT="$WORK/out_$script" \
   DS_CONFIG=${DS_CONFIG:-ds_config/stage3_no_offload.json} \
-      bash scripts/$script.sh --max_steps "$STEPS" --save_strategy no 2>&1 | tee "$WORK/log_$script.txt"
+      bash scripts/$script.sh --max_steps "$STEPS" --save_strategy no --overwrite_output_dir 2>&1 | tee "$WORK/log_$script.txt"
 done

@@ -150,6 +150,14 @@ def _table_of(dataset) -> pa.Table:
     return dataset.data.table
 
 
+def dataset_directory(dataset) -> Path:
+    """The folder a `datasets.load_from_disk` dataset was read from (its Arrow files' folder)."""
+    files = {Path(f["filename"]).parent for f in dataset.cache_files}
+    if len(files) != 1:
+        raise ValueError(f"expected a dataset loaded from one folder, found {sorted(map(str, files))}")
+    return files.pop()
+
+
 def validate_training_dataset(dataset, vocab_size: int, pack: bool, where: str,
                               max_length: int | None = None) -> dict:
     """Check every row (module docstring); raise DatasetValidationError naming the first bad row.

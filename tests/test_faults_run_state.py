@@ -36,9 +36,11 @@ def trained(tmp_path_factory):
     return root, Path(data), out / "checkpoint-2"
 
 
-def test_a_checkpoint_hf_trainer_wrote_is_complete(trained):
-    _, _, checkpoint = trained
+def test_a_checkpoint_hf_trainer_wrote_is_complete_and_carries_the_fingerprint(trained):
+    _, data, checkpoint = trained
     assert missing_checkpoint_files(checkpoint, settings()) == []
+    saved = json.loads((checkpoint / FINGERPRINT_FILE).read_text())  # train.py's callback
+    assert saved == data_fingerprint(data / "pack")
 
 
 @pytest.mark.parametrize("removed", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
@@ -100,8 +102,9 @@ def test_deepspeed_scheduler_pt_only_for_hf_schedulers(tmp_path):
 def test_resume_on_other_data_is_refused_naming_what_changed(trained, tmp_path):
     _, data, checkpoint = trained
     copy = shutil.copytree(checkpoint, tmp_path / "checkpoint-2")
+    (copy / FINGERPRINT_FILE).unlink()  # as a checkpoint of an older train.py
     same = data_fingerprint(data / "pack")
-    with pytest.raises(RunStateError, match=f"no {FINGERPRINT_FILE}"):  # not stamped yet (no callback here)
+    with pytest.raises(RunStateError, match=f"no {FINGERPRINT_FILE}"):
         check_same_data(copy, same)
     run_state_main(["stamp", str(copy), str(data / "pack")])
     check_same_data(copy, same)
@@ -114,7 +117,6 @@ def test_later_checkpoints_in_the_output_folder_are_never_overwritten(trained, t
     _, data, checkpoint = trained
     out = tmp_path / "out"
     copy = shutil.copytree(checkpoint, out / "checkpoint-2")
-    run_state_main(["stamp", str(copy), str(data / "pack")])
     (out / "checkpoint-4").mkdir()
     with pytest.raises(RunStateError, match="holds checkpoint-4, later than checkpoint-2"):
         check_resume(copy, out, settings(), data_fingerprint(data / "pack"))
