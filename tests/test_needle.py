@@ -16,7 +16,7 @@ from longalign.needle_test.scoring import JUDGE_PROMPT_SHA256, match_score
 from longalign.generation import RemoteCodeRequired
 from longalign.openai_api import AuthenticationFailed
 from longalign.prediction_keys import PredictionLog, PredictionMismatch, prompt_sha256
-from longalign.storage import read_jsonl
+from longalign.storage import OUTPUT_MARKER, read_jsonl
 from tiny_llama import save_tiny_llama
 
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
@@ -145,8 +145,8 @@ def test_prompt_folder_is_replaced_as_a_unit(tmp_path, tiny_tokenizer_dir, hayst
     """The audit: regenerating with new lengths left the old prompt files beside the new ones."""
     needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (300, 600))])
     needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,), (50,))])
-    assert sorted(p.name for p in (tmp_path / "prompts").iterdir()) == [
-        "len200_depth50.00.json", "manifest.json", "stats.json"]
+    assert sorted(p.name for p in (tmp_path / "prompts").iterdir() if p.name != OUTPUT_MARKER) == [
+        "len200_depth50.00.json", "manifest.json", "stats.json"]  # the marker: longalign.storage
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
