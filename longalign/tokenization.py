@@ -58,7 +58,11 @@ REMOTE_CODE_FILES = ("tokenizer_config.json", "config.json")  # where an `auto_m
 
 
 def _remote_code_classes(path_or_id: str) -> tuple[str, dict] | None:
-    """(file, auto_map) when a local tokenizer folder ships its own Python classes, else None."""
+    """(file, auto_map) when a local tokenizer folder ships its own tokenizer class, else None.
+
+    Only an `AutoTokenizer` entry (or the old list form) names tokenizer code: a model's config.json
+    whose auto_map lists its model classes (this repo's ChatGLM checkpoints) runs no tokenizer code.
+    """
     for name in REMOTE_CODE_FILES:
         config_file = Path(path_or_id) / name
         if config_file.is_file():
@@ -66,7 +70,7 @@ def _remote_code_classes(path_or_id: str) -> tuple[str, dict] | None:
                 auto_map = json.loads(config_file.read_text(encoding="utf-8")).get("auto_map")
             except (ValueError, AttributeError):
                 continue  # not our concern here: transformers reports an unreadable config
-            if auto_map:
+            if auto_map and (not isinstance(auto_map, dict) or "AutoTokenizer" in auto_map):
                 return name, auto_map
     return None
 

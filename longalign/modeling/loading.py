@@ -24,15 +24,15 @@ import logging
 import re
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from longalign.constants import MODEL_FAMILIES
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
 from longalign.modeling.weighted_lm import TRAINING_CLASSES
+from longalign.tokenization import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 CHATGLM_CODE_FILE = "modeling_chatglm.py"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _HARD_CODED_RATIO = re.compile(r"^\s*self\.ratio\s*=\s*([0-9]+(?:\.[0-9]*)?)\s*$", re.MULTILINE)
 
 
@@ -98,22 +98,13 @@ def load_training_model(model_path: str | Path, dtype, rope_ratio: float | None 
 
 
 def load_training_tokenizer(name: str | Path, trust_remote_code: bool = False, required: bool = True):
-    """AutoTokenizer of `name`; None when it has none and `required` is False.
-
-    A tokenizer folder whose tokenizer_config.json names remote code (an `auto_map`, e.g. ChatGLM3's
-    tokenization_chatglm.py) loads only with `trust_remote_code=True`.
-    """
-    config_file = Path(name) / "tokenizer_config.json"
-    if config_file.is_file() and not trust_remote_code:
-        if "auto_map" in json.loads(config_file.read_text(encoding="utf-8")):
-            raise ValueError(f"{config_file} names remote code (auto_map): pass --trust_remote_code to run it")
-    try:
-        return AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        if required:
-            raise
+    """The tokenizer of `name` (longalign.tokenization.load_tokenizer: remote code only with
+    `trust_remote_code`); None when the folder has no tokenizer file and `required` is False."""
+    folder = Path(name)
+    if not required and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         logger.info("no tokenizer in %s", name)
         return None
+    return load_tokenizer(str(name), trust_remote_code=trust_remote_code)
 
 
 def pad_token_id(tokenizer, config) -> int | None:
