@@ -4,7 +4,11 @@ Output (DESIGN.md §1) at `output_dir`, written through `longalign.storage.atomi
 - the `datasets` Arrow files (`save_to_disk`): columns input_ids, labels — int32, unpadded;
 - `stats.json`: per source, rows read / kept (written, truncated ones included) / truncated /
   skipped_too_long / skipped_invalid (by kind) / skipped_no_target, token totals, a length
-  histogram; plus on-disk bytes per token and throughput;
+  histogram, and what labelling met: `empty_replies_masked` (replies with nothing but
+  whitespace / zero-width characters, masked with their EOS target), `reply_edges_stripped`
+  (replies whose edge whitespace was removed), `ids_differ_from_whole_text` (rows whose segment
+  ids differ from tokenizing the whole text: a merge crossed a reply boundary; see
+  tokenization.py); plus on-disk bytes per token and throughput;
 - `invalid_rows.jsonl`: one line per bad input row (source, file, line number, kind, reason).
 Per source: rows_read == kept + skipped_too_long + skipped_invalid + skipped_no_target.
 """
@@ -21,6 +25,7 @@ import numpy as np
 from longalign.constants import DEFAULT_LONG_JSONL, LONGALIGN_HF_DATASET, TOKEN_COLUMNS
 from longalign.conversations import Conversation, InvalidRow, SourceRows, read_jsonl, read_rows
 from longalign.storage import atomic_dir, check_output_dir, write_json_atomic
+from longalign.templates import reply_text
 from longalign.tokenization import (KEPT, SKIPPED_NO_TARGET, SKIPPED_TOO_LONG, TRUNCATED,
                                     ConversationTokenizer, TokenizedExample, load_tokenizer,
                                     tokenize_all)
@@ -103,6 +108,9 @@ class SourceStats:
     skipped_no_target: int = 0
     dropped_trailing_user_turns: int = 0
     zero_width_chars_removed: int = 0
+    reply_edges_stripped: int = 0
+    empty_replies_masked: int = 0
+    ids_differ_from_whole_text: int = 0
     tokens: int = 0
     target_tokens: int = 0
     tokens_before_truncation: int = 0
@@ -122,9 +130,12 @@ class SourceStats:
     def add_conversation(self, conversation: Conversation) -> None:
         self.dropped_trailing_user_turns += int(conversation.dropped_trailing_user)
         self.zero_width_chars_removed += conversation.zero_width_removed
+        self.reply_edges_stripped += sum(reply != reply_text(reply) for _, reply in conversation.rounds)
 
     def add_example(self, example: TokenizedExample) -> None:
         self.tokens_before_truncation += example.length_before_truncation
+        self.empty_replies_masked += example.empty_replies
+        self.ids_differ_from_whole_text += int(example.differs_from_whole_text)
         if example.status == SKIPPED_TOO_LONG:
             self.skipped_too_long += 1
             return
@@ -143,6 +154,7 @@ class SourceStats:
 
 def _total(per_source: dict[str, SourceStats]) -> dict:
     keys = ("rows_read", "kept", "truncated", "skipped_too_long", "skipped_invalid", "skipped_no_target",
+            "empty_replies_masked", "reply_edges_stripped", "ids_differ_from_whole_text",
             "tokens", "target_tokens", "tokens_before_truncation")
     return {key: sum(getattr(stats, key) for stats in per_source.values()) for key in keys}
 
@@ -238,7 +250,8 @@ def _stats_document(config, encoder, per_source, arrow_bytes, seconds, tokenize_
     total = _total(per_source)
     return {
         "config": dataclasses.asdict(config),
-        "tokenizer": {"eos_token_id": encoder.eos_id, "prefix_ids": encoder.prefix},
+        "tokenizer": {"eos_token_id": encoder.eos_id, "prefix_ids": encoder.prefix,
+                      "text_route": encoder.encoder.route, "continuation_anchor": encoder.encoder.anchor},
         "sources": {name: s.as_dict() for name, s in per_source.items()},
         "total": total,
         "invalid_report": INVALID_REPORT,
