@@ -51,6 +51,7 @@ class PretokenizeConfig:
     batch_size: int = 64  # conversations per batched tokenizer call / per pool task
     overwrite_output_dir: bool = False  # replace a previous output that holds other files too
     trust_remote_code: bool = False  # allow a tokenizer that ships Python code (ChatGLM3's)
+    shuffle_seed: int | None = None  # None: input order (long rows, then short); else a seeded shuffle
 
 
 # ---- inputs -------------------------------------------------------------------------------
@@ -224,6 +225,17 @@ def _split_rows(sources: dict[str, SourceRows], requested: dict, stats: dict, re
     return tagged
 
 
+def shuffle_rows(tagged: list, seed: int | None) -> list:
+    """All rows (long and short together) in a seeded random order, as the original mixes them
+    (with an unseeded random.shuffle); `seed=None` keeps the input order.
+
+    tagged=[a b c d], seed -> [tagged[i] for i in default_rng(seed).permutation(4)]
+    """
+    if seed is None:
+        return tagged
+    return [tagged[i] for i in np.random.default_rng(seed).permutation(len(tagged))]
+
+
 def _tokenize(config: PretokenizeConfig, tagged: list, stats: dict) -> list:
     from tqdm import tqdm
 
@@ -315,6 +327,7 @@ def run_pretokenize(config: PretokenizeConfig) -> dict:
     sources = _read_sources(config)
     per_source, report = {}, []
     tagged = _split_rows(sources, {"long": config.datanum, "short": None}, per_source, report)
+    tagged = shuffle_rows(tagged, config.shuffle_seed)
     tokenize_started = time.perf_counter()
     record_batches = _tokenize(config, tagged, per_source)
     tokenize_seconds = time.perf_counter() - tokenize_started

@@ -362,3 +362,22 @@ def test_cli_bad_datanum_and_missing_file_fail_clearly(tmp_path, tiny_tokenizer_
     result = subprocess.run(base + ["--short", missing], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and f"short data file not found: {missing}" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_shuffle_seed_mixes_long_and_short_rows_reproducibly(tmp_path, tiny_tokenizer_dir):
+    """--shuffle_seed: the original mixes long and short rows (unseeded random.shuffle); the
+    project keeps input order by default and shuffles with a seed when asked."""
+    long_rows = [messages(f"long question {i}", f"long answer {i}") for i in range(5)]
+    short_rows = [messages(f"short {i}", f"reply {i}") for i in range(4)]
+    outputs = {}
+    for seed in (None, 7, 7):
+        (tmp_path / f"{seed}{len(outputs)}").mkdir()
+        config = make_config(tmp_path / f"{seed}{len(outputs)}", tiny_tokenizer_dir, long_rows, short_rows,
+                             shuffle_seed=seed)
+        stats = run_pretokenize(config)
+        assert stats["sources"]["long"]["kept"] == 5 and stats["config"]["shuffle_seed"] == seed
+        outputs.setdefault(seed, []).append(load_rows(config.output_dir)[0]["input_ids"])
+    in_order = outputs[None][0]
+    permutation = np.random.default_rng(7).permutation(9)
+    assert outputs[7][0] == outputs[7][1] == [in_order[i] for i in permutation]
+    assert outputs[7][0] != in_order
