@@ -167,3 +167,15 @@ def test_chatglm3_like_tokenizer_behaves_like_chatglm3(chatglm3_tokenizer):
     assert ids[:2] == [commands["[gMASK]"], commands["sop"]]
     assert (chatglm3_tokenizer.eos_token_id, chatglm3_tokenizer.pad_token_id) == (2, 0)
     assert not chatglm3_tokenizer.is_fast
+
+
+def test_no_stray_sentencepiece_prefix_before_the_separator(llama2_tokenizer):
+    """Encoded alone, "\\n\\n[INST]..." starts with SentencePiece's dummy "▁" (Llama-2's 29871
+    before 13 13); inside the training ids the separator follows the reply directly."""
+    alone = llama2_tokenizer.convert_ids_to_tokens(encode_text(llama2_tokenizer, "\n\n[INST]And the lock?[/INST]"))
+    assert alone[:3] == ["\u2581", "<0x0A>", "<0x0A>"]
+    encoded = encode(llama2_tokenizer, "llama", MULTI_TURN[:2])
+    pieces = llama2_tokenizer.convert_ids_to_tokens(encoded.ids)
+    separator = pieces.index("<0x0A>")
+    assert pieces[separator - 1] == "." and pieces[separator:separator + 3] == ["<0x0A>", "<0x0A>", "["]
+    assert "\u2581" not in pieces[separator - 2:separator + 3]

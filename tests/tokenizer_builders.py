@@ -39,12 +39,14 @@ CORPUS = [
 
 def train_sentencepiece_model(texts=CORPUS, vocab_size: int = 420) -> bytes:
     """A serialized sentencepiece BPE model with Llama-2's options (byte fallback, dummy prefix,
-    digits split, whitespace kept as is)."""
+    digits split, whitespace kept as is). Trained line by line, as from a text file, so no piece
+    contains a newline and "\n" encodes as the byte <0x0A>, as in Llama-2's and ChatGLM3's."""
     import sentencepiece as spm
 
+    lines = [line for text in texts for line in text.split("\n") if line]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts) * 20), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=iter(lines * 20), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, character_coverage=1.0, hard_vocab_limit=False,
