@@ -66,11 +66,18 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str], continuation: bool = False) -> list[list[int]]:
         """Ids of each text; `continuation=True`: as the text tokenizes after other text."""
-        if not continuation or not self.anchor:
+        if not continuation:
             return self._encode_plain(texts)
-        n = len(self.anchor_ids)
-        anchored = self._encode_plain([self.anchor + text for text in texts])
-        merged = [i for i, ids in enumerate(anchored) if ids[:n] != self.anchor_ids]
+        return self._encode_after(texts, self.anchor, self.anchor_ids)
+
+    def _encode_after(self, texts: Sequence[str], anchor: str, anchor_ids: list[int]) -> list[list[int]]:
+        """Encode `anchor + text` and drop the anchor's ids; a text that merged into the anchor
+        (its ids do not start with `anchor_ids`) is encoded on its own."""
+        if not anchor:
+            return self._encode_plain(texts)
+        n = len(anchor_ids)
+        anchored = self._encode_plain([anchor + text for text in texts])
+        merged = [i for i, ids in enumerate(anchored) if ids[:n] != anchor_ids]
         alone = dict(zip(merged, self._encode_plain([texts[i] for i in merged])))
         return [alone[i] if i in alone else ids[n:] for i, ids in enumerate(anchored)]
 
@@ -109,15 +116,14 @@ class TextEncoder:
         rights = [right for _, right in _CONTINUATION_PROBES]
         wholes = self._encode_plain([left + right for left, right in _CONTINUATION_PROBES])
         left_ids = self._encode_plain(lefts)
-        best, best_score = CONTINUATION_ANCHORS[0], -1
-        for anchor in CONTINUATION_ANCHORS:
-            self.anchor = anchor
-            self.anchor_ids = self._encode_plain([anchor])[0] if anchor else []
-            right_ids = self.encode(rights, continuation=True)
-            score = sum(a + b == w for a, b, w in zip(left_ids, right_ids, wholes))
-            if score > best_score:
-                best, best_score = anchor, score
-        return best
+
+        def agreeing(anchor: str) -> int:
+            anchor_ids = self._encode_plain([anchor])[0] if anchor else []
+            right_ids = self._encode_after(rights, anchor, anchor_ids)
+            return sum(a + b == w for a, b, w in zip(left_ids, right_ids, wholes))
+
+        scores = [agreeing(anchor) for anchor in CONTINUATION_ANCHORS]
+        return CONTINUATION_ANCHORS[scores.index(max(scores))]  # ties: the earlier (no anchor first)
 
 
 def control_token_strings(tokenizer) -> list[str]:
