@@ -81,3 +81,19 @@ def test_bad_input_raises_clear_errors():
         build_collator("sort", "sequence", None)
     with pytest.raises(ValueError, match="batch_method"):
         build_collator("bucket", "sequence", 0)
+
+
+def test_pack_weights_do_not_depend_on_the_cuda_device_count(monkeypatch):
+    """README differences, "K from the GPU count": the original scaled every weight by
+    torch.cuda.device_count() / K (0 on a CPU machine: all weights 0). Ours are 1/N_k and the
+    counts give K, whatever the device count says."""
+    batches = []
+    for count in (0, 1, 8):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        batches.append(PackCollator("sequence")([PACK_A, PACK_B]))
+    for batch in batches[1:]:
+        assert torch.equal(batch["loss_weights"], batches[0]["loss_weights"])
+        assert torch.equal(batch[COUNTS_KEY], batches[0][COUNTS_KEY])
+    weights = batches[0]["loss_weights"][0]
+    assert torch.allclose(weights, torch.tensor([0, .5, .5, 0, 1, 0, 0, 0, 1]))  # 1/N_k, sums 1 per sequence
+    assert counts_of(batches[0])["sequences"] == 3  # K: sequences with targets
