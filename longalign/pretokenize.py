@@ -289,10 +289,10 @@ def _check_max_length_fits_template(encoder: ConversationTokenizer, config: Pret
             raise ValueError(f"--truncate left keeps the first {LEFT_TRUNCATION_KEEP_HEAD} tokens and the tail: "
                              f"it needs --max_length > {LEFT_TRUNCATION_KEEP_HEAD}, got {config.max_length}")
         return
-    [(shortest, _)] = encoder.encode_batch([[("", "")]])  # special tokens + empty round + EOS
-    if config.max_length < len(shortest):
+    [shortest] = encoder.encode_batch([[("", "")]])  # special tokens + empty round + EOS
+    if config.max_length < len(shortest.ids):
         raise ValueError(f"--max_length {config.max_length} is shorter than the {config.family} chat template "
-                         f"itself ({len(shortest)} tokens for an empty round with its EOS target): with "
+                         f"itself ({len(shortest.ids)} tokens for an empty round and its EOS): with "
                          f"--truncate {config.truncate} no example could keep a target")
 
 
