@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(never an unrelated folder, a file, or a folder holding the inputs)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="allow a tokenizer that ships Python code (ChatGLM3's); read that code first")
+    parser.add_argument("--shuffle_seed", type=int, default=None,
+                        help="write the rows (long and short mixed) in a random order with this seed, as the "
+                             "original does unseeded; default: input order, long rows then short")
     return parser
 
 
@@ -64,6 +67,7 @@ def main(argv=None) -> None:
         strict=args.strict,
         overwrite_output_dir=args.overwrite_output_dir,
         trust_remote_code=args.trust_remote_code,
+        shuffle_seed=args.shuffle_seed,
     )
     stats = run_pretokenize(config)
     if stats["total"]["skipped_invalid"]:

@@ -10,6 +10,9 @@ sequences than --group_size): longalign/token_sequences.py, longalign/sorting.py
 Both outputs are written complete first, then swapped in one right after the other; both
 stats.json carry the same `pair_id`, so a run killed between the two swaps leaves a pair that
 train.py refuses (re-run this script to repair it). Replacing outputs: longalign/storage.py.
+
+The original code's batches, rule for rule: --pack_strategy greedy_original --sort_remainder drop
+(README "Differences from the original code").
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from pathlib import Path
 from longalign.constants import DEFAULT_GROUP_SIZE, DEFAULT_MAX_LENGTH, PACK_STRATEGIES
 from longalign.fault_points import BETWEEN_SORT_AND_PACK, fault_point
 from longalign.packing import build_pack_table, pack_stats, plan_packs
-from longalign.sorting import (build_sort_table, check_enough_sequences, check_group_size, sort_stats,
-                               sorted_group_order)
+from longalign.sorting import (SORT_REMAINDER_POLICIES, build_sort_table, check_enough_sequences,
+                               check_group_size, plan_sort, sort_stats)
 from longalign.storage import atomic_dir, check_output_dir, data_files_digest
 from longalign.token_sequences import (TOO_LONG_POLICIES, format_stats_table, load_token_table,
                                        prepare_sequences, write_table)
@@ -38,7 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE,
                         help="sequences (sort) / packs (pack) per data-parallel step")
     parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens per pack")
-    parser.add_argument("--pack_strategy", choices=PACK_STRATEGIES, default="bfd")
+    parser.add_argument("--pack_strategy", choices=PACK_STRATEGIES, default="bfd",
+                        help="bfd: best-fit-decreasing, balanced steps; greedy: the paper's walk in stored "
+                             "order; greedy_original: the original code's walk rule for rule")
+    parser.add_argument("--sort_remainder", choices=SORT_REMAINDER_POLICIES, default="repeat",
+                        help="incomplete last sorted group: repeat its members (default) or drop the "
+                             "longest N mod group_size sequences as the original does")
     parser.add_argument("--seed", type=int, default=42, help="shuffles the order of groups")
     parser.add_argument("--too_long", choices=TOO_LONG_POLICIES, default="truncate",
                         help="what to do with a sequence longer than --max_length")
@@ -69,7 +77,8 @@ def save_pair(train_file, sort_output, pack_output, overwrite: bool) -> None:
 
 
 def sort_and_group(train_file, group_size: int, max_length: int, pack_strategy: str, seed: int,
-                   too_long: str, overwrite: bool = False, repeat_small_dataset: bool = False) -> dict:
+                   too_long: str, overwrite: bool = False, repeat_small_dataset: bool = False,
+                   sort_remainder: str = "repeat") -> dict:
     """Validate everything first (nothing is written on bad input), then write sort/ and pack/."""
     check_group_size(group_size)
     if pack_strategy not in PACK_STRATEGIES:
@@ -81,15 +90,16 @@ def sort_and_group(train_file, group_size: int, max_length: int, pack_strategy: 
     sequences, input_counts = prepare_sequences(table, max_length, too_long)
     check_enough_sequences(len(sequences.lengths), group_size, repeat_small_dataset)
     settings = {"seed": seed, "max_length": max_length, "group_size": group_size,
-                "pack_strategy": pack_strategy, "too_long": too_long}
+                "pack_strategy": pack_strategy, "too_long": too_long, "sort_remainder": sort_remainder}
     common = {"train_file": str(train_file), "seed": seed, "max_length": max_length,
               "pair_id": pair_id(train_file, settings),
               "ignored_columns": [c for c in table.column_names if c not in sequences.columns],
               **input_counts}
 
-    order, repeated = sorted_group_order(sequences.lengths, group_size, seed)
-    sort_summary = {**common, **sort_stats(sequences, order, group_size, repeated)}
+    order, sort_counts = plan_sort(sequences.lengths, group_size, seed, sort_remainder)
     packs, pack_counts = plan_packs(sequences.lengths, max_length, pack_strategy, group_size, seed)
+
+    sort_summary = {**common, **sort_stats(sequences, order, group_size, sort_counts)}
     pack_summary = {**common, "pack_strategy": pack_strategy,
                     **pack_stats(packs, sequences.lengths, max_length, group_size, pack_counts)}
     save_pair(train_file, (lambda: build_sort_table(sequences, order), sort_summary),
@@ -100,7 +110,8 @@ def sort_and_group(train_file, group_size: int, max_length: int, pack_strategy: 
 def main(argv=None) -> None:
     args = parse_args(argv)
     summary = sort_and_group(args.train_file, args.group_size, args.max_length, args.pack_strategy,
-                             args.seed, args.too_long, args.overwrite_output_dir, args.repeat_small_dataset)
+                             args.seed, args.too_long, args.overwrite_output_dir, args.repeat_small_dataset,
+                             args.sort_remainder)
     print(format_stats_table(f"sort -> {Path(args.train_file) / 'sort'}", summary["sort"]))
     print(format_stats_table(f"pack -> {Path(args.train_file) / 'pack'}", summary["pack"]))
     print(f"done in {summary['seconds']:.1f} s")

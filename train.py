@@ -21,13 +21,13 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from longalign.chat_template import attach_chat_template
-from longalign.collators import BATCH_METHODS, LOSS_REDUCTIONS, build_collator
+from longalign.collators import BATCH_METHODS, LOSS_REDUCTIONS, build_collator, with_row_index
 from longalign.modeling.checkpoints import SelfDescribingCheckpoints, make_self_describing
 from longalign.modeling.loading import load_training_model, load_training_tokenizer, model_family, pad_token_id
 from longalign.recompute import apply_recompute
 from longalign.run_state import fingerprint_callback, start_run
 from longalign.train_data import load_train_dataset
-from longalign.trainer import DEFAULT_PEAK_TFLOPS, LongAlignTrainer, resolve_loss_reduction
+from longalign.trainer import DEFAULT_PEAK_TFLOPS, LOSS_DENOMINATORS, LongAlignTrainer, resolve_loss_reduction
 from longalign.validation import check_sort_pack_pair, dataset_directory, validate_training_dataset
 
 
@@ -54,6 +54,13 @@ class LongAlignArguments:
     rope_ratio: float | None = field(default=None, metadata={
         "help": "ChatGLM only: RoPE base = 10000 * rope_ratio. Default: read from the checkpoint (its "
                 "config.json, or a ratio hard-coded in its modeling_chatglm.py); an error if it has none"})
+    original_warmup_packs: bool = field(default=False, metadata={
+        "help": "pack only: the original code's first 32 packs cut to 32,768 tokens with doubled 1/N_k weights "
+                "(its dataset.py; README differences)"})
+    loss_denominator: str = field(default="step", metadata={
+        "choices": list(LOSS_DENOMINATORS),
+        "help": "step: one count per optimizer step (the same gradient for any ranks x accumulation split); "
+                "micro_step: the original's mean per micro-step, averaged over gradient accumulation"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow the tokenizer folder's own Python code to run (ChatGLM3's tokenizer is remote code); "
                 "the model always loads through this package's code"})
@@ -108,12 +115,14 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     if tokenizer is not None:
         attach_chat_template(tokenizer, family)  # saved with every checkpoint: the training format
     pad_id = pad_token_id(tokenizer, model.config) if args.batch_method != "pack" else None
-    collator = build_collator(args.batch_method, args.loss_reduction, pad_id)
+    if args.original_warmup_packs:
+        dataset = with_row_index(dataset)  # the collator cuts the first packs of the stored order
+    collator = build_collator(args.batch_method, args.loss_reduction, pad_id, args.original_warmup_packs)
     callbacks = [SelfDescribingCheckpoints(family), fingerprint_callback(fingerprint), *(callbacks or [])]
     trainer = LongAlignTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                                processing_class=tokenizer, callbacks=callbacks, batch_method=args.batch_method,
                                loss_reduction=args.loss_reduction, group_size=group_size,
-                               peak_tflops=args.peak_tflops)
+                               peak_tflops=args.peak_tflops, loss_denominator=args.loss_denominator)
     trainer.longalign_args, trainer.model_family = args, family
     return trainer
 

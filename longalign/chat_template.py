@@ -17,8 +17,9 @@ writes them. Per family, with i the round number:
 
 ChatGLM's "\\n\\n答：" is the assistant header: written before each assistant message and, at the
 end, only with `add_generation_prompt=True`. Llama-2's "[/INST]" closes the user turn (as in
-Meta's own template). Roles must alternate user/assistant starting with user; a system message is
-an error (the LongAlign formats have none).
+Meta's own template). Assistant messages are stripped of edge whitespace (`| trim`), as
+`longalign.templates.reply_text` strips replies in the training text. Roles must alternate
+user/assistant starting with user; a system message is an error (the LongAlign formats have none).
 """
 from __future__ import annotations
 
@@ -39,13 +40,13 @@ _BODIES = {
         "{% if message['role'] == 'user' %}"
         "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
         "{{ '[INST]' + message['content'] + '[/INST]' }}"
-        "{% else %}{{ message['content'] }}{% endif %}"
+        "{% else %}{{ message['content'] | trim }}{% endif %}"
     ),
     "chatglm": (
         "{% if message['role'] == 'user' %}"
         "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
         "{{ '[Round ' + (loop.index0 // 2 + 1) | string + ']\\n\\n问：' + message['content'] }}"
-        "{% else %}{{ '\\n\\n答：' + message['content'] }}{% endif %}"
+        "{% else %}{{ '\\n\\n答：' + message['content'] | trim }}{% endif %}"
     ),
 }
 _GENERATION_PROMPT = {

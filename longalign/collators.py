@@ -19,9 +19,13 @@ them): `cu_seq_lens_q` = `cu_seq_lens_k` = [0, e_1, ..., T] (int32) and `max_len
 
 Every batch also carries `batch_counts` (int64, fields COUNT_FIELDS) for the trainer's global
 denominators and throughput logs; the trainer removes it before calling the model.
+
+`OriginalWarmup` (train.py --original_warmup_packs) reproduces the original code's first packs,
+cut and with doubled weights (README differences).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -35,6 +39,12 @@ COUNTS_KEY = "batch_counts"
 # sequences with >= 1 target | packs (padded rows) with >= 1 target | target positions |
 # real (non-pad) tokens | sum over sequences of length^2 (attention work)
 COUNT_FIELDS = ("sequences", "packs", "target_tokens", "tokens", "sum_sq_lengths")
+WORK_FIELDS = ("tokens", "sum_sq_lengths")  # what a pack costs, as opposed to what its loss counts
+ROW_INDEX_KEY = "row_index"  # a pack's index in the stored order (`with_row_index`)
+# The original's dataset.py: `if idx < 32: max_length_tmp = 32768 ... self.weights[idx, :32768] * 2`
+ORIGINAL_WARMUP_PACKS = 32
+ORIGINAL_WARMUP_TOKENS = 32768
+ORIGINAL_WARMUP_WEIGHT_SCALE = 2.0
 
 
 def check_reduction(reduction: str) -> None:
@@ -108,17 +118,66 @@ def read_row(row: dict, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, labels
 
 
+def with_row_index(dataset):
+    """`dataset` (a datasets.Dataset) with a column ROW_INDEX_KEY = 0, 1, ... (stored order)."""
+    return dataset.add_column(ROW_INDEX_KEY, list(range(len(dataset))))
+
+
+@dataclass(frozen=True)
+class OriginalWarmup:
+    """The original's first packs (its dataset.py), a memory saver for its first steps.
+
+    The packs at stored index < `packs` are cut to their first `tokens` tokens (a sequence that
+    crosses the cut keeps its head). With `sequence` weights, their 1/N_k (N_k of the uncut
+    sequences) are multiplied by `weight_scale` and the step's K still counts the sequences of
+    the uncut packs (the original's `nums`, summed from the stored weights); with `pack_mean` the
+    original took the plain token mean of the cut pack, which the cut row gives.
+
+        tokens=4, row [a b c | d e f] (cu [0 3 6]), sequence weights [0 .5 .5 | 0 .5 .5]
+        -> row [a b c | d] (cu [0 3 4]), weights [0 1 1 | 0], counts: 2 sequences, 4 tokens
+    """
+
+    packs: int = ORIGINAL_WARMUP_PACKS
+    tokens: int = ORIGINAL_WARMUP_TOKENS
+    weight_scale: float = ORIGINAL_WARMUP_WEIGHT_SCALE
+    reductions = ("sequence", "pack_mean")  # the original's two pack losses (--pack_loss or not)
+
+    def applies(self, row: dict, index: int) -> bool:
+        if ROW_INDEX_KEY not in row:
+            raise KeyError(f"pack row {index} has no {ROW_INDEX_KEY!r}: wrap the dataset with with_row_index()")
+        return int(row[ROW_INDEX_KEY]) < self.packs
+
+    def cut(self, ids: torch.Tensor, labels: torch.Tensor, cu: torch.Tensor, reduction: str):
+        """(ids, labels, cu_seqlens, weights, counts) of one warm-up pack."""
+        full_weights, full_counts = pack_weights_and_counts(labels, cu, reduction)
+        if len(ids) > self.tokens:
+            ids, labels = ids[:self.tokens], labels[:self.tokens]
+            cu = torch.cat([cu[cu < self.tokens], torch.tensor([self.tokens])])
+        weights, counts = pack_weights_and_counts(labels, cu, reduction)
+        if reduction == "sequence":
+            weights = full_weights[:len(ids)] * self.weight_scale
+            work = [COUNT_FIELDS.index(field) for field in WORK_FIELDS]
+            full_counts[work] = counts[work]  # the loss counts the uncut packs, the work is the cut one
+            counts = full_counts
+        return ids, labels, cu, weights, counts
+
+
 class PackCollator:
     """Pack rows -> one flat batch (DESIGN.md §3); several packs are concatenated.
 
     Weights are computed per pack before concatenating, so `pack_mean` still averages within
     each pack. Output: input_ids, labels, position_ids, loss_weights (1, T); cu_seq_lens_q and
     cu_seq_lens_k (n+1,) int32; max_length_q and max_length_k (int); batch_counts.
+    `warmup`: the original's first packs (OriginalWarmup); rows then need ROW_INDEX_KEY.
     """
 
-    def __init__(self, reduction: str):
+    def __init__(self, reduction: str, warmup: OriginalWarmup | None = None):
         check_reduction(reduction)
+        if warmup is not None and reduction not in warmup.reductions:
+            raise ValueError(f"the original's warm-up packs exist for the reductions {warmup.reductions}, "
+                             f"not {reduction!r}")
         self.reduction = reduction
+        self.warmup = warmup
 
     def __call__(self, rows: Sequence[dict]) -> dict:
         if not rows:
@@ -132,7 +191,11 @@ class PackCollator:
                 raise KeyError(f"pack row {index} has no 'cu_seqlens' (is --train_file/pack a sort_and_group.py pack?)")
             cu = as_long_tensor(row["cu_seqlens"], "cu_seqlens")
             check_cu_seqlens(cu, len(row_ids))
-            row_weights, row_counts = pack_weights_and_counts(row_labels, cu, self.reduction)
+            if self.warmup is not None and self.warmup.applies(row, index):
+                row_ids, row_labels, cu, row_weights, row_counts = self.warmup.cut(row_ids, row_labels, cu,
+                                                                                   self.reduction)
+            else:
+                row_weights, row_counts = pack_weights_and_counts(row_labels, cu, self.reduction)
             ids.append(row_ids)
             labels.append(row_labels)
             weights.append(row_weights)
@@ -184,10 +247,14 @@ class PaddedCollator:
                 "loss_weights": loss_weights, COUNTS_KEY: counts}
 
 
-def build_collator(batch_method: str, reduction: str, pad_token_id: int | None = None):
-    """The collator of `batch_method` (pad_token_id is needed for naive and sort)."""
+def build_collator(batch_method: str, reduction: str, pad_token_id: int | None = None,
+                   original_warmup: bool = False):
+    """The collator of `batch_method` (pad_token_id is needed for naive and sort);
+    `original_warmup`: pack only, the original's first packs (OriginalWarmup)."""
+    if original_warmup and batch_method != "pack":
+        raise ValueError(f"--original_warmup_packs cuts packs: it needs --batch_method pack, not {batch_method}")
     if batch_method == "pack":
-        return PackCollator(reduction)
+        return PackCollator(reduction, OriginalWarmup() if original_warmup else None)
     if batch_method in ("naive", "sort"):
         if pad_token_id is None:
             raise ValueError(f"--batch_method {batch_method} pads batches: a pad token id is needed")

@@ -11,7 +11,8 @@ LONGALIGN_HF_DATASET = "THUDM/LongAlign-10k"
 ZERO_WIDTH_CHARS = ("\u200b", "\u200c", "\u200d", "\ufeff")
 TOKEN_COLUMNS = ("input_ids", "labels")  # DESIGN.md §1: the columns every tokenized dataset has
 DEFAULT_GROUP_SIZE = 8  # sequences (sort) or packs (pack) per data-parallel step: the paper's 8 GPUs
-PACK_STRATEGIES = ("bfd", "greedy")  # best-fit-decreasing (default) or the paper's greedy walk
+# best-fit-decreasing (default), the paper's greedy walk, or the original code's greedy rule for rule
+PACK_STRATEGIES = ("bfd", "greedy", "greedy_original")
 # Rows are materialised with Arrow `take` in chunks of about this many tokens, to bound memory
 # (~0.5 GiB of int32 per column per chunk) and keep every chunk's int32 list offsets in range.
 MATERIALIZE_CHUNK_TOKENS = 1 << 27

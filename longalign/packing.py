@@ -1,12 +1,15 @@
 """Packing (paper §3.2): concatenate sequences into packs of at most `max_length` tokens.
 
-A pack is a list of sequence indices. Two strategies:
-- `greedy_pack`, the paper's: walk the sequences in stored order, append while the pack fits.
+A pack is a list of sequence indices. Three strategies:
+- `greedy_pack`, the paper's walk: in stored order, append while the pack fits (<= max_length).
+- `greedy_original_pack`: the original code's walk rule for rule (its `>=`, its dropped last
+  pack, its skipped max_length sequences; see the function), for reproducing its batches.
 - `best_fit_decreasing_pack`: longest first, each into the fullest pack that still has room.
 
         max_length = 10, lengths = [6 5 4 3 2]
-        greedy : [0] [1 2] [3 4]        -> 6 | 9 | 5 tokens, 3 packs
-        bfd    : [0 2] [1 3 4]          -> 10 | 10 tokens, 2 packs
+        greedy          : [0] [1 2] [3 4]   -> 6 | 9 | 5 tokens, 3 packs
+        greedy_original : [0] [1 2]         -> 6 | 9 tokens ([3 4] is the dropped last pack)
+        bfd             : [0 2] [1 3 4]     -> 10 | 10 tokens, 2 packs
 
 Loss weighting (paper Eq. 2): each token of sequence k weighs 1/N_k (N_k its target count), so
 every sequence counts once in a pack's loss however long it is. Packs are then completed to
@@ -20,7 +23,7 @@ import bisect
 import numpy as np
 import pyarrow as pa
 
-from longalign.constants import IGNORE_INDEX
+from longalign.constants import IGNORE_INDEX, PACK_STRATEGIES
 from longalign.sorting import check_group_size, fill_last_group, shuffle_groups, token_chunks
 
 
@@ -48,6 +51,35 @@ def greedy_pack(lengths, max_length: int) -> list[list[int]]:
     if current:  # the last pack is kept
         packs.append(current)
     return packs
+
+
+def greedy_original_pack(lengths, max_length: int) -> tuple[list[list[int]], dict]:
+    """The original sort_and_group.py's packing, reproduced rule for rule; returns (packs, counts).
+
+    In stored order: a sequence of length >= max_length is skipped (the original reads a row
+    without padding as too long; after its right truncation that is every over-long sequence);
+    a new pack starts when used + length >= max_length (so a pack is never exactly full); the
+    last, partial pack is dropped. Every rule is counted.
+
+        lengths=[6 5 4 3 2 10], max_length=10
+        6 -> A; 5: 6+5 >= 10 -> B; 4: 5+4 < 10 -> B; 3: 9+3 >= 10 -> C; 2 -> C; 10 skipped
+        => [[0], [1, 2]]; [3, 4] (5 tokens) dropped with the last pack
+    """
+    lengths = check_lengths(lengths, max_length)
+    packs, current, used, skipped = [], [], 0, 0
+    for index, length in enumerate(lengths):
+        if length >= max_length:
+            skipped += 1
+            continue
+        if used + length >= max_length:
+            packs.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += length
+    counts = {"original_skipped_max_length_sequences": skipped,
+              "original_dropped_last_pack_sequences": len(current),
+              "original_dropped_last_pack_tokens": used}
+    return packs, counts
 
 
 def best_fit_decreasing_pack(lengths, max_length: int) -> list[list[int]]:
@@ -161,14 +193,18 @@ def plan_packs(lengths, max_length: int, strategy: str, group_size: int, seed: i
 
     greedy keeps the paper's creation order; bfd is ordered by `balanced_group_order`. Both are
     first completed to whole groups by `split_packs_to_fill_groups` (then, only if no pack can be
-    split, by repeating packs of the last group, counted as `repeated_packs`).
+    split, by repeating packs of the last group, counted as `repeated_packs`). greedy_original
+    keeps the original's creation order and, as its LMPackDataset does with the GPU count,
+    drops the packs past the last whole group (counted).
     """
+    if strategy == "greedy_original":
+        return plan_original_packs(lengths, max_length, group_size)
     if strategy == "greedy":
         packs = greedy_pack(lengths, max_length)
     elif strategy == "bfd":
         packs = best_fit_decreasing_pack(lengths, max_length)
     else:
-        raise ValueError(f"unknown pack strategy {strategy!r}; expected 'bfd' or 'greedy'")
+        raise ValueError(f"unknown pack strategy {strategy!r}; expected one of {PACK_STRATEGIES}")
     packs_before = len(packs)
     packs, splits = split_packs_to_fill_groups(packs, lengths, group_size)
     if strategy == "bfd":
@@ -178,6 +214,22 @@ def plan_packs(lengths, max_length: int, strategy: str, group_size: int, seed: i
     counts = {"packs_before_completing_groups": packs_before,
               "packs_split_to_complete_groups": splits, "repeated_packs": repeated}
     return [packs[p] for p in order], counts
+
+
+def plan_original_packs(lengths, max_length: int, group_size: int) -> tuple[list[list[int]], dict]:
+    """greedy_original packs in creation order, cut to whole groups of `group_size`.
+
+    lengths=[6 5 4 3 2 10], max_length=10, group_size=2 -> [[0], [1, 2]], nothing cut
+    """
+    check_group_size(group_size)
+    packs, counts = greedy_original_pack(lengths, max_length)
+    kept = len(packs) - len(packs) % group_size
+    if kept == 0:
+        raise ValueError(f"greedy_original made {len(packs)} packs: not one whole group of {group_size}")
+    counts.update(packs_before_completing_groups=len(packs), packs_split_to_complete_groups=0,
+                  repeated_packs=0, original_dropped_incomplete_group_packs=len(packs) - kept,
+                  original_dropped_incomplete_group_sequences=sum(len(pack) for pack in packs[kept:]))
+    return packs[:kept], counts
 
 
 def build_pack_table(sequences, packs: list[list[int]]) -> pa.Table:

@@ -4,7 +4,11 @@ Output (DESIGN.md §1) at `output_dir`, written through `longalign.storage.atomi
 - the `datasets` Arrow files (`save_to_disk`): columns input_ids, labels — int32, unpadded;
 - `stats.json`: per source, rows read / kept (written, truncated ones included) / truncated /
   skipped_too_long / skipped_invalid (by kind) / skipped_no_target, token totals, a length
-  histogram; plus on-disk bytes per token and throughput;
+  histogram, and what labelling met: `empty_replies_masked` (replies with nothing but
+  whitespace / zero-width characters, masked with their EOS target), `reply_edges_stripped`
+  (replies whose edge whitespace was removed), `ids_differ_from_whole_text` (rows whose segment
+  ids differ from tokenizing the whole text: a merge crossed a reply boundary; see
+  tokenization.py); plus on-disk bytes per token and throughput;
 - `invalid_rows.jsonl`: one line per bad input row (source, file, line number, kind, reason).
 Per source: rows_read == kept + skipped_too_long + skipped_invalid + skipped_no_target.
 """
@@ -21,6 +25,7 @@ import numpy as np
 from longalign.constants import DEFAULT_LONG_JSONL, LONGALIGN_HF_DATASET, TOKEN_COLUMNS
 from longalign.conversations import Conversation, InvalidRow, SourceRows, read_jsonl, read_rows
 from longalign.storage import atomic_dir, check_output_dir, write_json_atomic
+from longalign.templates import reply_text
 from longalign.tokenization import (KEPT, SKIPPED_NO_TARGET, SKIPPED_TOO_LONG, TRUNCATED,
                                     ConversationTokenizer, TokenizedExample, load_tokenizer,
                                     tokenize_all)
@@ -46,6 +51,7 @@ class PretokenizeConfig:
     batch_size: int = 64  # conversations per batched tokenizer call / per pool task
     overwrite_output_dir: bool = False  # replace a previous output that holds other files too
     trust_remote_code: bool = False  # allow a tokenizer that ships Python code (ChatGLM3's)
+    shuffle_seed: int | None = None  # None: input order (long rows, then short); else a seeded shuffle
 
 
 # ---- inputs -------------------------------------------------------------------------------
@@ -103,6 +109,9 @@ class SourceStats:
     skipped_no_target: int = 0
     dropped_trailing_user_turns: int = 0
     zero_width_chars_removed: int = 0
+    reply_edges_stripped: int = 0
+    empty_replies_masked: int = 0
+    ids_differ_from_whole_text: int = 0
     tokens: int = 0
     target_tokens: int = 0
     tokens_before_truncation: int = 0
@@ -122,9 +131,12 @@ class SourceStats:
     def add_conversation(self, conversation: Conversation) -> None:
         self.dropped_trailing_user_turns += int(conversation.dropped_trailing_user)
         self.zero_width_chars_removed += conversation.zero_width_removed
+        self.reply_edges_stripped += sum(reply != reply_text(reply) for _, reply in conversation.rounds)
 
     def add_example(self, example: TokenizedExample) -> None:
         self.tokens_before_truncation += example.length_before_truncation
+        self.empty_replies_masked += example.empty_replies
+        self.ids_differ_from_whole_text += int(example.differs_from_whole_text)
         if example.status == SKIPPED_TOO_LONG:
             self.skipped_too_long += 1
             return
@@ -143,6 +155,7 @@ class SourceStats:
 
 def _total(per_source: dict[str, SourceStats]) -> dict:
     keys = ("rows_read", "kept", "truncated", "skipped_too_long", "skipped_invalid", "skipped_no_target",
+            "empty_replies_masked", "reply_edges_stripped", "ids_differ_from_whole_text",
             "tokens", "target_tokens", "tokens_before_truncation")
     return {key: sum(getattr(stats, key) for stats in per_source.values()) for key in keys}
 
@@ -212,6 +225,17 @@ def _split_rows(sources: dict[str, SourceRows], requested: dict, stats: dict, re
     return tagged
 
 
+def shuffle_rows(tagged: list, seed: int | None) -> list:
+    """All rows (long and short together) in a seeded random order, as the original mixes them
+    (with an unseeded random.shuffle); `seed=None` keeps the input order.
+
+    tagged=[a b c d], seed -> [tagged[i] for i in default_rng(seed).permutation(4)]
+    """
+    if seed is None:
+        return tagged
+    return [tagged[i] for i in np.random.default_rng(seed).permutation(len(tagged))]
+
+
 def _tokenize(config: PretokenizeConfig, tagged: list, stats: dict) -> list:
     from tqdm import tqdm
 
@@ -238,7 +262,8 @@ def _stats_document(config, encoder, per_source, arrow_bytes, seconds, tokenize_
     total = _total(per_source)
     return {
         "config": dataclasses.asdict(config),
-        "tokenizer": {"eos_token_id": encoder.eos_id, "prefix_ids": encoder.prefix},
+        "tokenizer": {"eos_token_id": encoder.eos_id, "prefix_ids": encoder.prefix,
+                      "text_route": encoder.encoder.route, "continuation_anchor": encoder.encoder.anchor},
         "sources": {name: s.as_dict() for name, s in per_source.items()},
         "total": total,
         "invalid_report": INVALID_REPORT,
@@ -264,10 +289,10 @@ def _check_max_length_fits_template(encoder: ConversationTokenizer, config: Pret
             raise ValueError(f"--truncate left keeps the first {LEFT_TRUNCATION_KEEP_HEAD} tokens and the tail: "
                              f"it needs --max_length > {LEFT_TRUNCATION_KEEP_HEAD}, got {config.max_length}")
         return
-    [(shortest, _)] = encoder.encode_batch([[("", "")]])  # special tokens + empty round + EOS
-    if config.max_length < len(shortest):
+    [shortest] = encoder.encode_batch([[("", "")]])  # special tokens + empty round + EOS
+    if config.max_length < len(shortest.ids):
         raise ValueError(f"--max_length {config.max_length} is shorter than the {config.family} chat template "
-                         f"itself ({len(shortest)} tokens for an empty round with its EOS target): with "
+                         f"itself ({len(shortest.ids)} tokens for an empty round and its EOS): with "
                          f"--truncate {config.truncate} no example could keep a target")
 
 
@@ -302,6 +327,7 @@ def run_pretokenize(config: PretokenizeConfig) -> dict:
     sources = _read_sources(config)
     per_source, report = {}, []
     tagged = _split_rows(sources, {"long": config.datanum, "short": None}, per_source, report)
+    tagged = shuffle_rows(tagged, config.shuffle_seed)
     tokenize_started = time.perf_counter()
     record_batches = _tokenize(config, tagged, per_source)
     tokenize_seconds = time.perf_counter() - tokenize_started

@@ -4,11 +4,15 @@ Each group is what one data-parallel step trains on, so sorting makes its member
 length (little padding, little waiting for the longest GPU); shuffling the groups with a seed
 keeps the order of steps random instead of going from longest to shortest.
 
-Remainder policy: when the number of sequences is not a multiple of `group_size`, the last
-(shortest) group is completed by repeating its own members cyclically. Every sequence is kept
-exactly once, the repeated rows are counted in stats.json, and every group is complete, which a
-trainer on world size == group_size needs (otherwise its sampler would pad with unrelated rows,
-as torch's DistributedSampler does, mixing a long sequence into a short step).
+Remainder policy (`--sort_remainder`), when the number of sequences is not a multiple of
+`group_size`:
+- `repeat` (default): the last (shortest) group is completed by repeating its own members
+  cyclically. Every sequence is kept, the repeated rows are counted in stats.json, and every
+  group is complete, which a trainer on world size == group_size needs (otherwise its sampler
+  would pad with unrelated rows, as torch's DistributedSampler does, mixing a long sequence
+  into a short step).
+- `drop`: the original's rule (`original_sorted_group_order`): sorted shortest first, the
+  N mod group_size longest sequences are dropped (counted), groups shuffled.
 
 A dataset with fewer sequences than `group_size` cannot fill one group without repeating rows
 (100 rows, group_size 1000 -> 1000 rows): `check_enough_sequences` makes that an error unless
@@ -86,6 +90,29 @@ def sorted_group_order(lengths: np.ndarray, group_size: int, seed: int) -> tuple
     return shuffle_groups(filled, group_size, seed), repeated
 
 
+SORT_REMAINDER_POLICIES = ("repeat", "drop")
+
+
+def original_sorted_group_order(lengths: np.ndarray, group_size: int, seed: int) -> tuple[np.ndarray, int]:
+    """The original sort_and_group.py's sorted batching; returns (order, dropped_rows).
+
+    Shortest first (ties in stored order, where the original's torch.sort is unstable), cut into
+    groups of `group_size`, the incomplete last group (the longest sequences) dropped, groups
+    shuffled with `seed` (the original's torch.randperm is unseeded).
+
+        lengths = [5 1 9 3 7], group_size = 2
+        by length = [1 3 0 4 2]  (1 3 5 7 9);  groups [1 3] [0 4], 2 (9 tokens) dropped
+        shuffled  = e.g. [0 4] [1 3]  -> order [0 4 1 3], dropped_rows 1
+    """
+    check_group_size(group_size)
+    lengths = np.asarray(lengths)
+    shortest_first = np.argsort(lengths, kind="stable")
+    kept = len(lengths) - len(lengths) % group_size
+    if kept == 0:
+        raise ValueError(f"--sort_remainder drop: {len(lengths)} sequences do not fill one group of {group_size}")
+    return shuffle_groups(shortest_first[:kept], group_size, seed), int(len(lengths) - kept)
+
+
 def group_padding_fractions(lengths_in_order: np.ndarray, group_size: int) -> np.ndarray:
     """Per group: padded tokens / (group_size x longest member), for batches padded to the longest.
 
@@ -116,13 +143,27 @@ def build_sort_table(sequences, order: np.ndarray) -> pa.Table:
     return pa.Table.from_batches(batches)
 
 
-def sort_stats(sequences, order: np.ndarray, group_size: int, repeated_rows: int) -> dict:
-    """What the sort output holds, for stats.json and the console."""
+def plan_sort(lengths: np.ndarray, group_size: int, seed: int, remainder: str) -> tuple[np.ndarray, dict]:
+    """Training order of the sorted batches under `remainder` (module docstring) and its counts."""
+    if remainder == "drop":
+        order, dropped = original_sorted_group_order(lengths, group_size, seed)
+        repeated = 0
+    elif remainder == "repeat":
+        order, repeated = sorted_group_order(lengths, group_size, seed)
+        dropped = 0
+    else:
+        raise ValueError(f"--sort_remainder must be one of {SORT_REMAINDER_POLICIES}, got {remainder!r}")
+    return order, {"sort_remainder": remainder, "repeated_rows_to_complete_last_group": repeated,
+                   "dropped_rows_incomplete_last_group": dropped}
+
+
+def sort_stats(sequences, order: np.ndarray, group_size: int, counts: dict) -> dict:
+    """What the sort output holds (`counts` from plan_sort), for stats.json and the console."""
     padding = group_padding_fractions(sequences.lengths[order], group_size)
     stored_order, _ = fill_last_group(np.arange(len(sequences.lengths)), group_size)
     unsorted = group_padding_fractions(sequences.lengths[stored_order], group_size)
     return {"group_size": group_size, "rows": int(len(order)), "groups": int(len(padding)),
-            "repeated_rows_to_complete_last_group": repeated_rows,
+            **counts,
             "padding_fraction_mean": float(padding.mean()),
             "padding_fraction_worst": float(padding.max()),
             # for comparison: groups cut from the stored order, as naive batching would

@@ -9,6 +9,17 @@ with, per round i (1-based),
     chatglm: "[Round {i}]\\n\\n问：{user}\\n\\n答：{assistant}"
     llama:   "[INST]{user}[/INST]{assistant}"
 
+Decisions (README "Differences from the original code"):
+- Round separator: "\\n\\n" for both families, the released models' chat format (ChatGLM's
+  `build_prompt`, LongAlign's Llama prompt). The original training code lost it: under
+  transformers 4.33 its reply markers were special tokens, and the slow tokenizer stripped the
+  whitespace next to them, so rounds were glued ("...bbbb[INST]cccc").
+- Reply edges: each assistant reply is stripped of leading and trailing whitespace
+  (`reply_text`), in training text and in inference prompts alike. That is what the released
+  models learnt (the same 4.33 stripping) and what their chat() puts back into the history
+  (ChatGLM's `response.strip()`); a reply that is only whitespace becomes empty (and its round
+  carries no target, see tokenization.py). User text is kept exactly as written.
+
 `build_prompt(family, history, query)` is that text up to where the model starts answering
 `query`; `conversation_segments` cuts the same text into pieces flagged by what the loss does
 with them, so pre_tokenize can place labels exactly (see `Segment`). Both are built from the
@@ -26,7 +37,7 @@ ROUND_SEPARATOR = "\n\n"
 # What the loss does with the tokens of a segment.
 PROMPT = "prompt"  # no token is a target
 REPLY = "reply"  # every token is a target (the assistant's answer)
-CLOSE = "close"  # only the first token is a target: it closes the reply just before it
+CLOSE = "close"  # text after a reply; its first position carries the EOS target closing that reply
 SEGMENT_KINDS = (PROMPT, REPLY, CLOSE)
 
 
@@ -41,6 +52,11 @@ class Segment:
 def check_family(family: str) -> None:
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {MODEL_FAMILIES}")
+
+
+def reply_text(assistant: str) -> str:
+    """The assistant reply as it appears in the text: stripped of edge whitespace."""
+    return assistant.strip()
 
 
 def round_prompt(family: str, round_index: int, user: str) -> str:
@@ -63,11 +79,13 @@ def build_prompt(family: str, history: Sequence[tuple[str, str]], query: str) ->
 def conversation_segments(family: str, rounds: Sequence[tuple[str, str]]) -> list[Segment]:
     """Cut the training text of `rounds` into PROMPT / REPLY / CLOSE segments.
 
-    Each intermediate reply is closed by the round separator: the separator and the next
-    round's prompt form one CLOSE segment, whose first token (the first token of "\\n\\n") is the
-    closing target. Keeping "\\n\\n" in the same piece as the next prompt tokenizes it as it is
-    tokenized at inference time, where the whole prompt is one string. The last reply is
-    closed by EOS, which the tokenizer side appends as a token id (it has no text).
+    After an intermediate reply, the separator and the next round's prompt form one CLOSE
+    segment: its input ids stay that real text, and the position of its first token carries
+    the EOS target that teaches the model to stop after the reply. The last reply is followed
+    by EOS itself, which the tokenizer side appends as a token id (it has no text).
+
+        [("q1", " a1 "), ("q2", "a2")], llama ->
+        PROMPT "[INST]q1[/INST]" | REPLY "a1" | CLOSE "\\n\\n[INST]q2[/INST]" | REPLY "a2"
     """
     check_family(family)
     segments: list[Segment] = []
@@ -77,7 +95,7 @@ def conversation_segments(family: str, rounds: Sequence[tuple[str, str]]) -> lis
             segments.append(Segment(prompt, PROMPT))
         else:
             segments.append(Segment(ROUND_SEPARATOR + prompt, CLOSE))
-        segments.append(Segment(assistant, REPLY))
+        segments.append(Segment(reply_text(assistant), REPLY))
     return segments
 
 

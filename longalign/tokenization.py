@@ -1,24 +1,29 @@
 """Conversations -> (input_ids, labels) with exact label spans, truncation and a process pool.
 
+Ids. The training ids are the tokenizer's leading special tokens (BOS for Llama, `[gMASK]sop`
+for ChatGLM3; found by comparing `tokenizer(probe, add_special_tokens=True)` with `False`, no id
+is hard-coded), then the tokens of the training text (`longalign.templates`: rounds joined by
+"\\n\\n", replies stripped), then EOS — i.e. `tokenizer(training text) + [EOS]`, what the
+model sees at inference, where the whole prompt is one string. Text inside content is text:
+"</s>", "[gMASK]", "<|user|>"... are never control tokens (`longalign.text_encoder`).
+
 Label exactness. BPE merges can cross the boundary between a prompt and a reply when the whole
-text is tokenized at once (SentencePiece-style tokenizers do not pre-split on punctuation, so
-"[/INST]" + ".lock" can become one token "[/INST].lock"), and then no token boundary sits where
-the reply starts (tests/test_pre_tokenize.py builds such a tokenizer). We therefore tokenize
-the text segment by segment (`longalign.templates.conversation_segments`) with
-`add_special_tokens=False` and concatenate the ids: every reply is exactly the tokens of its
-own text. All segments of a batch of conversations go through one batched tokenizer call.
+text is tokenized at once (SentencePiece does not pre-split on punctuation, so "[/INST]" +
+".lock" can become "...]." + "lock"), and then no token boundary sits where the reply starts.
+We therefore tokenize the text segment by segment (`longalign.templates.conversation_segments`)
+— the first as it starts a string, the others as continuations (no SentencePiece dummy "▁",
+see `TextEncoder.encode`) — and concatenate the ids: every reply is exactly the tokens of its
+own text, and a prompt ends on a token boundary, as it does at inference. The whole text is
+also encoded; where the two differ (a merge crossed a segment boundary) the segment ids are
+kept and the row is counted (`ids_differ_from_whole_text` in stats.json).
 
-Labels: the tokens of every reply, plus the token that closes it — for intermediate replies the
-first token of the following "\\n\\n" + next round prompt (a CLOSE segment), for the last reply
-EOS (the tokenizer's `eos_token_id`). Everything else is IGNORE_INDEX.
-
-Special tokens: the tokenizer's own leading tokens (BOS for Llama, `[gMASK]sop` for ChatGLM3)
-are found by comparing `tokenizer(probe, add_special_tokens=True)` with `add_special_tokens=False`
-and put in front; no id is hard-coded.
-
-Known approximation: SentencePiece tokenizers such as Llama-2's add a dummy "▁" at the start of
-every encoded string, so each segment gets one and the ids can differ from encoding the whole
-string at once (a reply is then learnt as "▁" + reply, i.e. " reply" — decoding strips it).
+Labels (the original's rule, fixed where it mislabelled): the tokens of every reply are
+targets, and the position right after each reply carries the target EOS (the tokenizer's
+`eos_token_id`) while its input id stays the real text that follows ("\\n\\n[INST]..."), so
+the model learns to stop after every answer of a multi-round chat. An empty reply (nothing left
+after stripping whitespace and zero-width characters) is masked, EOS target included, and
+counted (`empty_replies_masked`); a row left with no target is skipped and counted. Everything
+else is IGNORE_INDEX. All texts of a batch of conversations go through one batched encode.
 """
 from __future__ import annotations
 
@@ -31,12 +36,12 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from longalign.constants import IGNORE_INDEX, LEFT_TRUNCATION_KEEP_HEAD, TRUNCATION_MODES
-from longalign.templates import CLOSE, PROMPT, REPLY, conversation_segments
+from longalign.constants import IGNORE_INDEX, LEFT_TRUNCATION_KEEP_HEAD, TRUNCATION_MODES, ZERO_WIDTH_CHARS
+from longalign.templates import CLOSE, PROMPT, REPLY, conversation_segments, reply_text
+from longalign.text_encoder import TextEncoder
 
 _PROBE_TEXT = "a"  # any short text: only the special tokens wrapped around it matter
-_PROBE_ROUNDS = [("Hello,  world!\n\tTabs  and 空格 ünïcödé 123", " Leading space.\n\n"),
-                 ("", "\u200bzero width<s>[INST]")]  # exercises whitespace, non-ASCII, markup
+_ZERO_WIDTH_TABLE = str.maketrans({ch: None for ch in ZERO_WIDTH_CHARS})
 
 # Per-example outcome.
 KEPT = "kept"
@@ -52,6 +57,8 @@ class TokenizedExample:
     labels: np.ndarray | None  # int32; None when skipped
     length_before_truncation: int
     num_targets: int
+    empty_replies: int = 0
+    differs_from_whole_text: bool = False
 
 
 REMOTE_CODE_FILES = ("tokenizer_config.json", "config.json")  # where an `auto_map` names custom classes
@@ -108,8 +115,23 @@ def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
                      "unsupported tokenizer post-processing")
 
 
+def is_empty_reply(text: str) -> bool:
+    """Whether a reply has nothing to learn: empty, whitespace or zero-width characters only."""
+    return not reply_text(text.translate(_ZERO_WIDTH_TABLE))
+
+
+@dataclass
+class EncodedConversation:
+    """Untruncated ids and labels of one conversation, and what labelling found in it."""
+
+    ids: list[int]
+    labels: list[int]
+    empty_replies: int = 0  # replies masked because they are empty (see is_empty_reply)
+    differs_from_whole_text: bool = False  # segment ids != ids of the whole text (module docstring)
+
+
 class ConversationTokenizer:
-    """Tokenizes rounds of one model family into (input_ids, labels) int32 arrays."""
+    """Tokenizes rounds of one model family into (input_ids, labels) (module docstring)."""
 
     def __init__(self, tokenizer, family: str):
         self.tokenizer = tokenizer
@@ -120,60 +142,59 @@ class ConversationTokenizer:
         self.prefix, suffix = special_token_frame(tokenizer)
         if suffix not in ([], [self.eos_id]):  # we append EOS ourselves; anything else is unknown
             raise ValueError(f"the tokenizer appends special tokens {suffix}; only none or EOS is supported")
-        self.uses_backend_fast_path = self._backend_fast_path_agrees()
+        self.encoder = TextEncoder(tokenizer)
 
-    def _backend_fast_path_agrees(self) -> bool:
-        """Whether the Rust backend's offset-free batch encode gives the wrapper's exact ids.
-
-        `encode_batch_fast` skips offsets and is ~2x faster than `tokenizer(texts)`; it is used
-        only for fast tokenizers, and only when it agrees with the wrapper on probe texts that
-        contain every template piece, so wrapper-side pre-processing can never be bypassed.
-        """
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None or not hasattr(backend, "encode_batch_fast"):
-            return False
-        probes = [segment.text for segment in conversation_segments(self.family, _PROBE_ROUNDS)]
-        via_wrapper = self.tokenizer(probes, add_special_tokens=False)["input_ids"]
-        via_backend = [e.ids for e in backend.encode_batch_fast(probes, add_special_tokens=False)]
-        return [list(ids) for ids in via_wrapper] == via_backend
-
-    def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, without special tokens."""
-        if not texts:
-            return []
-        if self.uses_backend_fast_path:
-            return [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    def encode_batch(self, conversations: Sequence[Sequence[tuple[str, str]]]) -> list[tuple[list[int], list[int]]]:
-        """Untruncated (ids, labels) python lists for each conversation."""
+    def encode_batch(self, conversations: Sequence[Sequence[tuple[str, str]]]) -> list[EncodedConversation]:
+        """Untruncated ids and labels of each conversation (one batched encode for all texts)."""
         per_conversation = [conversation_segments(self.family, rounds) for rounds in conversations]
-        texts = [segment.text for segments in per_conversation for segment in segments]
-        encoded = self.encode_texts(texts)
-        results, cursor = [], 0
-        for segments in per_conversation:
-            ids, labels = list(self.prefix), [IGNORE_INDEX] * len(self.prefix)
-            for segment in segments:
-                self._append_segment(ids, labels, encoded[cursor], segment.kind)
-                cursor += 1
-            if segments:  # EOS closes the last reply; a conversation without rounds has no target
-                ids.append(self.eos_id)
-                labels.append(self.eos_id)
-            results.append((ids, labels))
+        firsts = [segments[0].text for segments in per_conversation if segments]
+        wholes = ["".join(segment.text for segment in segments) for segments in per_conversation if segments]
+        rests = [segment.text for segments in per_conversation for segment in segments[1:]]
+        plain = iter(self.encoder.encode(firsts + wholes))
+        first_ids = [next(plain) for _ in firsts]
+        whole_ids = list(plain)
+        rest_ids = iter(self.encoder.encode(rests, continuation=True))
+        results, with_text = [], iter(range(len(firsts)))
+        for rounds, segments in zip(conversations, per_conversation):
+            if not segments:  # a conversation without rounds has no target
+                results.append(EncodedConversation(list(self.prefix), [IGNORE_INDEX] * len(self.prefix)))
+                continue
+            index = next(with_text)
+            pieces = [first_ids[index]] + [next(rest_ids) for _ in segments[1:]]
+            result = self._label(segments, pieces)
+            text_ids = result.ids[len(self.prefix):-1]
+            result.differs_from_whole_text = text_ids != whole_ids[index]
+            results.append(result)
         return results
 
-    @staticmethod
-    def _append_segment(ids: list[int], labels: list[int], tokens: list[int], kind: str) -> None:
-        ids.extend(tokens)
-        if kind == REPLY:
-            labels.extend(tokens)
-        elif kind == CLOSE and tokens:
-            labels.append(tokens[0])
-            labels.extend([IGNORE_INDEX] * (len(tokens) - 1))
-        elif kind in (PROMPT, CLOSE):
+    def _label(self, segments, pieces: list[list[int]]) -> EncodedConversation:
+        """Concatenate the segments' ids; targets: reply tokens, and EOS after each reply.
+
+        [PROMPT "[INST]q[/INST]", REPLY "ab", CLOSE "\\n\\n[INST]r[/INST]", REPLY ""] ->
+            ids    = prefix  q-tokens  a     b     \\n-token ... r-tokens  EOS
+            labels = X       X ...     a     b     EOS        X ...         X   (empty reply: masked)
+        """
+        ids, labels = list(self.prefix), [IGNORE_INDEX] * len(self.prefix)
+        closing, empty = IGNORE_INDEX, 0  # the target of the position right after the last reply
+        for segment, tokens in zip(segments, pieces):
+            if segment.kind not in (PROMPT, REPLY, CLOSE):
+                raise ValueError(f"unknown segment kind {segment.kind!r}")
+            ids.extend(tokens)
+            if segment.kind == REPLY:
+                masked = is_empty_reply(segment.text)
+                empty += masked
+                labels.extend([IGNORE_INDEX] * len(tokens) if masked else tokens)
+                closing = IGNORE_INDEX if masked else self.eos_id
+                continue
+            if segment.kind == CLOSE and not tokens:
+                raise ValueError(f"the text after a reply encoded to no tokens: {segment.text!r}")
             labels.extend([IGNORE_INDEX] * len(tokens))
-        else:
-            raise ValueError(f"unknown segment kind {kind!r}")
+            if segment.kind == CLOSE:
+                labels[len(labels) - len(tokens)] = closing
+            closing = IGNORE_INDEX
+        ids.append(self.eos_id)  # EOS closes the last reply
+        labels.append(closing)
+        return EncodedConversation(ids, labels, empty)
 
 
 def truncate(ids: list[int], labels: list[int], max_length: int, mode: str) -> tuple[list[int], list[int], str]:
@@ -193,17 +214,18 @@ def truncate(ids: list[int], labels: list[int], max_length: int, mode: str) -> t
     return ids[:head] + ids[-tail:], labels[:head] + labels[-tail:], TRUNCATED
 
 
-def finish_example(ids: list[int], labels: list[int], max_length: int, mode: str) -> TokenizedExample:
+def finish_example(encoded: EncodedConversation, max_length: int, mode: str) -> TokenizedExample:
     """Truncate, drop examples without a target, and convert to int32 arrays."""
-    original = len(ids)
-    ids, labels, status = truncate(ids, labels, max_length, mode)
+    original = len(encoded.ids)
+    found = dict(empty_replies=encoded.empty_replies, differs_from_whole_text=encoded.differs_from_whole_text)
+    ids, labels, status = truncate(encoded.ids, encoded.labels, max_length, mode)
     if status == SKIPPED_TOO_LONG:
-        return TokenizedExample(status, None, None, original, 0)
+        return TokenizedExample(status, None, None, original, 0, **found)
     label_array = np.asarray(labels, dtype=np.int32)
     num_targets = int(np.count_nonzero(label_array != IGNORE_INDEX))
     if num_targets == 0:
-        return TokenizedExample(SKIPPED_NO_TARGET, None, None, original, 0)
-    return TokenizedExample(status, np.asarray(ids, dtype=np.int32), label_array, original, num_targets)
+        return TokenizedExample(SKIPPED_NO_TARGET, None, None, original, 0, **found)
+    return TokenizedExample(status, np.asarray(ids, dtype=np.int32), label_array, original, num_targets, **found)
 
 
 # ---- process pool -------------------------------------------------------------------------
@@ -224,7 +246,7 @@ def _init_pool_worker(*init_args) -> None:
 
 def _work(batch: Sequence[Sequence[tuple[str, str]]]) -> list[TokenizedExample]:
     encoder, max_length, mode = _WORKER["encoder"], _WORKER["max_length"], _WORKER["mode"]
-    return [finish_example(ids, labels, max_length, mode) for ids, labels in encoder.encode_batch(batch)]
+    return [finish_example(encoded, max_length, mode) for encoded in encoder.encode_batch(batch)]
 
 
 def _batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:

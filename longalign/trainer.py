@@ -16,6 +16,11 @@ has S = 0 and a zero gradient. The logged loss is HF's mean over ranks of sum_m 
 (1/D) sum_{r,m} S_rm, the true loss of the step. transformers' own `num_items_in_batch` scaling is
 bypassed: `get_batch_samples`, `compute_loss` and `training_step` are overridden.
 
+`loss_denominator="micro_step"` is the original code's rule instead (README differences): each
+micro-step m is normalised by its own count D_m (all ranks) and HF's 1/GA averages them,
+L_rm = W * S_rm / (D_m * GA), so the step's gradient is grad[(1/GA) sum_m (1/D_m) sum_r S_rm], the
+average of per-micro-step means. With GA = 1 both rules are the same.
+
 Data order (sort, pack). Rows are read in stored order; micro-step j gives rank r the rows
 [(j W + r) b, (j W + r + 1) b) (b = per-device batch: accelerate hands batch j W + r of the
 sequential sampler to rank r). A micro-step therefore trains W b consecutive rows; the dataset's
@@ -50,6 +55,7 @@ logger = logging.getLogger(__name__)
 # trained on A800 80G (312); pass --peak_tflops for another GPU.
 DEFAULT_PEAK_TFLOPS = 989.0
 DENOMINATOR_FIELD = {"sequence": "sequences", "pack_mean": "packs", "token": "target_tokens"}
+LOSS_DENOMINATORS = ("step", "micro_step")  # the project's global count, or the original's per micro-step
 
 
 def resolve_loss_reduction(batch_method: str, pack_loss: bool, loss_reduction: str | None) -> str:
@@ -123,9 +129,12 @@ class LongAlignTrainer(Trainer):
     """HF Trainer + stored-order data for sort/pack and the explicit loss reduction above."""
 
     def __init__(self, *args, batch_method: str, loss_reduction: str, group_size: int | None = None,
-                 peak_tflops: float = DEFAULT_PEAK_TFLOPS, **kwargs):
+                 peak_tflops: float = DEFAULT_PEAK_TFLOPS, loss_denominator: str = "step", **kwargs):
         super().__init__(*args, **kwargs)
         check_reduction(loss_reduction)
+        if loss_denominator not in LOSS_DENOMINATORS:
+            raise ValueError(f"loss_denominator must be one of {LOSS_DENOMINATORS}, got {loss_denominator!r}")
+        self.loss_denominator = loss_denominator
         if batch_method not in BATCH_METHODS:
             raise ValueError(f"batch_method must be one of {BATCH_METHODS}, got {batch_method!r}")
         if batch_method != "naive":
@@ -142,6 +151,7 @@ class LongAlignTrainer(Trainer):
         self.flops_params = matmul_parameters(self.model)
         self.flops_layers, self.flops_width = attention_width(self.model.config)
         self._step_denominator = None
+        self._micro_step_denominators: list[torch.Tensor] = []  # loss_denominator="micro_step": D_m * GA
         self._window_counts = torch.zeros(len(COUNT_FIELDS), dtype=torch.float64)
         self._window_start, self._window_step0 = None, 0
 
@@ -170,15 +180,21 @@ class LongAlignTrainer(Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        counts = torch.zeros(len(COUNT_FIELDS), dtype=torch.long, device=self.args.device)
-        for batch in batches:
-            if COUNTS_KEY not in batch:
-                raise KeyError(f"batch has no {COUNTS_KEY!r}: use longalign.collators' collators")
-            counts += batch[COUNTS_KEY].to(counts.device)
+        if any(COUNTS_KEY not in batch for batch in batches):
+            raise KeyError(f"batch has no {COUNTS_KEY!r}: use longalign.collators' collators")
+        per_batch = torch.zeros((len(batches), len(COUNT_FIELDS)), dtype=torch.long)
+        for m, batch in enumerate(batches):
+            per_batch[m] = batch[COUNTS_KEY]
+        per_batch = per_batch.to(self.args.device)
         if self.accelerator.num_processes > 1:  # every rank calls this once per optimizer step
-            counts = self.accelerator.reduce(counts, reduction="sum")
+            per_batch = self.accelerator.reduce(per_batch, reduction="sum")
+        counts = per_batch.sum(dim=0)
         self._window_counts += counts.cpu().to(torch.float64)
         self._step_denominator = loss_denominator(counts, self.loss_reduction)
+        if self.loss_denominator == "micro_step":
+            accumulation = self.args.gradient_accumulation_steps  # HF divides every micro-step by GA
+            self._micro_step_denominators = [loss_denominator(c, self.loss_reduction) * accumulation
+                                             for c in per_batch]
         return batches, self._step_denominator
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -186,7 +202,9 @@ class LongAlignTrainer(Trainer):
         inputs = {k: v for k, v in inputs.items() if k != COUNTS_KEY}
         if model.training and self._step_denominator is not None:
             outputs = model(**inputs, loss_reduction="sum")
-            scale = self.accelerator.num_processes / self._step_denominator.to(outputs.loss.device)
+            denominator = (self._micro_step_denominators.pop(0) if self.loss_denominator == "micro_step"
+                           else self._step_denominator)
+            scale = self.accelerator.num_processes / denominator.to(outputs.loss.device)
             loss = outputs.loss * scale.to(outputs.loss.dtype)
         else:
             outputs = model(**inputs, loss_reduction="mean")

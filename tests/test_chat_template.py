@@ -84,3 +84,13 @@ def test_remote_code_chat_builds_the_training_prompt():
         with pytest.raises(StopIteration), torch.no_grad():
             model.chat(recorder, ROUNDS[n][0], history=ROUNDS[:n])
         assert recorder.prompt == build_prompt("chatglm", ROUNDS[:n], ROUNDS[n][0])
+
+
+@pytest.mark.parametrize("family", ["llama", "chatglm"])
+def test_assistant_edge_whitespace_is_stripped_like_the_training_text(family, tokenizer):
+    """templates.reply_text strips replies in the training text; the template trims them too."""
+    rounds = [(" q1 ", "\n  a1  \n"), ("q2", " a2 ")]
+    template = jinja_chat_template(family, prefix="")
+    text = tokenizer.apply_chat_template(messages(rounds), chat_template=template, tokenize=False)
+    assert text == build_prompt(family, rounds[:1], rounds[1][0]) + "a2"
+    assert " q1 " in text and "\n  a1" not in text

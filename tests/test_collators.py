@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from longalign.collators import (COUNT_FIELDS, COUNTS_KEY, PackCollator, PaddedCollator, build_collator,
-                                 pack_weights_and_counts)
+from longalign.collators import (COUNT_FIELDS, COUNTS_KEY, ROW_INDEX_KEY, OriginalWarmup, PackCollator,
+                                 PaddedCollator, build_collator, pack_weights_and_counts)
 from longalign.constants import IGNORE_INDEX as X
 
 
@@ -81,3 +81,43 @@ def test_bad_input_raises_clear_errors():
         build_collator("sort", "sequence", None)
     with pytest.raises(ValueError, match="batch_method"):
         build_collator("bucket", "sequence", 0)
+
+
+def test_pack_weights_do_not_depend_on_the_cuda_device_count(monkeypatch):
+    """README differences, "K from the GPU count": the original scaled every weight by
+    torch.cuda.device_count() / K (0 on a CPU machine: all weights 0). Ours are 1/N_k and the
+    counts give K, whatever the device count says."""
+    batches = []
+    for count in (0, 1, 8):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        batches.append(PackCollator("sequence")([PACK_A, PACK_B]))
+    for batch in batches[1:]:
+        assert torch.equal(batch["loss_weights"], batches[0]["loss_weights"])
+        assert torch.equal(batch[COUNTS_KEY], batches[0][COUNTS_KEY])
+    weights = batches[0]["loss_weights"][0]
+    assert torch.allclose(weights, torch.tensor([0, .5, .5, 0, 1, 0, 0, 0, 1]))  # 1/N_k, sums 1 per sequence
+    assert counts_of(batches[0])["sequences"] == 3  # K: sequences with targets
+
+
+def test_original_warmup_packs_cut_and_double():
+    """README differences, "warm-up packs": the original's dataset.py cuts the packs at index < 32
+    to 32,768 tokens and doubles their weights, K counting the uncut packs."""
+    assert (OriginalWarmup().packs, OriginalWarmup().tokens, OriginalWarmup().weight_scale) == (32, 32768, 2.0)
+    warmup = OriginalWarmup(packs=1, tokens=4)  # PACK_A: labels [X 2 3 | X 5], cu [0 3 5]
+    rows = [{**PACK_A, ROW_INDEX_KEY: 0}, {**PACK_A, ROW_INDEX_KEY: 1}]
+    batch = PackCollator("sequence", warmup)(rows)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 1, 2, 3, 4, 5]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 4, 7, 9]  # the second sequence cut to its head
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1, 2, 0, 1]]
+    assert batch["loss_weights"].tolist() == [[0, 1, 1, 0, 0, .5, .5, 0, 1]]  # full 1/N_k, doubled
+    assert counts_of(batch) == {"sequences": 4, "packs": 2, "target_tokens": 6,  # the uncut packs'
+                                "tokens": 9, "sum_sq_lengths": 9 + 1 + 9 + 4}  # the work done
+    mean = PackCollator("pack_mean", warmup)(rows)  # without --pack_loss: the cut pack's token mean
+    assert torch.allclose(mean["loss_weights"][0, :4], torch.tensor([0, .5, .5, 0]))
+    assert counts_of(mean)["packs"] == 2 and counts_of(mean)["target_tokens"] == 2 + 3
+    with pytest.raises(KeyError, match=ROW_INDEX_KEY):
+        PackCollator("sequence", warmup)([PACK_A])
+    with pytest.raises(ValueError, match="warm-up"):
+        PackCollator("token", warmup)
+    with pytest.raises(ValueError, match="--batch_method pack"):
+        build_collator("sort", "sequence", 0, original_warmup=True)

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from longalign.packing import (attention_costs, balanced_group_order, best_fit_decreasing_pack,
+from longalign.packing import (attention_costs, balanced_group_order, best_fit_decreasing_pack, greedy_original_pack,
                                cu_seqlens_values, greedy_pack, group_imbalance, plan_packs,
                                sequence_loss_weights, split_packs_to_fill_groups)
-from longalign.sorting import fill_last_group, group_padding_fractions, sorted_group_order
+from longalign.sorting import fill_last_group, group_padding_fractions, original_sorted_group_order, sorted_group_order
 
 MAX = 10
 LENGTHS = [10, 3, 4, 5, 2, 8]  # one exactly MAX long
@@ -120,3 +120,43 @@ def test_sorted_group_order_sorted_complete_and_seeded():
 
 def test_group_padding_fractions():
     assert group_padding_fractions([4, 2, 3, 3], 2).tolist() == [0.25, 0.0]
+
+
+# ---- the original code's rules (README differences table) ------------------------------------
+def test_greedy_original_rules():
+    packs, counts = greedy_original_pack([6, 5, 4, 3, 2, 10], MAX)  # docstring example
+    assert packs == [[0], [1, 2]]
+    assert counts == {"original_skipped_max_length_sequences": 1, "original_dropped_last_pack_sequences": 2,
+                      "original_dropped_last_pack_tokens": 5}
+    # >=: a pack never fills exactly (5 + 5 = MAX starts a new pack), unlike greedy's <=
+    assert greedy_original_pack([5, 5, 1], MAX)[0] == [[0]] and greedy_pack([5, 5, 1], MAX) == [[0, 1], [2]]
+    # a sequence of exactly max_length is skipped; greedy keeps it as its own pack
+    assert greedy_original_pack([10, 3, 9, 1], MAX)[0] == [[1], [2]] and greedy_pack([10, 3, 9, 1], MAX)[0] == [0]
+    assert greedy_original_pack([3, 4], MAX) == ([], {"original_skipped_max_length_sequences": 0,
+                                                      "original_dropped_last_pack_sequences": 2,
+                                                      "original_dropped_last_pack_tokens": 7})
+
+
+def test_plan_packs_greedy_original_drops_the_incomplete_group_in_creation_order():
+    lengths = [6, 5, 4, 7, 2, 9, 9, 3]  # [3] is the dropped last pack, [6] the incomplete group
+    packs, counts = plan_packs(lengths, MAX, "greedy_original", 2, seed=0)
+    created, _ = greedy_original_pack(lengths, MAX)
+    assert created == [[0], [1, 2], [3, 4], [5], [6]] and packs == created[:4]
+    assert counts["original_dropped_incomplete_group_packs"] == 1
+    assert counts["original_dropped_incomplete_group_sequences"] == 1
+    assert counts["repeated_packs"] == counts["packs_split_to_complete_groups"] == 0
+    assert plan_packs(lengths, MAX, "greedy_original", 2, seed=5)[0] == packs  # no shuffle: stored order
+    with pytest.raises(ValueError, match="not one whole group"):
+        plan_packs([3, 4], MAX, "greedy_original", 1, seed=0)
+
+
+def test_original_sorted_group_order_drops_the_longest_remainder():
+    order, dropped = original_sorted_group_order(np.array([5, 1, 9, 3, 7]), 2, seed=0)
+    assert dropped == 1 and sorted(map(sorted, order.reshape(-1, 2).tolist())) == [[0, 4], [1, 3]]
+    assert 2 not in order  # the longest sequence is the remainder
+    groups = np.array([[1, 3], [0, 4]])  # shortest first, then shuffled with the seed
+    assert order.tolist() == groups[np.random.default_rng(0).permutation(2)].reshape(-1).tolist()
+    ties, _ = original_sorted_group_order(np.array([2, 2, 1, 2]), 2, seed=0)
+    assert sorted(ties.reshape(-1, 2).tolist()) == [[1, 3], [2, 0]]  # equal lengths keep stored order
+    with pytest.raises(ValueError, match="do not fill one group"):
+        original_sorted_group_order(np.array([1, 2]), 3, seed=0)

@@ -61,26 +61,25 @@ def load_rows(out_dir):
     return ds, json.loads((Path(out_dir) / STATS_FILE).read_text())
 
 
-# ---- exact labels ----------------------------------------------------------------------------
+# ---- exact labels (the exact-ids tests of both families: tests/test_labels.py) ---------------
 @pytest.mark.parametrize("family", ["chatglm", "llama"])
-def test_label_spans_are_exactly_each_reply_and_its_closing_token(tiny_tokenizer, family):
+def test_label_spans_are_exactly_each_reply_and_its_closing_eos(tiny_tokenizer, family):
     encoder = ConversationTokenizer(tiny_tokenizer, family)
-    [(ids, labels)] = encoder.encode_batch([MULTI])
+    [encoded] = encoder.encode_batch([MULTI])
+    ids, labels = encoded.ids, encoded.labels
+    eos = tiny_tokenizer.eos_token_id
     assert ids[:len(encoder.prefix)] == [tiny_tokenizer.bos_token_id]  # from add_special_tokens
-    assert ids[-1] == labels[-1] == tiny_tokenizer.eos_token_id
+    assert ids[-1] == labels[-1] == eos
     assert decode(tiny_tokenizer, ids[1:-1]) == conversation_text(family, MULTI)
     runs = labelled_runs(labels)
     assert len(runs) == len(MULTI)
     for index, (run, (_, reply)) in enumerate(zip(runs, MULTI)):
-        assert [labels[i] for i in run] == [ids[i] for i in run]  # labels are the tokens themselves
+        assert [labels[i] for i in run[:-1]] == [ids[i] for i in run[:-1]]  # reply labels = its tokens
         assert decode(tiny_tokenizer, [ids[i] for i in run[:-1]]) == reply
-        closing = ids[run[-1]]
-        if index == len(MULTI) - 1:
-            assert closing == tiny_tokenizer.eos_token_id
-        else:  # the first token of "\n\n" + next round's prompt
+        assert labels[run[-1]] == eos  # every reply is closed by an EOS target
+        if index < len(MULTI) - 1:  # ... whose input stays the text that follows: "\n\n" + next prompt
             follow = "\n\n" + round_prompt(family, index + 2, MULTI[index + 1][0])
-            assert closing == tiny_tokenizer(follow, add_special_tokens=False)["input_ids"][0]
-            assert decode(tiny_tokenizer, [closing]) in ("\n", "\n\n")
+            assert ids[run[-1]] == tiny_tokenizer(follow, add_special_tokens=False)["input_ids"][0]
 
 
 def sentencepiece_like_tokenizer():
@@ -102,17 +101,19 @@ def test_reply_span_is_exact_where_whole_text_tokens_would_straddle_it():
     prompt, reply = "[INST]open it[/INST]", ".lock opens"
     whole = tokenizer(prompt + reply, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     assert any(start < len(prompt) < end for start, end in whole)  # the case this design exists for
-    [(ids, labels)] = ConversationTokenizer(tokenizer, "llama").encode_batch([[("open it", reply)]])
+    [encoded] = ConversationTokenizer(tokenizer, "llama").encode_batch([[("open it", reply)]])
+    ids, labels = encoded.ids, encoded.labels
     assert ids[0] == tokenizer.bos_token_id and labels[-1] == tokenizer.eos_token_id
     run = labelled_runs(labels)[0]
     assert decode(tokenizer, [ids[i] for i in run[:-1]]) == reply
     assert ids[1:run[0]] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert encoded.differs_from_whole_text  # counted in stats.json (ids_differ_from_whole_text)
 
 
 def test_conversation_without_rounds_has_no_target(tiny_tokenizer):
     encoder = ConversationTokenizer(tiny_tokenizer, "llama")
-    [(ids, labels)] = encoder.encode_batch([[]])
-    assert finish_example(ids, labels, 100, "right").status == "skipped_no_target"
+    [encoded] = encoder.encode_batch([[]])
+    assert finish_example(encoded, 100, "right").status == "skipped_no_target"
 
 
 # ---- truncation --------------------------------------------------------------------------
@@ -132,8 +133,8 @@ def test_truncation_end_to_end(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, mod
     short_row = messages("hi", "hello")
     config = make_config(tmp_path, tiny_tokenizer_dir, [messages("Summarize the document.", long_reply)],
                          [short_row], max_length=20, truncate=mode)
-    full_ids, _ = ConversationTokenizer(tiny_tokenizer, "llama").encode_batch(
-        [[("Summarize the document.", long_reply)]])[0]
+    full_ids = ConversationTokenizer(tiny_tokenizer, "llama").encode_batch(
+        [[("Summarize the document.", long_reply)]])[0].ids
     assert len(full_ids) > 20
     run_pretokenize(config)
     ds, stats = load_rows(config.output_dir)
@@ -361,3 +362,22 @@ def test_cli_bad_datanum_and_missing_file_fail_clearly(tmp_path, tiny_tokenizer_
     result = subprocess.run(base + ["--short", missing], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and f"short data file not found: {missing}" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_shuffle_seed_mixes_long_and_short_rows_reproducibly(tmp_path, tiny_tokenizer_dir):
+    """--shuffle_seed: the original mixes long and short rows (unseeded random.shuffle); the
+    project keeps input order by default and shuffles with a seed when asked."""
+    long_rows = [messages(f"long question {i}", f"long answer {i}") for i in range(5)]
+    short_rows = [messages(f"short {i}", f"reply {i}") for i in range(4)]
+    outputs = {}
+    for seed in (None, 7, 7):
+        (tmp_path / f"{seed}{len(outputs)}").mkdir()
+        config = make_config(tmp_path / f"{seed}{len(outputs)}", tiny_tokenizer_dir, long_rows, short_rows,
+                             shuffle_seed=seed)
+        stats = run_pretokenize(config)
+        assert stats["sources"]["long"]["kept"] == 5 and stats["config"]["shuffle_seed"] == seed
+        outputs.setdefault(seed, []).append(load_rows(config.output_dir)[0]["input_ids"])
+    in_order = outputs[None][0]
+    permutation = np.random.default_rng(7).permutation(9)
+    assert outputs[7][0] == outputs[7][1] == [in_order[i] for i in permutation]
+    assert outputs[7][0] != in_order

@@ -213,3 +213,124 @@ def test_stored_weights_match_the_trainers_targets(train_file, strategy):
         expected, _ = pack_weights_and_counts(labels, cu, "sequence")
         assert torch.equal(torch.tensor(row["loss_weights"], dtype=torch.float32), expected)
         assert all(row["loss_weights"][start] == 0.0 for start in row["cu_seqlens"][:-1])
+
+
+# ---- the original code's batches (README differences table) ----------------------------------
+ORIGINAL_PAD_ID = 0  # the original pads rows with id 0 and reads a row's length as argmin - 1 + 1
+
+
+def padded_rows(ids, labels, max_length):
+    """The original pre_tokenize.py's layout: rows right-truncated / padded to max_length."""
+    inputs = np.full((len(ids), max_length), ORIGINAL_PAD_ID, dtype=np.int64)
+    targets = np.full((len(ids), max_length), X, dtype=np.int64)
+    for row, (a, b) in enumerate(zip(ids, labels)):
+        inputs[row, :min(len(a), max_length)] = a[:max_length]
+        targets[row, :min(len(b), max_length)] = b[:max_length]
+    return inputs, targets
+
+
+def original_packs_reference(inputs, labels, max_length, num_gpus):
+    """The original sort_and_group.py pack loop and LMPackDataset's cut to whole GPU groups,
+    written from its rules on padded rows: (input, label, weight, attention_mask) per pack, and
+    `nums` (sequences with targets per group of num_gpus packs)."""
+    def fresh():
+        return (np.full(max_length, ORIGINAL_PAD_ID), np.full(max_length, X),
+                np.zeros(max_length, dtype=np.float32), [0], 0)
+
+    packs, (pack_in, pack_label, pack_weight, mask, used) = [], fresh()
+    index = 0
+    while index < len(inputs):
+        eos = int(inputs[index].argmin()) - 1
+        if eos + 1 >= max_length or eos < 0:  # a row without padding, or an empty one
+            index += 1
+        elif used + eos + 1 >= max_length:  # full: close the pack, the row goes to the next one
+            packs.append((pack_in, pack_label, pack_weight, mask + [max_length]))
+            pack_in, pack_label, pack_weight, mask, used = fresh()
+        else:
+            length = eos + 1
+            pack_in[used:used + length] = inputs[index, :length]
+            pack_label[used:used + length] = labels[index, :length]
+            weight = (labels[index, :length] != X).astype(np.float32)
+            if weight.sum() > 0.5:
+                weight = weight / weight.sum()
+            pack_weight[used:used + length] = weight
+            used += length
+            mask.append(used)
+            index += 1
+    kept = len(packs) // num_gpus * num_gpus  # the last partial pack was never appended
+    packs = packs[:kept]
+    nums = [sum(p[2].sum() for p in packs[g * num_gpus:(g + 1) * num_gpus]) for g in range(kept // num_gpus)]
+    return packs, nums
+
+
+def random_dataset(path, rng, count, max_length, with_full_rows=True):
+    """Sequences like pre_tokenize's (first label never a target; ids >= 1), lengths 1..max+3."""
+    masks = []
+    for _ in range(count):
+        length = int(rng.integers(1, max_length + 4 if with_full_rows else max_length))
+        mask = (rng.random(length) < 0.6).astype(int) if rng.random() > 0.1 else np.zeros(length, int)
+        mask[0] = 0
+        masks.append(mask.tolist())
+    ids, labels = make_sequences(masks)
+    ids = [[token + 1 for token in row] for row in ids]  # no id 0: the original's pad
+    labels = [[X if label == X else label + 1 for label in row] for row in labels]
+    return save_dataset(path, ids, labels), ids, labels
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_greedy_original_equals_the_originals_packs_weights_and_order(tmp_path, group_size):
+    max_length = 24
+    path, ids, labels = random_dataset(tmp_path / "d", np.random.default_rng(group_size), 60, max_length)
+    summary = sort_and_group(path, group_size, max_length, "greedy_original", 0, "truncate")
+    packed = datasets.load_from_disk(str(path / "pack"))
+    reference, nums = original_packs_reference(*padded_rows(ids, labels, max_length), max_length, group_size)
+    assert len(packed) == len(reference) > 2 * group_size
+    for row, (ref_in, ref_label, ref_weight, ref_mask) in zip(packed, reference):
+        length = len(row["input_ids"])
+        assert row["input_ids"] == ref_in[:length].tolist() and (ref_in[length:] == ORIGINAL_PAD_ID).all()
+        assert row["labels"] == ref_label[:length].tolist()
+        assert row["loss_weights"] == ref_weight[:length].tolist() and not ref_weight[length:].any()
+        assert row["cu_seqlens"] == ref_mask[:-1] and ref_mask[-1] == max_length
+    per_group = np.add.reduceat([row["num_sequences"] for row in packed], np.arange(0, len(packed), group_size))
+    assert per_group.tolist() == pytest.approx(nums)
+    lengths = [min(len(row), max_length) for row in ids]
+    stats = summary["pack"]
+    assert stats["original_skipped_max_length_sequences"] == sum(length == max_length for length in lengths)
+    placed = sum(len(row["cu_seqlens"]) - 1 for row in packed)
+    dropped = (stats["original_dropped_last_pack_sequences"] + stats["original_dropped_incomplete_group_sequences"])
+    assert placed + dropped + stats["original_skipped_max_length_sequences"] == len(ids)
+
+
+def test_sort_remainder_drop_equals_the_originals_groups(tmp_path):
+    max_length, group_size, seed = 64, 4, 3
+    rng = np.random.default_rng(7)
+    masks = [[0] + [1] * int(n - 1) for n in rng.permutation(np.arange(1, 40))[:30]]  # distinct lengths
+    ids, labels = make_sequences(masks)
+    ids = [[token + 1 for token in row] for row in ids]
+    path = save_dataset(tmp_path / "d", ids, [[X] + row[1:] for row in ids])
+    summary = sort_and_group(path, group_size, max_length, "bfd", seed, "truncate", sort_remainder="drop")
+    rows = datasets.load_from_disk(str(path / "sort"))["input_ids"]
+    inputs, _ = padded_rows(ids, ids, max_length)
+    # the original: length = argmin - 1 (+1), ascending sort, the remainder cut off, groups permuted
+    by_length = np.argsort(inputs.argmin(axis=1) - 1, kind="stable")
+    kept = len(ids) // group_size * group_size
+    groups = by_length[:kept].reshape(-1, group_size)
+    permutation = np.random.default_rng(seed).permutation(len(groups))  # the original: torch.randperm
+    assert rows == [ids[i] for i in groups[permutation].reshape(-1)]
+    assert summary["sort"]["dropped_rows_incomplete_last_group"] == len(ids) - kept == 2
+    assert summary["sort"]["repeated_rows_to_complete_last_group"] == 0
+    assert {len(ids[i]) for i in by_length[kept:]} == {max(map(len, ids)), sorted(map(len, ids))[-2]}
+
+
+def test_cli_original_flags(train_file):
+    command = [sys.executable, "sort_and_group.py", "--train_file", str(train_file), "--group_size", "1",
+               "--max_length", str(MAX), "--pack_strategy", "greedy_original", "--sort_remainder", "drop"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pack = json.loads((train_file / "pack" / "stats.json").read_text())
+    sort = json.loads((train_file / "sort" / "stats.json").read_text())
+    # lengths after truncation [4 10 10 3 6 2]: both 10s skipped; packs [0 3] and [4 5], the last dropped
+    assert (pack["pack_strategy"], pack["packs"], pack["original_skipped_max_length_sequences"]) == (
+        "greedy_original", 1, 2)
+    assert pack["original_dropped_last_pack_sequences"] == 2
+    assert (sort["sort_remainder"], sort["rows"], sort["dropped_rows_incomplete_last_group"]) == ("drop", 6, 0)
