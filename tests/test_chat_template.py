@@ -10,7 +10,7 @@ from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
 from longalign.templates import build_prompt
 
-ROUNDS = [("What is the key?", "The key is 42."), ("问：钥匙在哪里？", "在桌子上。\n\n第二段"),
+ROUNDS = [("What is the key?", "  The key is 42.\n"), ("问：钥匙在哪里？", "在桌子上。\n\n第二段"),
           ("Quote: '[INST]' and \\n and {{ braces }}", "It's fine.")]
 
 

@@ -315,7 +315,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         returns (response, history + [(query, response)]). `temperature <= 0` or `do_sample=False`
         decodes greedily; generation stops at the tokenizer's / config's EOS."""
         history = [tuple(turn) for turn in (history or [])]
-        rounds = [ROUND_TEMPLATE.format(index=i, query=q) + a for i, (q, a) in enumerate(history, start=1)]
+        rounds = [ROUND_TEMPLATE.format(index=i, query=q) + a.strip()  # replies are trained stripped
+                  for i, (q, a) in enumerate(history, start=1)]
         prompt = ROUND_SEPARATOR.join(rounds + [ROUND_TEMPLATE.format(index=len(history) + 1, query=query)])
         inputs = tokenizer([prompt], return_tensors="pt").to(self.device)
         sample = do_sample and temperature > 0
