@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -186,7 +187,9 @@ def launch_command(args, spec_path: Path) -> list[str]:
 def run_method(args, method: str, paths: dict) -> Path:
     """Train one epoch of `method` in launched workers; returns the run directory."""
     run_dir = paths["work"] / f"run_{method}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.is_dir():  # this bench's own folder from an earlier run (train.py refuses a used output)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
     spec = {"argv": train_argv(args, method, paths["data"], paths["model"], run_dir / "out", paths["ds"]),
             "run_dir": str(run_dir)}
     spec_path = run_dir / "spec.json"
