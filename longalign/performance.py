@@ -69,7 +69,9 @@ from pathlib import Path
 
 import torch
 
-from longalign.recompute import parse_policy
+from longalign.attention import choose_backend
+from longalign.liger import apply_liger_kernels
+from longalign.recompute import apply_recompute, decoder_layers, parse_policy
 
 MEMORY_HEADROOM = 0.90  # of the GPU's memory: CUDA context, allocator fragmentation, NCCL buffers
 ZERO3_GATHERED_LAYERS = 2  # ZeRO-3: the layer computing and the one being prefetched
@@ -269,6 +271,10 @@ class SpeedRequest:
     compile_layers: bool | None = None
     liger: bool = False
 
+    def __post_init__(self):
+        if self.paper_exact and (self.recompute is not None or self.compile_layers is not None or self.liger):
+            raise ValueError("--paper_exact runs the paper's settings: drop --recompute / --compile_layers / --liger")
+
 
 def choose_speed_settings(request: SpeedRequest, device, shape: LayerShape, setup: MemorySetup, tokens: int,
                           packed: bool, attention: str, act_bytes: int = 2, gpu_bytes: int | None = None,
@@ -276,10 +282,7 @@ def choose_speed_settings(request: SpeedRequest, device, shape: LayerShape, setu
     """--paper_exact: the paper's settings; on CPU: today's (explicit flags only); on CUDA: the
     memory model's recompute policy, compiled layers (not under ZeRO-3 or with --liger, neither
     measured with compile), explicit flags winning."""
-    explicit = request.recompute is not None or request.compile_layers is not None or request.liger
     if request.paper_exact:
-        if explicit:
-            raise ValueError("--paper_exact runs the paper's settings: drop --recompute / --compile_layers / --liger")
         return SpeedSettings(None, False, False, attention, ("--paper_exact: the paper's own settings",))
     if torch.device(device).type != "cuda":
         if request.liger:
@@ -303,3 +306,27 @@ def choose_speed_settings(request: SpeedRequest, device, shape: LayerShape, setu
                "off: liger kernels are used uncompiled" if request.liger else "off: compile not measured under ZeRO-3")
         reasons.append(f"compile {why}")
     return SpeedSettings(recompute, compile_layers, request.liger, attention, tuple(reasons))
+
+
+def training_speed_settings(request: SpeedRequest, model: torch.nn.Module, device, tokens: int, packed: bool,
+                            world_size: int = 1, ds_config=None, act_bytes: int = 2) -> SpeedSettings:
+    """choose_speed_settings for a loaded training model (train.py): shape from its config,
+    parameter counts from its weights, ZeRO terms from the DeepSpeed config."""
+    params, layer_params = parameter_counts(model, decoder_layers(model)[0])
+    weight_bytes = next(model.parameters()).element_size()
+    setup = MemorySetup(params, layer_params, weight_bytes, world_size=world_size, **deepspeed_memory_fields(ds_config))
+    dtype = torch.bfloat16 if act_bytes == 2 else torch.float32
+    attention = choose_backend(device, dtype)
+    return choose_speed_settings(request, device, LayerShape.from_config(model.config), setup, tokens, packed,
+                                 attention, act_bytes)
+
+
+def apply_speed_settings(model: torch.nn.Module, settings: SpeedSettings) -> bool:
+    """Liger kernels, then LongAlign's recompute wrappers (+ compile); True when the wrappers now own
+    the layers' checkpointing (transformers' gradient checkpointing must then stay off)."""
+    if settings.liger:
+        apply_liger_kernels(model)
+    if settings.recompute is None and not settings.compile_layers:
+        return False
+    apply_recompute(model, settings.recompute or "none", compile=settings.compile_layers)
+    return True
