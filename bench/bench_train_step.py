@@ -36,7 +36,8 @@ of the width's layers as longalign.performance predicts to fit this GPU with the
 the run's policy; `--recompute auto` is train.py's automatic choice (the same memory model). Every
 run reports that model's `predicted_peak_gib` beside the measured peak, and with fewer layers than
 the release `step_seconds_scaled_to_depth` (step time x depth / layers: scaled, not measured).
-`--liger` applies liger-kernel's RMSNorm/SwiGLU/RoPE (longalign.liger; Llama, CUDA).
+`--liger` applies liger-kernel's RMSNorm/SwiGLU/RoPE (longalign.liger; Llama, CUDA);
+`--speed_defaults` takes recompute policy and compile as train.py would choose them without flags.
 """
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
 from longalign.modeling.weighted_lm import TRAINING_CLASSES
 from longalign.loss import DEFAULT_CHUNK_TOKENS
-from longalign.performance import (GIB, MEMORY_HEADROOM, LayerShape, MemorySetup, choose_recompute,
-                                   parameter_counts, predicted_peak_bytes)
+from longalign.performance import (GIB, MEMORY_HEADROOM, LayerShape, MemorySetup, SpeedRequest, choose_recompute,
+                                   choose_speed_settings, parameter_counts, predicted_peak_bytes)
 from longalign.recompute import apply_recompute, decoder_layers
 from longalign.trainer import matmul_parameters, training_flops
 
@@ -104,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--gpu_gib", type=float, default=None, help="GPU memory for the memory model (default: this GPU's)")
     p.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm/SwiGLU/RoPE (Llama, CUDA)")
+    p.add_argument("--speed_defaults", action="store_true",
+                   help="recompute policy and compile as train.py chooses them without flags (longalign.performance)")
     p.add_argument("--pack_tokens", type=int, default=65536)
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -137,8 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.kv_heads = args.kv_heads or args.heads
     if args.layers != "auto":
         args.layers = int(args.layers)
-    elif args.depth is None:
-        p.error("--layers auto needs --width (the depth to fill up to)")
+    elif args.depth is None or args.speed_defaults:
+        p.error("--layers auto needs --width (the depth to fill up to) and no --speed_defaults")
     return args
 
 
@@ -171,23 +174,23 @@ def synthetic_packs(n_packs: int, pack_tokens: int, vocab: int, seed: int) -> li
     return packs
 
 
-def model_config(args, layers: int):
-    """The run's LlamaConfig or ChatGLMConfig with LongAlign's packed attention."""
+def model_config(args, layers: int, attn_implementation: str = ATTN_IMPLEMENTATION):
+    """The run's LlamaConfig or ChatGLMConfig, with LongAlign's packed attention unless told otherwise."""
     register_packed_attention()
     if args.family == "chatglm":
         return ChatGLMConfig(num_layers=layers, padded_vocab_size=args.vocab, hidden_size=args.hidden,
                              ffn_hidden_size=args.intermediate, kv_channels=args.hidden // args.heads,
                              num_attention_heads=args.heads, multi_query_attention=args.kv_heads < args.heads,
                              multi_query_group_num=args.kv_heads, seq_length=args.pack_tokens,
-                             rope_ratio=CHATGLM_ROPE_RATIO, attn_implementation=ATTN_IMPLEMENTATION)
-    return LlamaConfig(attn_implementation=ATTN_IMPLEMENTATION, hidden_size=args.hidden, num_hidden_layers=layers,
+                             rope_ratio=CHATGLM_ROPE_RATIO, attn_implementation=attn_implementation)
+    return LlamaConfig(attn_implementation=attn_implementation, use_cache=False, hidden_size=args.hidden, num_hidden_layers=layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                        intermediate_size=args.intermediate, vocab_size=args.vocab,
                        max_position_embeddings=args.pack_tokens)
 
 
-def memory_plan(args, tokens: int, gpu_bytes: int | None) -> dict:
-    """Layers and policy (resolving `auto`, module docstring) and the memory model's peak."""
+def memory_plan(args, tokens: int, gpu_bytes: int | None, device, dtype) -> dict:
+    """Layers, policy and compile (resolving `auto` and --speed_defaults) and the memory model's peak."""
     config = model_config(args, args.depth or args.layers)
     with torch.device("meta"):  # parameter counts without allocating
         meta = TRAINING_CLASSES[args.family](config)
@@ -202,12 +205,21 @@ def memory_plan(args, tokens: int, gpu_bytes: int | None) -> dict:
             return choice.policy, choice.predicted_bytes
         return args.recompute, predicted_peak_bytes(sized, args.recompute, tokens, setup, 2, DEFAULT_CHUNK_TOKENS)
 
+    if args.speed_defaults:  # train.py's own choice for this model, packs and GPU
+        sized = LayerShape(**{**shape.__dict__, "layers": args.layers})
+        settings = choose_speed_settings(SpeedRequest(), device, sized, MemorySetup(params, layer_params, 2), tokens,
+                                         True, choose_backend(device, dtype), gpu_bytes=gpu_bytes)
+        args.recompute, args.compile = settings.recompute or "none", settings.compile_layers
+        plan_dict = {"speed_settings": settings.log_line()}
+    else:
+        plan_dict = {}
+
     layers = args.layers
     if layers == "auto":
         budget = MEMORY_HEADROOM * gpu_bytes if gpu_bytes else float("inf")
         layers = next((n for n in range(shape.layers, 0, -1) if plan(n)[1] <= budget), 1)
     policy, peak = plan(layers)
-    return {"layers": layers, "recompute": policy, "predicted_peak_gib": peak / GIB}
+    return {"layers": layers, "recompute": policy, "predicted_peak_gib": peak / GIB, **plan_dict}
 
 
 def build_model(args, device, dtype, layers: int, policy: str):
@@ -229,9 +241,10 @@ def run(args) -> dict:
     peak = measured_peak_flops(args.matmul_size, dtype, device)
     rows = synthetic_packs(args.warmup + args.steps + int(args.profile), args.pack_tokens, args.vocab, args.seed)
     counts = pack_counts(rows)
+    requested = "speed_defaults" if args.speed_defaults else args.recompute
     gpu_bytes = (args.gpu_gib * GIB if args.gpu_gib else
                  torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
-    plan = memory_plan(args, max(t for t, _ in counts), gpu_bytes)
+    plan = memory_plan(args, max(t for t, _ in counts), gpu_bytes, device, dtype)
     model = build_model(args, device, dtype, plan["layers"], plan["recompute"])
     # fused: one kernel per parameter group instead of foreach's several (HF's adamw_torch_fused)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0,
@@ -253,7 +266,7 @@ def run(args) -> dict:
         if depth != plan["layers"] else {}
     return {"benchmark": "train_step", **result, "dtype": str(dtype).replace("torch.", ""),
             "family": args.family, "width": args.width, "hidden": args.hidden, "depth": depth, **plan, **scaled,
-            "recompute_requested": args.recompute, "pack_tokens": args.pack_tokens, "steps": args.steps,
+            "recompute_requested": requested, "pack_tokens": args.pack_tokens, "steps": args.steps,
             "warmup": args.warmup, "gradient_checkpointing": plan["recompute"] != "none",
             "attn_backend": choose_backend(device, dtype), "compile": args.compile, "liger": args.liger,
             "smoke": args.smoke, "optimizer": "AdamW(fused)" if device.type == "cuda" else "AdamW(foreach)"}

@@ -50,8 +50,9 @@ def run_in_subprocess(script: Path, argv: list[str], timeout_s: float) -> dict:
 
 
 def run_budgeted(configs: list, run_one, budget_s: float, config_timeout_s: float, min_start_s: float = 20.0,
-                 on_result=None, name=str) -> list[dict]:
-    """run_one(config, timeout_s) for each config in order while the budget lasts (module docstring)."""
+                 on_result=None, name=str, describe=lambda config: {}) -> list[dict]:
+    """run_one(config, timeout_s) for each config in order while the budget lasts (module docstring);
+    every row is {"config": name(config), **describe(config), **result}."""
     results, start = [], time.perf_counter()
     for index, config in enumerate(configs):
         left = budget_s - (time.perf_counter() - start)
@@ -62,7 +63,7 @@ def run_budgeted(configs: list, run_one, budget_s: float, config_timeout_s: floa
             print(f"[{time.perf_counter() - start:6.1f} s] {index + 1}/{len(configs)} {name(config)} "
                   f"(timeout {timeout:.0f} s)", flush=True)
             result = run_one(config, timeout)
-        results.append({"config": name(config), **result})
+        results.append({"config": name(config), **describe(config), **result})
         if on_result is not None:
             on_result(results)
     return results
