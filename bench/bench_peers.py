@@ -34,7 +34,8 @@ Headline (`headline`), from the measured rows only:
   row with that kernel and gradient checkpointing (with or without Liger) / the project row with
   that kernel, recompute full, no compile, no liger; the goal takes the smallest.
 - `mfu_checkpointed_best`: the highest project MFU with every layer checkpointed (full or
-  selective, with or without compile; the activation-checkpointing goal).
+  selective, with or without compile; the activation-checkpointing goal); also
+  `mfu_partially_checkpointed_best` (any policy but none: selective:K, full:K) and `mfu_best`.
 - `defaults_vs_best`: fastest project row's step seconds / project-defaults' (1.0 = the defaults
   are the fastest that ran; every row that ran fits the GPU).
 """
@@ -99,6 +100,7 @@ CONFIGS = (
     stock("stock-fa4-gc+kwargs", "flash_attention_4", flash_kwargs=True),
     project("project-fa4-none-compile", "flash_attn_cute", "none", compile=True),
     project("project-fa4-selective:12-compile", "flash_attn_cute", "selective:12", compile=True),
+    project("project-fa4-selective:23-compile", "flash_attn_cute", "selective:23", compile=True),
     project("project-cudnn-full", "cudnn", "full"),
     stock("stock-sdpa-gc-liger", "sdpa", liger=True),
 )
@@ -167,7 +169,8 @@ def headline(rows: list[dict]) -> dict:
     ours = [r for r in ran if r["system"] == "project"]
     out = {"peer_best": None, "peer_best_mfu_64k": None, "speedup_vs_best_peer_equal_memory": None,
            "equal_memory_project": None, "speedup_same_kernel_no_compile": None, "same_kernel": {},
-           "mfu_checkpointed_best": None, "defaults_vs_best": None}
+           "mfu_checkpointed_best": None, "mfu_partially_checkpointed_best": None, "mfu_best": None,
+           "defaults_vs_best": None}
     best_peer = max(peers, key=lambda r: r["mfu"], default=None)
     if best_peer is not None:
         out["peer_best"], out["peer_best_mfu_64k"] = best_peer["name"], best_peer["mfu"]
@@ -187,8 +190,10 @@ def headline(rows: list[dict]) -> dict:
     if out["same_kernel"]:
         out["speedup_same_kernel_no_compile"] = min(v["speedup"] for v in out["same_kernel"].values())
     checkpointed = [r for r in ours if r["recompute"] in ("full", "selective")]
-    if checkpointed:
-        out["mfu_checkpointed_best"] = max(r["mfu"] for r in checkpointed)
+    partially = [r for r in ours if r["recompute"] != "none"]
+    for key, group in (("mfu_checkpointed_best", checkpointed), ("mfu_partially_checkpointed_best", partially),
+                       ("mfu_best", ours)):
+        out[key] = max((r["mfu"] for r in group), default=None)
     defaults = [r for r in ours if r["name"] == "project-defaults"]
     if defaults:
         out["defaults_vs_best"] = _fastest(ours)["step_seconds"] / defaults[0]["step_seconds"]

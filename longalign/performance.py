@@ -309,7 +309,8 @@ def choose_speed_settings(request: SpeedRequest, device, shape: LayerShape, setu
 
 
 def training_speed_settings(request: SpeedRequest, model: torch.nn.Module, device, tokens: int, packed: bool,
-                            world_size: int = 1, ds_config=None, act_bytes: int = 2) -> SpeedSettings:
+                            world_size: int = 1, ds_config=None, act_bytes: int = 2,
+                            gpu_bytes: int | None = None) -> SpeedSettings:
     """choose_speed_settings for a loaded training model (train.py): shape from its config,
     parameter counts from its weights, ZeRO terms from the DeepSpeed config."""
     params, layer_params = parameter_counts(model, decoder_layers(model)[0])
@@ -318,7 +319,7 @@ def training_speed_settings(request: SpeedRequest, model: torch.nn.Module, devic
     dtype = torch.bfloat16 if act_bytes == 2 else torch.float32
     attention = choose_backend(device, dtype)
     return choose_speed_settings(request, device, LayerShape.from_config(model.config), setup, tokens, packed,
-                                 attention, act_bytes)
+                                 attention, act_bytes, gpu_bytes)
 
 
 def apply_speed_settings(model: torch.nn.Module, settings: SpeedSettings) -> bool:

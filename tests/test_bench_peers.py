@@ -46,6 +46,7 @@ def test_headline_from_measured_rows():
     assert same["flex"]["peer"] == "stock-flex-gc-liger" and same["flex"]["speedup"] == pytest.approx(3.0 / 3.6)
     assert head["speedup_same_kernel_no_compile"] == pytest.approx(3.0 / 3.6)
     assert head["mfu_checkpointed_best"] == pytest.approx(1 / 1.8)  # `none` and `selective:5` are not "every layer"
+    assert head["mfu_partially_checkpointed_best"] == pytest.approx(1 / 1.7) and head["mfu_best"] == pytest.approx(1 / 1.6)
     assert head["defaults_vs_best"] == pytest.approx(1.6 / 1.7)
 
 

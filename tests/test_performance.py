@@ -200,3 +200,21 @@ def test_speed_settings_rules():
         settings(SpeedRequest(paper_exact=True, recompute="full"))
     with pytest.raises(ValueError, match="CUDA"):
         settings(SpeedRequest(liger=True), device="cpu")
+
+
+def test_training_settings_from_a_loaded_model_with_a_fake_gpu():
+    """train.py's path: shape and parameter counts from the model, ZeRO terms from a DeepSpeed
+    config, then the wrappers applied (compile is lazy: nothing runs here)."""
+    from longalign.performance import apply_speed_settings, training_speed_settings
+
+    model = tiny_llama(num_hidden_layers=4)
+    tiny_gpu = 2 * 2 ** 20  # 2 MiB: the tiny model at 4096 tokens needs recomputation
+    auto = training_speed_settings(SpeedRequest(), model, "cuda", tokens=4096, packed=True, gpu_bytes=tiny_gpu)
+    assert auto.recompute != "none" and auto.compile_layers
+    assert apply_speed_settings(model, auto) and all("forward" in layer.__dict__ for layer in decoder_layers(model))
+    zero3 = training_speed_settings(SpeedRequest(), model, "cuda", tokens=4096, packed=True, world_size=8,
+                                    ds_config=REPO / "ds_config" / "stage3.json", gpu_bytes=tiny_gpu)
+    assert not zero3.compile_layers and "ZeRO-3" in zero3.log_line()
+    exact = training_speed_settings(SpeedRequest(paper_exact=True), tiny_llama(), "cuda", 4096, True)
+    plain = tiny_llama()
+    assert not apply_speed_settings(plain, exact) and not any("forward" in l.__dict__ for l in decoder_layers(plain))
