@@ -81,6 +81,9 @@ MLP_GRADIENTS = 3  # (T, f) gradients alive at once in an MLP backward
 NORM_FP32_GRADIENTS = 2  # fp32 (T, h) gradients alive at once in a norm backward
 LOSS_FP32_COPIES = 2  # one chunk's fp32 logits and their softmax gradient
 GIB = 2 ** 30
+# Layer compile by default only where it was measured: single GPU / DDP. Under ZeRO-3 DeepSpeed hooks
+# every Linear inside a compiled layer (graph breaks), and no run has timed it yet.
+COMPILE_UNDER_ZERO3 = False
 
 
 @dataclass(frozen=True)
@@ -301,7 +304,7 @@ def choose_speed_settings(request: SpeedRequest, device, shape: LayerShape, setu
         reasons.append("recompute given")
     compile_layers = request.compile_layers
     if compile_layers is None:
-        compile_layers = not request.liger and setup.zero_stage < 3
+        compile_layers = not request.liger and (setup.zero_stage < 3 or COMPILE_UNDER_ZERO3)
         why = ("CUDA default" if compile_layers else
                "off: liger kernels are used uncompiled" if request.liger else "off: compile not measured under ZeRO-3")
         reasons.append(f"compile {why}")
