@@ -67,6 +67,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 
 from longalign.attention import choose_backend
@@ -245,8 +246,6 @@ def deepspeed_memory_fields(ds_config) -> dict:
 
 def longest_row_tokens(dataset, column: str = "input_ids") -> int:
     """The longest row of an Arrow-backed datasets.Dataset, from the list offsets (no values read)."""
-    import pyarrow.compute as pc
-
     lengths = pc.list_value_length(dataset.data.column(column))
     return int(pc.max(lengths).as_py() or 0)
 
