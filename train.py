@@ -12,6 +12,12 @@ family's transformers class with LongAlign's packed attention and weighted loss
 transformers; ChatGLM: with its remote code, `trust_remote_code=True`), its tokenizer carrying
 the training chat template. Data order, loss normalisation and logs: longalign/trainer.py;
 batches and loss weights: longalign/collators.py. Every standard TrainingArguments flag applies.
+
+Speed (longalign/performance.py), logged in one line at start: on CUDA, without flags, the
+recompute policy is the fastest whose predicted peak memory fits the GPU (replacing
+--gradient_checkpointing), decoder layers are compiled (not under ZeRO-3), the attention backend
+is longalign.attention's automatic choice. --recompute / --compile_layers [false] / --liger
+override; --paper_exact runs the paper's settings unchanged. Off CUDA only explicit flags apply.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from longalign.chat_template import attach_chat_template
 from longalign.collators import BATCH_METHODS, LOSS_REDUCTIONS, build_collator, with_row_index
 from longalign.modeling.checkpoints import SelfDescribingCheckpoints, make_self_describing
 from longalign.modeling.loading import load_training_model, load_training_tokenizer, model_family, pad_token_id
-from longalign.recompute import apply_recompute
+from longalign.performance import (SpeedRequest, SpeedSettings, apply_speed_settings, longest_row_tokens,
+                                   training_speed_settings)
 from longalign.run_state import fingerprint_callback, start_run
 from longalign.train_data import load_train_dataset
 from longalign.trainer import DEFAULT_PEAK_TFLOPS, LOSS_DENOMINATORS, LongAlignTrainer, resolve_loss_reduction
@@ -47,10 +54,19 @@ class LongAlignArguments:
         "help": "per-GPU dense bf16 peak in TFLOP/s for the logged MFU"})
     recompute: str | None = field(default=None, metadata={
         "help": "activation recompute policy of longalign/recompute.py: full | selective | none | "
-                "full:K | selective:K (first K layers). Replaces --gradient_checkpointing; default: "
-                "that flag's transformers checkpointing. BENCHMARKS.md §4: selective 1.15x over full"})
-    compile_layers: bool = field(default=False, metadata={
-        "help": "torch.compile each decoder layer (dynamic shapes); BENCHMARKS.md §4: ~1.1-1.15x"})
+                "full:K | selective:K (first K layers); replaces --gradient_checkpointing. Default on "
+                "CUDA: the fastest policy whose predicted peak fits the GPU (longalign/performance.py); "
+                "elsewhere and with --paper_exact: --gradient_checkpointing's transformers checkpointing"})
+    compile_layers: bool | None = field(default=None, metadata={
+        "nargs": "?", "const": True,
+        "help": "torch.compile each decoder layer (dynamic shapes). Default: on with CUDA (off under "
+                "ZeRO-3 and with --liger, not measured there), off elsewhere; --compile_layers false: off"})
+    paper_exact: bool = field(default=False, metadata={
+        "help": "the paper's settings unchanged: transformers' gradient checkpointing as the flags say, no "
+                "compile, no automatic recompute policy (LongAlign's own speed choices all off)"})
+    liger: bool = field(default=False, metadata={
+        "help": "Llama on CUDA: liger-kernel's RMSNorm/SwiGLU/RoPE (longalign/liger.py; replaces "
+                "transformers' modeling_llama functions process-wide); the weighted loss stays LongAlign's"})
     rope_ratio: float | None = field(default=None, metadata={
         "help": "ChatGLM only: RoPE base = 10000 * rope_ratio. Default: read from the checkpoint (its "
                 "config.json, or a ratio hard-coded in its modeling_chatglm.py); an error if it has none"})
@@ -82,10 +98,26 @@ def parse_args(argv=None) -> tuple[LongAlignArguments, TrainingArguments]:
     if training_args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the collators select the columns")
     args.loss_reduction = resolve_loss_reduction(args.batch_method, args.pack_loss, args.loss_reduction)
-    if args.recompute is not None or args.compile_layers:
+    speed_request(args)  # conflicting speed flags fail here, before any loading
+    return args, training_args
+
+
+def speed_request(args: LongAlignArguments) -> SpeedRequest:
+    """The speed flags as given (None: automatic); a ValueError for --paper_exact with overrides."""
+    return SpeedRequest(args.paper_exact, args.recompute, args.compile_layers, args.liger)
+
+
+def choose_and_apply_speed_settings(model, args, training_args: TrainingArguments, dataset) -> SpeedSettings:
+    """Choose (longalign/performance.py) and apply the recompute policy, layer compile and kernels."""
+    settings = training_speed_settings(
+        speed_request(args), model, training_args.device,
+        tokens=longest_row_tokens(dataset) * training_args.per_device_train_batch_size,
+        packed=args.batch_method == "pack", world_size=training_args.world_size, ds_config=training_args.deepspeed,
+        act_bytes=2 if (training_args.bf16 or training_args.fp16) else 4)
+    if apply_speed_settings(model, settings):
         # our wrappers own each layer's checkpointing; transformers' would wrap it a second time
         training_args.gradient_checkpointing = False
-    return args, training_args
+    return settings
 
 
 def model_dtype(training_args: TrainingArguments) -> torch.dtype:
@@ -107,8 +139,7 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     model = load_training_model(args.model_name_or_path, dtype=model_dtype(training_args), rope_ratio=args.rope_ratio)
     validate_training_dataset(dataset, model.get_input_embeddings().num_embeddings, args.batch_method == "pack",
                               str(dataset_directory(dataset)))  # every row, before the first step
-    if args.recompute is not None or args.compile_layers:
-        apply_recompute(model, args.recompute or "none", compile=args.compile_layers)
+    speed = choose_and_apply_speed_settings(model, args, training_args, dataset)
     tokenizer = load_training_tokenizer(args.tokenizer_name or args.model_name_or_path,
                                         trust_remote_code=args.trust_remote_code,
                                         required=args.tokenizer_name is not None)
@@ -123,7 +154,7 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
                                processing_class=tokenizer, callbacks=callbacks, batch_method=args.batch_method,
                                loss_reduction=args.loss_reduction, group_size=group_size,
                                peak_tflops=args.peak_tflops, loss_denominator=args.loss_denominator)
-    trainer.longalign_args, trainer.model_family = args, family
+    trainer.longalign_args, trainer.model_family, trainer.speed_settings = args, family, speed
     return trainer
 
 
@@ -133,6 +164,7 @@ def main(argv=None) -> LongAlignTrainer:
     if trainer.is_world_process_zero():
         print(f"batch_method={args.batch_method} loss_reduction={args.loss_reduction} "
               f"rows={len(trainer.train_dataset)} world_size={trainer.args.world_size}", flush=True)
+        print(trainer.speed_settings.log_line(), flush=True)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model(trainer.args.output_dir)  # HF format (ZeRO-3: gathered 16-bit weights)
     trainer.save_state()

@@ -18,16 +18,26 @@ LONG_FRACTION of them long, packed greedily into packs of at most --pack_tokens 
 not the real LongAlign-10k lengths.
 
 --sweep runs configurations (DEFAULT_SWEEP, or the quoted argument strings given) one after the
-other, each in a fresh subprocess (no allocator fragmentation carried over, an OOM fails only its
-own line; inductor's on-disk cache is shared, so a later compiled run compiles faster), with the
-other flags of this command line in common and --warmup 2 --steps 3 unless given. It prints each
-result as one JSON line, then a summary table; configurations that would start after
---sweep_budget_s are skipped and listed as such.
+other, each in a fresh subprocess (bench/config_runs.py: no allocator fragmentation carried over,
+an OOM fails only its own line; inductor's on-disk cache is shared, so a later compiled run
+compiles faster), with the other flags of this command line in common and --warmup 2 --steps 3
+unless given. It prints each result as one JSON line (and rewrites --out after each), then a
+summary table; configurations that would start after --sweep_budget_s are skipped and listed.
 
 --compile compiles each layer's forward with dynamic shapes (pack lengths vary). The attention call
 is a graph break (the kernel runs eagerly; flex is compiled on its own), so a layer is two graphs.
 The JSON reports dynamo's counters and `recompiled_during_timing`: true means a timed step paid
 for compilation (the table marks it).
+
+The paper's model widths: `--width llama2-7b` (hidden 4096, 32 heads, MLP 11008, vocab 32000,
+32 layers) and `--width chatglm3-6b` (`--family chatglm`: this repo's ChatGLM3 code, hidden 4096,
+32 heads in 2 key/value groups, MLP 13696, vocab 65024, 28 layers). `--layers auto` takes as many
+of the width's layers as longalign.performance predicts to fit this GPU with the optimizer under
+the run's policy; `--recompute auto` is train.py's automatic choice (the same memory model). Every
+run reports that model's `predicted_peak_gib` beside the measured peak, and with fewer layers than
+the release `step_seconds_scaled_to_depth` (step time x depth / layers: scaled, not measured).
+`--liger` applies liger-kernel's RMSNorm/SwiGLU/RoPE (longalign.liger; Llama, CUDA);
+`--speed_defaults` takes recompute policy and compile as train.py would choose them without flags.
 """
 from __future__ import annotations
 
@@ -36,7 +46,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,15 +53,21 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from longalign.collators import PackCollator
-from longalign.attention import ENV_VAR as ATTN_ENV, choose_backend
-from longalign.constants import IGNORE_INDEX
-from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
-from longalign.modeling.weighted_lm import LongAlignLlamaForCausalLM
-from longalign.recompute import apply_recompute
-from longalign.trainer import matmul_parameters, training_flops
+from config_runs import run_budgeted, run_in_subprocess
+from step_timing import measured_peak_flops, measurement, pack_counts, time_steps
 
-REPO = Path(__file__).resolve().parents[1]
+from longalign.attention import ENV_VAR as ATTN_ENV, choose_backend
+from longalign.collators import PackCollator
+from longalign.constants import IGNORE_INDEX
+from longalign.liger import apply_liger_kernels
+from longalign.modeling.configuration_chatglm import ChatGLMConfig
+from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
+from longalign.modeling.weighted_lm import TRAINING_CLASSES
+from longalign.loss import DEFAULT_CHUNK_TOKENS
+from longalign.performance import (GIB, MEMORY_HEADROOM, LayerShape, MemorySetup, SpeedRequest, choose_recompute,
+                                   choose_speed_settings, parameter_counts, predicted_peak_bytes)
+from longalign.recompute import apply_recompute, decoder_layers
+from longalign.trainer import matmul_parameters, training_flops
 
 SHORT_MIN, SHORT_MAX, LONG_MIN, LONG_FRACTION = 64, 4096, 8192, 0.5
 PROMPT_FRACTION = 0.9  # long-context SFT: most tokens are the (unlabelled) document
@@ -68,14 +83,30 @@ DEFAULT_SWEEP = (
     "--recompute selective:12 --attn_backend flex --compile",
 )
 
+# The paper's models, layer for layer (released configs); depth = the release's number of layers.
+WIDTHS = {
+    "llama2-7b": dict(family="llama", hidden=4096, heads=32, kv_heads=32, intermediate=11008, vocab=32000, depth=32),
+    "chatglm3-6b": dict(family="chatglm", hidden=4096, heads=32, kv_heads=2, intermediate=13696, vocab=65024,
+                        depth=28),
+}
+SMOKE_DEPTH = 4
+CHATGLM_ROPE_RATIO = 200.0  # LongAlign's ChatGLM training (constants of the modeling code's docs)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=sorted(TRAINING_CLASSES), default="llama")
+    p.add_argument("--width", choices=sorted(WIDTHS), default=None, help="the paper's layer shapes (docstring)")
     p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--layers", default="24", help="a number, or auto (docstring)")
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv_heads", type=int, default=None, help="default: --heads")
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--gpu_gib", type=float, default=None, help="GPU memory for the memory model (default: this GPU's)")
+    p.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm/SwiGLU/RoPE (Llama, CUDA)")
+    p.add_argument("--speed_defaults", action="store_true",
+                   help="recompute policy and compile as train.py chooses them without flags (longalign.performance)")
     p.add_argument("--pack_tokens", type=int, default=65536)
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -84,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the JSON line here")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (tests)")
     p.add_argument("--recompute", default="full",
-                   help="full | selective | none | partial:K | selective:K (longalign.recompute)")
+                   help="full | selective | none | partial:K | selective:K (longalign.recompute) | auto")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic)")
     p.add_argument("--compile_backend", default="inductor")
     p.add_argument("--attn_backend", default=None, help="sets LONGALIGN_ATTN_BACKEND")
@@ -96,9 +127,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep_budget_s", type=float, default=450.0,
                    help="start no configuration after this many seconds of the sweep")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.hidden, args.layers, args.heads, args.intermediate, args.vocab = 64, 2, 4, 128, 256
+    args.depth = None
+    if args.width:
+        for key, value in WIDTHS[args.width].items():
+            setattr(args, key, value)
+    if args.smoke:  # tiny shapes; a --width keeps its family and gets a depth of SMOKE_DEPTH
+        args.hidden, args.heads, args.intermediate, args.vocab = 64, 4, 128, 256
+        args.kv_heads = 2 if args.family == "chatglm" else None
+        args.depth = SMOKE_DEPTH if args.width else None
+        args.layers = args.layers if args.width else "2"
         args.pack_tokens, args.steps, args.warmup, args.matmul_size = 512, 2, 1, 256
+    args.kv_heads = args.kv_heads or args.heads
+    if args.layers != "auto":
+        args.layers = int(args.layers)
+    elif args.depth is None or args.speed_defaults:
+        p.error("--layers auto needs --width (the depth to fill up to) and no --speed_defaults")
     return args
 
 
@@ -131,51 +174,63 @@ def synthetic_packs(n_packs: int, pack_tokens: int, vocab: int, seed: int) -> li
     return packs
 
 
-def measured_peak_flops(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 10,
-                        per_timing: int = 20) -> float:
-    """Best FLOP/s of `per_timing` back-to-back (size x size) @ (size x size) matmuls, over
-    `repeats` timings. Run before the model is built: an idle, unfragmented GPU (measured after
-    training, single matmuls read 697-768 TFLOP/s on one H200, launch gaps included)."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    a @ b  # warm-up: cuBLAS heuristics and workspace
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(per_timing):
-            a @ b
-        synchronize(device)
-        best = min(best, (time.perf_counter() - start) / per_timing)
-    del a, b
-    return 2.0 * size ** 3 / best
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def build_model(args, device, dtype):
+def model_config(args, layers: int, attn_implementation: str = ATTN_IMPLEMENTATION):
+    """The run's LlamaConfig or ChatGLMConfig, with LongAlign's packed attention unless told otherwise."""
     register_packed_attention()
-    config = LlamaConfig(attn_implementation=ATTN_IMPLEMENTATION, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, intermediate_size=args.intermediate,
-                         vocab_size=args.vocab, max_position_embeddings=args.pack_tokens)
+    if args.family == "chatglm":
+        return ChatGLMConfig(num_layers=layers, padded_vocab_size=args.vocab, hidden_size=args.hidden,
+                             ffn_hidden_size=args.intermediate, kv_channels=args.hidden // args.heads,
+                             num_attention_heads=args.heads, multi_query_attention=args.kv_heads < args.heads,
+                             multi_query_group_num=args.kv_heads, seq_length=args.pack_tokens,
+                             rope_ratio=CHATGLM_ROPE_RATIO, attn_implementation=attn_implementation)
+    return LlamaConfig(attn_implementation=attn_implementation, use_cache=False, hidden_size=args.hidden, num_hidden_layers=layers,
+                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                       intermediate_size=args.intermediate, vocab_size=args.vocab,
+                       max_position_embeddings=args.pack_tokens)
+
+
+def memory_plan(args, tokens: int, gpu_bytes: int | None, device, dtype) -> dict:
+    """Layers, policy and compile (resolving `auto` and --speed_defaults) and the memory model's peak."""
+    config = model_config(args, args.depth or args.layers)
+    with torch.device("meta"):  # parameter counts without allocating
+        meta = TRAINING_CLASSES[args.family](config)
+    params, layer_params = parameter_counts(meta, decoder_layers(meta)[0])
+    shape = LayerShape.from_config(config)
+
+    def plan(layers: int) -> tuple[str, int]:
+        sized = LayerShape(**{**shape.__dict__, "layers": layers})
+        setup = MemorySetup(params - (shape.layers - layers) * layer_params, layer_params, 2)
+        if args.recompute == "auto":
+            choice = choose_recompute(sized, tokens, setup, gpu_bytes or 0)
+            return choice.policy, choice.predicted_bytes
+        return args.recompute, predicted_peak_bytes(sized, args.recompute, tokens, setup, 2, DEFAULT_CHUNK_TOKENS)
+
+    if args.speed_defaults:  # train.py's own choice for this model, packs and GPU
+        sized = LayerShape(**{**shape.__dict__, "layers": args.layers})
+        settings = choose_speed_settings(SpeedRequest(), device, sized, MemorySetup(params, layer_params, 2), tokens,
+                                         True, choose_backend(device, dtype), gpu_bytes=gpu_bytes)
+        args.recompute, args.compile = settings.recompute or "none", settings.compile_layers
+        plan_dict = {"speed_settings": settings.log_line()}
+    else:
+        plan_dict = {}
+
+    layers = args.layers
+    if layers == "auto":
+        budget = MEMORY_HEADROOM * gpu_bytes if gpu_bytes else float("inf")
+        layers = next((n for n in range(shape.layers, 0, -1) if plan(n)[1] <= budget), 1)
+    policy, peak = plan(layers)
+    return {"layers": layers, "recompute": policy, "predicted_peak_gib": peak / GIB, **plan_dict}
+
+
+def build_model(args, device, dtype, layers: int, policy: str):
     torch.manual_seed(args.seed)
     with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU init
-        model = LongAlignLlamaForCausalLM(config).to(dtype=dtype)
-    apply_recompute(model, args.recompute, compile=args.compile, compile_backend=args.compile_backend)
+        model = TRAINING_CLASSES[args.family](model_config(args, layers)).to(dtype=dtype)
+    if args.liger:
+        apply_liger_kernels(model)
+    apply_recompute(model, policy, compile=args.compile, compile_backend=args.compile_backend)
     model.train()
     return model
-
-
-def compile_counters() -> dict:
-    """Dynamo's running totals: frames compiled, distinct graphs, graph breaks."""
-    from torch._dynamo.utils import counters
-
-    return {"frames_compiled": int(counters["frames"]["ok"]),
-            "unique_graphs": int(counters["stats"]["unique_graphs"]),
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 def run(args) -> dict:
@@ -184,75 +239,41 @@ def run(args) -> dict:
     if args.attn_backend:
         os.environ[ATTN_ENV] = args.attn_backend  # read by varlen_attention at every call
     peak = measured_peak_flops(args.matmul_size, dtype, device)
-    model = build_model(args, device, dtype)
+    rows = synthetic_packs(args.warmup + args.steps + int(args.profile), args.pack_tokens, args.vocab, args.seed)
+    counts = pack_counts(rows)
+    requested = "speed_defaults" if args.speed_defaults else args.recompute
+    gpu_bytes = (args.gpu_gib * GIB if args.gpu_gib else
+                 torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+    plan = memory_plan(args, max(t for t, _ in counts), gpu_bytes, device, dtype)
+    model = build_model(args, device, dtype, plan["layers"], plan["recompute"])
     # fused: one kernel per parameter group instead of foreach's several (HF's adamw_torch_fused)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0,
                                   fused=device.type == "cuda")
     collate = PackCollator("sequence")
-    n_packs = args.warmup + args.steps + int(args.profile)
-    batches = [collate([row]) for row in synthetic_packs(n_packs, args.pack_tokens, args.vocab, args.seed)]
 
     def train_step(batch):
         loss = model(**batch, loss_reduction="mean").loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
-    compiled_after_warmup = compile_counters()
-    profiled = None
-    for i, batch in enumerate(batches):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items() if k != "batch_counts"}
-        if i == args.warmup + args.steps:  # the extra --profile pack, after the timed ones
-            from step_profile import profile_step
-
-            profiled = profile_step(lambda: train_step(batch), device)
-            break
-        synchronize(device)
-        start = time.perf_counter()
-        loss = train_step(batch)
-        synchronize(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-            losses.append(loss.item())
-        if i + 1 == args.warmup:
-            compiled_after_warmup = compile_counters()
-    timed = batches[args.warmup:args.warmup + args.steps]
-    tokens = statistics.mean(int(b["input_ids"].numel()) for b in timed)
-    sum_sq = statistics.mean(int(b["batch_counts"][4]) for b in timed)
-    seconds = statistics.median(times)
-    layers, width = args.layers, args.hidden
-    flops = training_flops(matmul_parameters(model), layers, width, tokens, sum_sq)
-    return {"benchmark": "train_step", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": str(dtype).replace("torch.", ""), "params": sum(p.numel() for p in model.parameters()),
-            "pack_tokens": args.pack_tokens, "tokens_per_step": tokens, "step_seconds": seconds,
-            "tokens_per_s": tokens / seconds, "model_tflops_per_step": flops / 1e12,
-            "measured_peak_tflops": peak / 1e12, "mfu": flops / seconds / peak,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
-            "loss_finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None,
-            "steps": args.steps, "warmup": args.warmup, "recompute": args.recompute,
-            "gradient_checkpointing": args.recompute != "none", "attn_backend": choose_backend(device, dtype),
-            "compile": args.compile, **compile_report(compiled_after_warmup),
-            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "torch": torch.__version__, "smoke": args.smoke,
-            "optimizer": "AdamW(fused)" if device.type == "cuda" else "AdamW(foreach)", "profile": profiled}
-
-
-def compile_report(after_warmup: dict) -> dict:
-    """Compile totals, and whether anything (re)compiled during the timed steps (then the step
-    time includes compilation: raise --warmup or look at the recompile reasons). Reported without
-    --compile too: flex compiles its kernel, and recompiles once for dynamic shapes on the 2nd pack."""
-    now = compile_counters()
-    return {"compile_counters": now,
-            "recompiled_during_timing": now["frames_compiled"] > after_warmup["frames_compiled"]}
+    timing = time_steps(train_step, [collate([row]) for row in rows], device, args.warmup, args.steps, args.profile)
+    result = measurement(model, plan["layers"], args.hidden, counts[args.warmup:args.warmup + args.steps], timing,
+                         peak, device)
+    depth = args.depth or plan["layers"]
+    scaled = {"step_seconds_scaled_to_depth": result["step_seconds"] * depth / plan["layers"]} \
+        if depth != plan["layers"] else {}
+    return {"benchmark": "train_step", **result, "dtype": str(dtype).replace("torch.", ""),
+            "family": args.family, "width": args.width, "hidden": args.hidden, "depth": depth, **plan, **scaled,
+            "recompute_requested": requested, "pack_tokens": args.pack_tokens, "steps": args.steps,
+            "warmup": args.warmup, "gradient_checkpointing": plan["recompute"] != "none",
+            "attn_backend": choose_backend(device, dtype), "compile": args.compile, "liger": args.liger,
+            "smoke": args.smoke, "optimizer": "AdamW(fused)" if device.type == "cuda" else "AdamW(foreach)"}
 
 
 SWEEP_STEPS = ["--warmup", "2", "--steps", "3"]  # per configuration, overridable by the command line
-CONFIG_TIMEOUT_S, SWEEP_GRACE_S = 300, 120
+CONFIG_TIMEOUT_S = 300
 
 
 def _common_argv(argv: list[str]) -> list[str]:
@@ -274,24 +295,6 @@ def _common_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def run_config(config: str, common: list[str], timeout_s: float, tmp: Path) -> dict:
-    """One configuration in a fresh Python process; its JSON result, or the error."""
-    out = tmp / "result.json"
-    out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *SWEEP_STEPS, *common, *shlex.split(config),
-           "--out", str(out)]
-    env = dict(os.environ)
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
-        error = None if proc.returncode == 0 and out.exists() else (proc.stderr or proc.stdout)[-1500:]
-    except subprocess.TimeoutExpired:
-        error = f"timed out after {timeout_s:.0f} s"
-    result = json.loads(out.read_text()) if error is None else {"error": error}
-    return {"config": config, "wall_s": round(time.perf_counter() - start, 1), **result}
-
-
 def summary_table(results: list[dict]) -> str:
     rows = [f"{'config':<58} {'step_s':>7} {'tok/s':>8} {'mfu':>6} {'peakGiB':>8} {'wall_s':>7}"]
     for r in results:
@@ -307,25 +310,22 @@ def summary_table(results: list[dict]) -> str:
 
 
 def sweep(args, argv: list[str]) -> list[dict]:
-    """Run each configuration in turn (module docstring); print JSON lines and the table."""
-    import tempfile
+    """Run each configuration in its own process (module docstring); JSON lines, then the table."""
+    common = _common_argv(argv)
 
-    configs = args.sweep or list(DEFAULT_SWEEP)
-    common, results, start = _common_argv(argv), [], time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for config in configs:
-            elapsed = time.perf_counter() - start
-            if elapsed > args.sweep_budget_s:
-                result = {"config": config, "skipped": f"skipped: sweep budget {args.sweep_budget_s:.0f} s spent"}
-            else:
-                timeout = min(CONFIG_TIMEOUT_S, args.sweep_budget_s + SWEEP_GRACE_S - elapsed)
-                result = run_config(config, common, timeout, Path(tmp))
-            results.append(result)
-            print(json.dumps(result), flush=True)
+    def one(config: str, timeout_s: float) -> dict:
+        result = run_in_subprocess(Path(__file__).resolve(), [*SWEEP_STEPS, *common, *shlex.split(config)], timeout_s)
+        print(json.dumps({"config": config, **result}), flush=True)
+        return result
+
+    def save(results: list[dict]) -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
+
+    results = run_budgeted(args.sweep or list(DEFAULT_SWEEP), one, args.sweep_budget_s, CONFIG_TIMEOUT_S,
+                           on_result=save)
     print(summary_table(results), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
     return results
 
 

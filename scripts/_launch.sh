@@ -4,6 +4,9 @@
 # checkpointing, 2 epochs, lr 2e-5 cosine with 3% warm-up, Adam betas (0.9, 0.95), no weight
 # decay, per-device batch 1. Every default can be overridden from the environment; the caller's
 # extra arguments go on to train.py (e.g. --max_steps 20, --recompute selective).
+# Speed: by default train.py picks its fastest settings that fit the GPU (recompute policy by memory,
+# compiled layers; logged at start, longalign/performance.py); PAPER_EXACT=1 adds --paper_exact,
+# which runs exactly the flags below (transformers' gradient checkpointing, no compile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
@@ -12,6 +15,8 @@ EPOCHS=${EPOCHS:-2}
 LR=${LR:-2e-5}
 SAVE_STEPS=${SAVE_STEPS:-100}
 PORT=${PORT:-29500}
+SPEED_ARGS=()
+if [ "${PAPER_EXACT:-0}" = 1 ]; then SPEED_ARGS=(--paper_exact); fi
 
 deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" train.py \
     --model_name_or_path "$MODEL" \
@@ -35,4 +40,5 @@ deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" train.py \
     --save_steps "$SAVE_STEPS" \
     --save_total_limit 2 \
     --report_to "${REPORT_TO:-none}" \
+    ${SPEED_ARGS[@]+"${SPEED_ARGS[@]}"} \
     "$@"

@@ -116,3 +116,21 @@ def test_tuned_zero3_configs_differ_from_the_default_only_in_bucket_and_persiste
         assert config == {k: v for k, v in base.items() if k != "zero_optimization"}
         assert {k for k in zero_base if zero[k] != zero_base[k]} == changed
         assert set(zero) - set(zero_base) == added and set(zero_base) <= set(zero)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_paper_exact_launches_the_same_flags_plus_paper_exact(script, stub_bin, tmp_path):
+    """PAPER_EXACT=1: the paper's command line word for word, plus --paper_exact (train.py then keeps
+    transformers' gradient checkpointing and compiles nothing); by default train.py's speed settings
+    apply (no speed flag on the command line: they are chosen at start from the GPU)."""
+    default = launch(script, stub_bin, tmp_path)
+    exact = launch(script, stub_bin, tmp_path, PAPER_EXACT="1")
+    assert "--paper_exact" not in default and exact == default + ["--paper_exact"]
+    assert launch(script, stub_bin, tmp_path, PAPER_EXACT="0") == default
+    train_args = exact[exact.index("train.py") + 1:]
+    namespace, unknown = train.build_parser().parse_known_args(train_args)
+    assert unknown == [] and namespace.gradient_checkpointing is True
+    request = train.speed_request(namespace)
+    assert request.paper_exact and (request.recompute, request.compile_layers, request.liger) == (None, None, False)
+    with pytest.raises(ValueError, match="paper_exact"):
+        train.speed_request(train.build_parser().parse_known_args(train_args + ["--recompute", "selective"])[0])
