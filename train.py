@@ -18,6 +18,8 @@ recompute policy is the fastest whose predicted peak memory fits the GPU (replac
 --gradient_checkpointing), decoder layers are compiled (not under ZeRO-3), the attention backend
 is longalign.attention's automatic choice. --recompute / --compile_layers [false] / --liger
 override; --paper_exact runs the paper's settings unchanged. Off CUDA only explicit flags apply.
+--sequence_parallel_size N splits each pack across N GPUs on DeepSpeed's Ulysses, with the same
+loss as N = 1 (longalign/sequence_parallel.py; sort_and_group.py --group_size W / N).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from longalign.modeling.loading import load_training_model, load_training_tokeni
 from longalign.performance import (SpeedRequest, SpeedSettings, apply_speed_settings, longest_row_tokens,
                                    training_speed_settings)
 from longalign.run_state import fingerprint_callback, start_run
+from longalign.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,
+                                         check_sequence_parallel_layout, expose_head_geometry, parallelism_config)
 from longalign.train_data import load_train_dataset
 from longalign.trainer import DEFAULT_PEAK_TFLOPS, LOSS_DENOMINATORS, LongAlignTrainer, resolve_loss_reduction
 from longalign.validation import check_sort_pack_pair, dataset_directory, validate_training_dataset
@@ -77,6 +81,9 @@ class LongAlignArguments:
         "choices": list(LOSS_DENOMINATORS),
         "help": "step: one count per optimizer step (the same gradient for any ranks x accumulation split); "
                 "micro_step: the original's mean per micro-step, averaged over gradient accumulation"})
+    sequence_parallel_size: int = field(default=1, metadata={
+        "help": "GPUs that share each pack (DeepSpeed Ulysses / ALST; needs --deepspeed, --batch_method pack, "
+                "per-device batch 1; heads divisible by it). Data-parallel size = world size / this"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow the tokenizer folder's own Python code to run (ChatGLM3's tokenizer is remote code); "
                 "the model always loads through this package's code"})
@@ -99,6 +106,11 @@ def parse_args(argv=None) -> tuple[LongAlignArguments, TrainingArguments]:
         raise ValueError("--remove_unused_columns must stay False: the collators select the columns")
     args.loss_reduction = resolve_loss_reduction(args.batch_method, args.pack_loss, args.loss_reduction)
     speed_request(args)  # conflicting speed flags fail here, before any loading
+    sp = args.sequence_parallel_size
+    data_parallel = check_sequence_parallel_layout(sp, training_args.world_size, training_args.per_device_train_batch_size,
+                                                   args.batch_method, bool(training_args.deepspeed))
+    if sp > 1:
+        training_args.parallelism_config = parallelism_config(sp, data_parallel)
     return args, training_args
 
 
@@ -111,7 +123,7 @@ def choose_and_apply_speed_settings(model, args, training_args: TrainingArgument
     """Choose (longalign/performance.py) and apply the recompute policy, layer compile and kernels."""
     settings = training_speed_settings(
         speed_request(args), model, training_args.device,
-        tokens=longest_row_tokens(dataset) * training_args.per_device_train_batch_size,
+        tokens=longest_row_tokens(dataset) * training_args.per_device_train_batch_size // args.sequence_parallel_size,
         packed=args.batch_method == "pack", world_size=training_args.world_size, ds_config=training_args.deepspeed,
         act_bytes=2 if (training_args.bf16 or training_args.fp16) else 4)
     if apply_speed_settings(model, settings):
@@ -140,6 +152,10 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     validate_training_dataset(dataset, model.get_input_embeddings().num_embeddings, args.batch_method == "pack",
                               str(dataset_directory(dataset)))  # every row, before the first step
     speed = choose_and_apply_speed_settings(model, args, training_args, dataset)
+    sp = args.sequence_parallel_size
+    if sp > 1:
+        check_head_counts(model.config, sp)
+        expose_head_geometry(model.config)
     tokenizer = load_training_tokenizer(args.tokenizer_name or args.model_name_or_path,
                                         trust_remote_code=args.trust_remote_code,
                                         required=args.tokenizer_name is not None)
@@ -149,11 +165,14 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     if args.original_warmup_packs:
         dataset = with_row_index(dataset)  # the collator cuts the first packs of the stored order
     collator = build_collator(args.batch_method, args.loss_reduction, pad_id, args.original_warmup_packs)
+    if sp > 1:  # the pack batch, then shifted over the whole pack for the Ulysses data loader
+        collator = SequenceParallelPackCollator(collator, sp)
     callbacks = [SelfDescribingCheckpoints(family), fingerprint_callback(fingerprint), *(callbacks or [])]
     trainer = LongAlignTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                                processing_class=tokenizer, callbacks=callbacks, batch_method=args.batch_method,
                                loss_reduction=args.loss_reduction, group_size=group_size,
-                               peak_tflops=args.peak_tflops, loss_denominator=args.loss_denominator)
+                               peak_tflops=args.peak_tflops, loss_denominator=args.loss_denominator,
+                               sequence_parallel_size=sp)
     trainer.longalign_args, trainer.model_family, trainer.speed_settings = args, family, speed
     return trainer
 
@@ -163,7 +182,8 @@ def main(argv=None) -> LongAlignTrainer:
     args = trainer.longalign_args
     if trainer.is_world_process_zero():
         print(f"batch_method={args.batch_method} loss_reduction={args.loss_reduction} "
-              f"rows={len(trainer.train_dataset)} world_size={trainer.args.world_size}", flush=True)
+              f"rows={len(trainer.train_dataset)} world_size={trainer.args.world_size} "
+              f"sequence_parallel_size={args.sequence_parallel_size}", flush=True)
         print(trainer.speed_settings.log_line(), flush=True)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model(trainer.args.output_dir)  # HF format (ZeRO-3: gathered 16-bit weights)

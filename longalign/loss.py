@@ -21,6 +21,15 @@ the backward, where
 
 (g the incoming gradient), accumulated in fp32 for dL/dW. Peak extra memory is about
 2 * chunk_size * V * 4 bytes (fp32 logits and their gradient) plus an fp32 copy of dL/dW.
+
+Pre-shifted targets (sequence parallelism). A shard of a pack cannot shift its own labels: the
+target of its last token is the next shard's first label. The targets t and weights w of the
+WHOLE pack are then computed once by `shift_targets` before sharding, and the loss takes them
+as `shift_labels` / `shift_weights` (aligned with the hidden states: t_i is the target of
+position i), shard by shard. `labels_for_targets(t)` gives the labels whose plain one-token
+shift is t (DeepSpeed's Ulysses data loader shifts `labels` itself, without sequence boundaries):
+
+    t = [5 6 X | 7 X]  ->  labels = [X 5 6 | X 7],  and  labels[1:] + [X] == t  (t ends with X)
 """
 from __future__ import annotations
 
@@ -52,6 +61,30 @@ def shift_targets(labels, loss_weights=None, cu_seqlens=None):
         shifted = torch.cat([lw[:, 1:], torch.zeros_like(lw[:, :1])], dim=1).reshape(-1)
         weights = torch.where(valid, shifted, torch.zeros_like(shifted))
     return targets, weights
+
+
+def labels_for_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Labels (1, T) whose plain shift (labels[1:] + [IGNORE]) is `targets` (T,) (module docstring).
+
+    The last token of a pack ends a sequence, so its target is always IGNORE_INDEX; anything else
+    would be lost by the shift, hence an error.
+    """
+    targets = targets.reshape(-1)
+    if targets.numel() == 0 or int(targets[-1]) != IGNORE_INDEX:
+        raise ValueError("the last position of a pack ends a sequence: its target must be IGNORE_INDEX")
+    return torch.cat([targets.new_full((1,), IGNORE_INDEX), targets[:-1]])[None]
+
+
+def pre_shifted_targets(shift_labels, shift_weights=None):
+    """Flat (N,) targets and float32 weights from already shifted ones; 0 weight where ignored."""
+    targets = shift_labels.reshape(-1).long()
+    valid = targets != IGNORE_INDEX
+    if shift_weights is None:
+        return targets, valid.float()
+    weights = shift_weights.reshape(-1).float()
+    if weights.shape != targets.shape:
+        raise ValueError(f"shift_weights has {weights.numel()} values, shift_labels {targets.numel()}")
+    return targets, torch.where(valid, weights, torch.zeros_like(weights))
 
 
 def mask_padding_labels(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -116,19 +149,28 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-def causal_lm_loss(hidden, lm_head_weight, labels, loss_weights=None, cu_seqlens=None,
-                   reduction="mean", chunk_size=DEFAULT_CHUNK_TOKENS):
+def causal_lm_loss(hidden, lm_head_weight, labels=None, loss_weights=None, cu_seqlens=None,
+                   reduction="mean", chunk_size=DEFAULT_CHUNK_TOKENS, shift_labels=None, shift_weights=None):
     """Weighted causal-LM loss of `hidden` (B, L, H) under the head `lm_head_weight` (V, H).
 
     labels (B, L) (IGNORE_INDEX on non-targets); loss_weights (B, L) aligned with labels or None;
-    cu_seqlens (n+1,) for a flat pack (B = 1). reduction "mean" = sum w l / sum w (0 when
-    sum w = 0), "sum" = sum w l. Returns an fp32 scalar (fp64 for fp64 inputs). See the module docstring for formulas.
+    cu_seqlens (n+1,) for a flat pack (B = 1). Or, instead of labels / loss_weights / cu_seqlens,
+    already shifted `shift_labels` and `shift_weights` (B, L) (module docstring). reduction
+    "mean" = sum w l / sum w (0 when sum w = 0), "sum" = sum w l. Returns an fp32 scalar (fp64
+    for fp64 inputs). See the module docstring for formulas.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if chunk_size is None or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-    targets, weights = shift_targets(labels, loss_weights, cu_seqlens)
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("give either labels (shifted here) or shift_labels (already shifted)")
+    if shift_labels is not None:
+        if loss_weights is not None or cu_seqlens is not None:
+            raise ValueError("shift_labels are already shifted: pass shift_weights, not loss_weights / cu_seqlens")
+        targets, weights = pre_shifted_targets(shift_labels, shift_weights)
+    else:
+        targets, weights = shift_targets(labels, loss_weights, cu_seqlens)
     flat = hidden.reshape(-1, hidden.shape[-1])
     if flat.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {flat.shape[0]} tokens, labels {targets.shape[0]}")
@@ -149,8 +191,8 @@ class LMHeadWithLoss(nn.Linear):
     """
 
     def forward(self, hidden, labels=None, loss_weights=None, cu_seqlens=None,
-                reduction="mean", chunk_size=DEFAULT_CHUNK_TOKENS):
-        if labels is None:
+                reduction="mean", chunk_size=DEFAULT_CHUNK_TOKENS, shift_labels=None, shift_weights=None):
+        if labels is None and shift_labels is None:
             return super().forward(hidden)
-        return causal_lm_loss(hidden, self.weight, labels, loss_weights, cu_seqlens,
-                              reduction=reduction, chunk_size=chunk_size)
+        return causal_lm_loss(hidden, self.weight, labels, loss_weights, cu_seqlens, reduction=reduction,
+                              chunk_size=chunk_size, shift_labels=shift_labels, shift_weights=shift_weights)

@@ -14,7 +14,10 @@ the step's gradient is (1/W) sum_r sum_m W/D grad S_rm = grad[(1/D) sum_{r,m} S_
 any split of the global batch into ranks x micro-steps. D = max(D, 1): a step without targets
 has S = 0 and a zero gradient. The logged loss is HF's mean over ranks of sum_m L_rm =
 (1/D) sum_{r,m} S_rm, the true loss of the step. transformers' own `num_items_in_batch` scaling is
-bypassed: `get_batch_samples`, `compute_loss` and `training_step` are overridden.
+bypassed: `get_batch_samples`, `compute_loss` and `training_step` are overridden. Sequence
+parallelism (N ranks share each pack): W in L_rm becomes DeepSpeed's gradient divisor A (W or
+W / N), counts are divided by N and the logged loss multiplied by W / A; derivation in
+longalign/sequence_parallel.py.
 
 `loss_denominator="micro_step"` is the original code's rule instead (README differences): each
 micro-step m is normalised by its own count D_m (all ranks) and HF's 1/GA averages them,
@@ -48,6 +51,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer
 
 from longalign.collators import BATCH_METHODS, COUNT_FIELDS, COUNTS_KEY, check_reduction
+from longalign.sequence_parallel import StoredOrderSampler, gradient_divisor, sequence_parallel_order
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +133,8 @@ class LongAlignTrainer(Trainer):
     """HF Trainer + stored-order data for sort/pack and the explicit loss reduction above."""
 
     def __init__(self, *args, batch_method: str, loss_reduction: str, group_size: int | None = None,
-                 peak_tflops: float = DEFAULT_PEAK_TFLOPS, loss_denominator: str = "step", **kwargs):
+                 peak_tflops: float = DEFAULT_PEAK_TFLOPS, loss_denominator: str = "step",
+                 sequence_parallel_size: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         check_reduction(loss_reduction)
         if loss_denominator not in LOSS_DENOMINATORS:
@@ -137,15 +142,22 @@ class LongAlignTrainer(Trainer):
         self.loss_denominator = loss_denominator
         if batch_method not in BATCH_METHODS:
             raise ValueError(f"batch_method must be one of {BATCH_METHODS}, got {batch_method!r}")
+        if self.args.world_size % sequence_parallel_size:
+            raise ValueError(f"world size {self.args.world_size} is not a multiple of sequence_parallel_size "
+                             f"{sequence_parallel_size}")
+        self.sequence_parallel_size = sequence_parallel_size
+        self.data_parallel_size = self.args.world_size // sequence_parallel_size  # W / N: ranks with distinct data
+        ds_config = self.args.hf_deepspeed_config.config if self.is_deepspeed_enabled else None
+        self.gradient_divisor = gradient_divisor(self.args.world_size, sequence_parallel_size, ds_config)
         if batch_method != "naive":
             if group_size is None:
                 raise ValueError(f"--batch_method {batch_method} needs the dataset's group_size")
-            per_group = check_data_parallel_layout(group_size, self.args.world_size,
+            per_group = check_data_parallel_layout(group_size, self.data_parallel_size,
                                                    self.args.per_device_train_batch_size)
             if per_group > 1:
-                logger.warning("group_size %d = %d micro-steps of world size %d x batch %d: each group "
+                logger.warning("group_size %d = %d micro-steps of data-parallel size %d x batch %d: each group "
                                "is split over consecutive micro-steps", group_size, per_group,
-                               self.args.world_size, self.args.per_device_train_batch_size)
+                               self.data_parallel_size, self.args.per_device_train_batch_size)
         self.batch_method, self.loss_reduction = batch_method, loss_reduction
         self.peak_flops = peak_tflops * 1e12
         self.flops_params = matmul_parameters(self.model)
@@ -167,6 +179,9 @@ class LongAlignTrainer(Trainer):
                            "on every rank", len(dataset) - usable, len(dataset), rows_per_micro_step)
         if usable == 0:
             raise ValueError(f"{len(dataset)} rows cannot fill one micro-step of {rows_per_micro_step} rows")
+        if self.sequence_parallel_size > 1:  # the adapter trains one rank's rows after the other's
+            return StoredOrderSampler(sequence_parallel_order(usable, self.args.world_size,
+                                                              self.sequence_parallel_size))
         return SequentialSampler(range(usable))
 
     # ---- loss ----
@@ -184,10 +199,11 @@ class LongAlignTrainer(Trainer):
             raise KeyError(f"batch has no {COUNTS_KEY!r}: use longalign.collators' collators")
         per_batch = torch.zeros((len(batches), len(COUNT_FIELDS)), dtype=torch.long)
         for m, batch in enumerate(batches):
-            per_batch[m] = batch[COUNTS_KEY]
+            per_batch[m] = torch.as_tensor(batch[COUNTS_KEY])  # a list under SP
         per_batch = per_batch.to(self.args.device)
         if self.accelerator.num_processes > 1:  # every rank calls this once per optimizer step
             per_batch = self.accelerator.reduce(per_batch, reduction="sum")
+        per_batch = self._count_packs_once(per_batch)
         counts = per_batch.sum(dim=0)
         self._window_counts += counts.cpu().to(torch.float64)
         self._step_denominator = loss_denominator(counts, self.loss_reduction)
@@ -197,14 +213,24 @@ class LongAlignTrainer(Trainer):
                                              for c in per_batch]
         return batches, self._step_denominator
 
+    def _count_packs_once(self, counts: torch.Tensor) -> torch.Tensor:
+        """Under SP all N ranks of a group carry their pack's counts: divide the sum by N (exact)."""
+        n = self.sequence_parallel_size
+        if n > 1:
+            if bool((counts % n).any()):
+                raise RuntimeError(f"step counts {counts.tolist()} are not N = {n} copies of the packs' counts")
+            counts = counts // n
+        return counts
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """L = W * S / D in training (module docstring); the model's weighted mean otherwise."""
+        """L = A * S / D in training (module docstring; A = W without SP); the model's weighted
+        mean otherwise."""
         inputs = {k: v for k, v in inputs.items() if k != COUNTS_KEY}
         if model.training and self._step_denominator is not None:
             outputs = model(**inputs, loss_reduction="sum")
             denominator = (self._micro_step_denominators.pop(0) if self.loss_denominator == "micro_step"
                            else self._step_denominator)
-            scale = self.accelerator.num_processes / denominator.to(outputs.loss.device)
+            scale = self.gradient_divisor / denominator.to(outputs.loss.device)
             loss = outputs.loss * scale.to(outputs.loss.dtype)
         else:
             outputs = model(**inputs, loss_reduction="mean")
@@ -224,7 +250,7 @@ class LongAlignTrainer(Trainer):
         if self.is_deepspeed_enabled:  # DeepSpeed would otherwise divide by its GA steps
             kwargs["scale_wrt_gas"] = False
         self.accelerator.backward(loss, **kwargs)
-        return loss.detach()
+        return loss.detach() * (self.args.world_size / self.gradient_divisor)  # what HF logs: module docstring
 
     # ---- logs ----
     def log(self, logs, start_time=None):

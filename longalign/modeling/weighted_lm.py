@@ -83,21 +83,24 @@ class WeightedLossMixin:
         self.post_init()
 
     def forward(self, input_ids=None, labels=None, loss_weights=None, loss_reduction="mean",
-                position_ids=None, inputs_embeds=None, **kwargs):
+                position_ids=None, inputs_embeds=None, shift_labels=None, shift_loss_weights=None, **kwargs):
+        """`shift_labels` / `shift_loss_weights`: targets and weights already shifted over the
+        whole pack (a sequence-parallel shard: `longalign.sequence_parallel`), instead of labels."""
         position_ids, kwargs = complete_pack_kwargs(input_ids, inputs_embeds, position_ids, kwargs)
-        if labels is None:
+        if labels is None and shift_labels is None:
             return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
                                    **kwargs)
         kwargs.setdefault("use_cache", False)
         kwargs.pop("logits_to_keep", None)  # the loss reads every position
         attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and attention_mask.dim() == 2:  # padded (B, L): padding never a target
+        if labels is not None and attention_mask is not None and attention_mask.dim() == 2:  # padding: no target
             labels = mask_padding_labels(labels, attention_mask[:, -labels.shape[1]:])
         hidden = self.base_model(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
                                  **kwargs).last_hidden_state
         loss = self.get_output_embeddings()(hidden, labels=labels, loss_weights=loss_weights,
                                             cu_seqlens=kwargs.get("cu_seq_lens_q"), reduction=loss_reduction,
-                                            chunk_size=self.loss_chunk_size)
+                                            chunk_size=self.loss_chunk_size, shift_labels=shift_labels,
+                                            shift_weights=shift_loss_weights)
         return CausalLMOutputWithPast(loss=loss)
 
 

@@ -1,0 +1,253 @@
+"""Sequence parallelism (longalign/sequence_parallel.py): DeepSpeed Ulysses on gloo against SP = 1.
+
+End to end: `torchrun --nproc_per_node N tests/test_sequence_parallel.py worker SPEC` runs train.py's
+build_trainer -> Trainer.train with --sequence_parallel_size N under DeepSpeed ZeRO-3 (CPU
+accelerator, gloo) for one optimizer step, and its gradients and logged loss are compared with
+the same step written out from per-sequence runs (test_train.reference_step) and with SP = 1.
+The slicing and loss math are also checked without DeepSpeed, rank by rank.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import train  # noqa: E402
+from longalign.collators import COUNT_FIELDS, COUNTS_KEY, PackCollator  # noqa: E402
+from longalign.constants import IGNORE_INDEX as X  # noqa: E402
+from longalign.loss import causal_lm_loss, labels_for_targets, shift_targets  # noqa: E402
+from longalign.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,  # noqa: E402
+                                         check_sequence_parallel_layout, sequence_parallel_order, valid_sizes)
+from test_train import VOCAB, argv_for, make_model_dir, reference_step, save_dataset  # noqa: E402
+
+DS_CONFIG = str(REPO / "ds_config" / "stage3_no_offload.json")
+deepspeed_available = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+
+# ---------- slicing and loss math, without DeepSpeed ----------
+def pack_rows(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for members in (3, 1, 2):
+        lengths = torch.randint(3, 9, (members,), generator=g).tolist()
+        ids = torch.randint(1, 50, (sum(lengths),), generator=g).tolist()
+        labels = [t if torch.rand(1, generator=g).item() < 0.7 else X for t in ids]
+        rows.append({"input_ids": ids, "labels": labels, "cu_seqlens": [0, *torch.tensor(lengths).cumsum(0).tolist()]})
+    return rows
+
+
+def adapter_slices(batch: dict, sp: int) -> list[dict]:
+    """What DeepSpeed's UlyssesSPDataLoaderAdapter gives each SP rank (its shift, then dim-1 slices)."""
+    labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=X)
+    full = {k: v for k, v in batch.items() if k != "labels"}
+    full["shift_labels"] = labels[:, 1:]
+    chunk = batch["input_ids"].shape[1] // sp
+    return [{k: v[:, s * chunk:(s + 1) * chunk] if torch.is_tensor(v) else v for k, v in full.items()}
+            for s in range(sp)]
+
+
+@pytest.mark.parametrize("sp", [2, 3, 4])
+@pytest.mark.parametrize("reduction", ["sequence", "pack_mean", "token"])
+def test_sliced_targets_and_weights_equal_the_whole_pack(sp, reduction):
+    rows = pack_rows()
+    whole = PackCollator(reduction)(rows)
+    targets, weights = shift_targets(whole["labels"], whole["loss_weights"], whole["cu_seq_lens_q"])
+    batch = SequenceParallelPackCollator(PackCollator(reduction), sp)(rows)
+    total = batch["input_ids"].shape[1]
+    assert total % sp == 0 and total - targets.numel() < sp
+    slices = adapter_slices(batch, sp)
+    got_t = torch.cat([s["shift_labels"][0] for s in slices])
+    got_w = torch.cat([s["shift_loss_weights"][0] for s in slices])
+    pad = total - targets.numel()
+    assert torch.equal(got_t, torch.cat([targets, torch.full((pad,), X)]))  # the shard-boundary token too
+    assert torch.equal(got_w, torch.cat([weights, torch.zeros(pad)]))
+    positions = torch.cat([s["position_ids"][0] for s in slices])
+    assert torch.equal(positions[:targets.numel()], whole["position_ids"][0])
+    assert positions[targets.numel():].tolist() == list(range(pad))  # the padding tail: its own segment
+    assert batch[COUNTS_KEY] == whole[COUNTS_KEY].tolist()
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "pack_mean", "token"])
+def test_per_rank_loss_sums_to_the_whole_pack(reduction):
+    """sum over SP ranks of each slice's S = the pack's S (hidden states taken as given)."""
+    torch.manual_seed(0)
+    rows = pack_rows(1)
+    whole = PackCollator(reduction)(rows)
+    weight = torch.randn(50, 16, dtype=torch.float64)
+    T = whole["input_ids"].shape[1]
+    for sp in (2, 4):
+        batch = SequenceParallelPackCollator(PackCollator(reduction), sp)(rows)
+        hidden = torch.randn(1, batch["input_ids"].shape[1], 16, dtype=torch.float64)
+        ref = causal_lm_loss(hidden[:, :T], weight, whole["labels"], whole["loss_weights"], whole["cu_seq_lens_q"],
+                             reduction="sum")
+        chunk = hidden.shape[1] // sp
+        parts = [causal_lm_loss(hidden[:, s * chunk:(s + 1) * chunk], weight, shift_labels=sl["shift_labels"],
+                                shift_weights=sl["shift_loss_weights"], reduction="sum")
+                 for s, sl in enumerate(adapter_slices(batch, sp))]
+        torch.testing.assert_close(sum(parts), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_labels_for_targets_inverts_the_plain_shift():
+    t = torch.tensor([5, 6, X, 7, X])
+    labels = labels_for_targets(t)
+    assert labels.tolist() == [[X, 5, 6, X, 7]]
+    with pytest.raises(ValueError, match="last position"):
+        labels_for_targets(torch.tensor([5, 6]))
+
+
+def test_sampler_order_gives_each_micro_step_consecutive_rows():
+    assert sequence_parallel_order(8, 4, 2) == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert sequence_parallel_order(4, 2, 2) == [0, 1, 2, 3]  # DP = 1: stored order
+    world, sp = 8, 4
+    order = sequence_parallel_order(16, world, sp)
+    dp = world // sp
+    for step in range(16 // dp):  # micro-step m: group g trains the row its rank s = m % sp read
+        i, s = divmod(step, sp)
+        trained = [order[i * world + g * sp + s] for g in range(dp)]
+        assert trained == list(range(step * dp, (step + 1) * dp))
+
+
+def test_layout_and_head_errors_say_what_to_change():
+    assert check_sequence_parallel_layout(1, 8, 1, "sort", False) == 8
+    assert check_sequence_parallel_layout(4, 8, 1, "pack", True) == 2
+    with pytest.raises(ValueError, match="--deepspeed"):
+        check_sequence_parallel_layout(2, 2, 1, "pack", False)
+    with pytest.raises(ValueError, match="--batch_method pack"):
+        check_sequence_parallel_layout(2, 2, 1, "sort", True)
+    with pytest.raises(ValueError, match="per_device_train_batch_size 1"):
+        check_sequence_parallel_layout(2, 2, 2, "pack", True)
+    with pytest.raises(ValueError, match=r"choose one of \[1, 2, 3, 6\]"):
+        check_sequence_parallel_layout(4, 6, 1, "pack", True)
+    from transformers import LlamaConfig
+    from longalign.modeling.configuration_chatglm import ChatGLMConfig
+    assert valid_sizes(32, 2) == [1, 2, 4, 8, 16, 32]  # ChatGLM3-6B: kv heads replicated beyond 2
+    assert valid_sizes(40, 40) == [1, 2, 4, 5, 8, 10, 20, 40]  # Llama-2-13B
+    assert valid_sizes(12, 8) == [1, 2, 4]  # 8 kv heads: 3, 6, 12 divide neither way
+    check_head_counts(ChatGLMConfig(rope_ratio=1.0), 8)
+    with pytest.raises(ValueError, match=r"12 query / 8 key-value heads; choose one of \[1, 2, 4\]"):
+        check_head_counts(LlamaConfig(num_attention_heads=12, num_key_value_heads=8, hidden_size=96), 3)
+
+
+# ---------- end to end: DeepSpeed Ulysses on gloo ----------
+def sp_step(spec: dict, sp: int) -> dict:
+    """One optimizer step (GA = spec['ga']) under DeepSpeed ZeRO-3; gradients captured before it."""
+    argv = argv_for(spec["model"], spec["data"], os.path.join(spec["out"], f"sp{sp}_{spec['reduction']}"), "pack",
+                    "--max_steps", "1", "--gradient_accumulation_steps", str(spec["ga"]),
+                    "--loss_reduction", spec["reduction"], "--max_grad_norm", "0", "--ddp_backend", "gloo",
+                    "--deepspeed", DS_CONFIG, "--sequence_parallel_size", str(sp))
+    argv.remove("--use_cpu")  # accelerate then starts deepspeed.comm (gloo on the CPU accelerator)
+    trainer = train.build_trainer(argv)
+    captured = {}
+
+    from transformers import TrainerCallback
+
+    class CaptureBeforeStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            from deepspeed.utils import safe_get_full_grad
+            engine = trainer.model_wrapped
+            step = engine.step
+
+            def capturing_step(*a, **k):
+                if engine.is_gradient_accumulation_boundary() and not captured:
+                    for name, p in engine.module.named_parameters():
+                        captured[name] = safe_get_full_grad(p).detach().clone()
+                return step(*a, **k)
+            engine.step = capturing_step
+
+    trainer.add_callback(CaptureBeforeStep())
+    trainer.train()
+    loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][0]
+    return {"grads": captured, "loss": loss, "rank": trainer.args.process_index}
+
+
+def allow_deepspeed_on_cpu() -> None:
+    """accelerate starts DeepSpeed only on an accelerator (its PartialState finds no backend on a
+    CPU without `cpu=True`, and `cpu=True` turns DeepSpeed off): report gloo / MULTI_CPU instead,
+    so deepspeed.comm starts on gloo (DeepSpeed's CPU accelerator). Nothing else is replaced."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+    PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (
+        "gloo", DistributedType.MULTI_CPU)
+
+
+def worker_main(spec_file: str) -> None:
+    spec = json.loads(Path(spec_file).read_text())
+    allow_deepspeed_on_cpu()
+    result = sp_step(spec, spec["sp"])
+    torch.save(result, os.path.join(spec["out"], f"rank{result['rank']}.pt"))
+
+
+def relative_error(a: dict, b: dict) -> float:
+    diff = torch.sqrt(sum(((a[n] - b[n]) ** 2).sum() for n in b))
+    return float(diff / torch.sqrt(sum((b[n] ** 2).sum() for n in b)))
+
+
+PACK_TOKENS = 37  # not a multiple of 2 or 4: the padding tail is exercised
+
+
+def make_equal_length_packs(path: Path, n_packs: int = 6, seed: int = 0) -> str:
+    """pack/ rows of PACK_TOKENS tokens each, 1-3 sequences (prompt, then a learnable answer).
+
+    Equal lengths because DeepSpeed's adapter all-gathers each rank's batch with a per-rank length,
+    which NCCL accepts uneven and gloo does not ("ProcessGroupGloo::allgather: invalid tensor size").
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "labels": [], "cu_seqlens": []}
+    for p in range(n_packs):
+        members = 1 + p % 3
+        cuts = sorted(torch.randperm(PACK_TOKENS - 9, generator=g)[:members - 1].add(5).tolist())
+        cu = [0, *cuts, PACK_TOKENS]
+        ids, labels = [], []
+        for a, b in zip(cu[:-1], cu[1:]):
+            prompt = (b - a) // 2
+            seq = torch.randint(3, VOCAB, (b - a,), generator=g).tolist()
+            ids += seq
+            labels += [X] * prompt + seq[prompt:]
+        rows["input_ids"].append(ids)
+        rows["labels"].append(labels)
+        rows["cu_seqlens"].append(cu)
+    save_dataset(rows, path / "pack", {"group_size": 2})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sp_workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sp")
+    models = {f: make_model_dir(root / f"model_{f}", f) for f in ("chatglm", "llama")}
+    return root, models, make_equal_length_packs(root / "data")
+
+
+def run_torchrun(spec: dict, tmp: Path, nproc: int) -> list[dict]:
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(29700 + os.getpid() % 500), __file__, "worker", str(tmp / "spec.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(nproc)]
+
+
+@deepspeed_available
+@pytest.mark.parametrize("family,reduction,sp", [("chatglm", "sequence", 2), ("llama", "token", 2)])
+def test_deepspeed_ulysses_step_equals_sequence_parallel_1(sp_workdir, tmp_path, family, reduction, sp):
+    root, models, data = sp_workdir
+    spec = {"model": models[family], "data": data, "out": str(tmp_path), "reduction": reduction, "ga": 4, "sp": sp}
+    ranks = run_torchrun(spec, tmp_path, sp)
+    ref_loss, ref_grads = reference_step(models[family], data, "pack", reduction)
+    for result in ranks:
+        assert relative_error(result["grads"], ref_grads) < 1e-5
+        assert abs(result["loss"] - ref_loss) < 1e-5 * abs(ref_loss) + 1e-6
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
+    worker_main(sys.argv[2])
