@@ -39,8 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train_file", required=True, help="dataset directory written by pre_tokenize.py")
     parser.add_argument("--group_size", type=int, default=DEFAULT_GROUP_SIZE,
-                        help="sequences (sort) / packs (pack) per data-parallel step")
-    parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens per pack")
+                        help="sequences (sort) / packs (pack) per data-parallel step: the GPU count, or "
+                             "GPUs / train.py --sequence_parallel_size (which splits each pack over that many)")
+    parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH,
+                        help="tokens per pack (64k: the paper; 128k-512k with train.py --sequence_parallel_size)")
     parser.add_argument("--pack_strategy", choices=PACK_STRATEGIES, default="bfd",
                         help="bfd: best-fit-decreasing, balanced steps; greedy: the paper's walk in stored "
                              "order; greedy_original: the original code's walk rule for rule")

@@ -82,13 +82,21 @@ def resolve_loss_reduction(batch_method: str, pack_loss: bool, loss_reduction: s
     return "sequence"
 
 
-def check_data_parallel_layout(group_size: int, world_size: int, per_device_batch: int) -> int:
-    """Micro-steps per group, c = G / (W b); a clear error unless W b divides G."""
-    rows_per_micro_step = world_size * per_device_batch
+def check_data_parallel_layout(group_size: int, world_size: int, per_device_batch: int,
+                               sequence_parallel_size: int = 1) -> int:
+    """Micro-steps per group, c = G / (DP b); a clear error unless DP b divides G.
+
+    DP = world_size / sequence_parallel_size: the ranks that train different rows at once.
+    """
+    data_parallel = world_size // sequence_parallel_size
+    rows_per_micro_step = data_parallel * per_device_batch
     if group_size < 1 or group_size % rows_per_micro_step:
+        ranks = (f"world size {world_size}" if sequence_parallel_size == 1 else
+                 f"data-parallel size {data_parallel} (world size {world_size} / --sequence_parallel_size "
+                 f"{sequence_parallel_size})")
         raise ValueError(
             f"the dataset's group_size {group_size} (rows per data-parallel step, from its stats.json) "
-            f"is not a multiple of world size {world_size} x per-device batch {per_device_batch} = "
+            f"is not a multiple of {ranks} x per-device batch {per_device_batch} = "
             f"{rows_per_micro_step}: a micro-step would mix rows of different groups. Rebuild with "
             f"`sort_and_group.py --group_size {rows_per_micro_step}` or change the GPU count / batch size.")
     return group_size // rows_per_micro_step
@@ -152,8 +160,8 @@ class LongAlignTrainer(Trainer):
         if batch_method != "naive":
             if group_size is None:
                 raise ValueError(f"--batch_method {batch_method} needs the dataset's group_size")
-            per_group = check_data_parallel_layout(group_size, self.data_parallel_size,
-                                                   self.args.per_device_train_batch_size)
+            per_group = check_data_parallel_layout(group_size, self.args.world_size,
+                                                   self.args.per_device_train_batch_size, sequence_parallel_size)
             if per_group > 1:
                 logger.warning("group_size %d = %d micro-steps of data-parallel size %d x batch %d: each group "
                                "is split over consecutive micro-steps", group_size, per_group,

@@ -25,7 +25,7 @@ from longalign.constants import IGNORE_INDEX as X  # noqa: E402
 from longalign.loss import causal_lm_loss, labels_for_targets, shift_targets  # noqa: E402
 from longalign.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,  # noqa: E402
                                          check_sequence_parallel_layout, sequence_parallel_order, valid_sizes)
-from test_train import VOCAB, argv_for, make_model_dir, reference_step, save_dataset  # noqa: E402
+from test_train import VOCAB, argv_for, make_model_dir, reference_step, run_one_step, save_dataset  # noqa: E402
 
 DS_CONFIG = str(REPO / "ds_config" / "stage3_no_offload.json")
 deepspeed_available = pytest.mark.skipif(
@@ -136,6 +136,38 @@ def test_layout_and_head_errors_say_what_to_change():
         check_head_counts(LlamaConfig(num_attention_heads=12, num_key_value_heads=8, hidden_size=96), 3)
 
 
+def test_sort_and_group_builds_512k_packs_for_a_data_parallel_group(tmp_path):
+    """--max_length 524288 with --group_size DP = W / N; a built pack slices exactly over N = 4."""
+    import datasets
+    import sort_and_group
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [500_000, 310_000, 200_000, 120_000] + torch.randint(100, 3000, (20,), generator=g).tolist()
+    ids = [torch.randint(0, 1000, (n,), generator=g, dtype=torch.int32).tolist() for n in lengths]
+    labels = [[X] * (n // 2) + row[n // 2:] for n, row in zip(lengths, ids)]
+    datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}).save_to_disk(str(tmp_path))
+    summary = sort_and_group.sort_and_group(tmp_path, group_size=2, max_length=524_288, pack_strategy="bfd",
+                                            seed=0, too_long="error")
+    stats = summary["pack"]
+    assert stats["too_long"] == 0 and stats["pack_tokens_max"] <= 524_288 and stats["packs"] % 2 == 0
+    pack = datasets.load_from_disk(str(tmp_path / "pack"))
+    row = max(pack, key=lambda r: len(r["input_ids"]))
+    whole = PackCollator("sequence")([row])
+    targets, weights = shift_targets(whole["labels"], whole["loss_weights"], whole["cu_seq_lens_q"])
+    slices = adapter_slices(SequenceParallelPackCollator(PackCollator("sequence"), 4)([row]), 4)
+    n = targets.numel()
+    assert torch.equal(torch.cat([s["shift_labels"][0] for s in slices])[:n], targets)
+    assert torch.equal(torch.cat([s["shift_loss_weights"][0] for s in slices])[:n], weights)
+
+
+def test_group_size_error_names_the_data_parallel_size():
+    from longalign.trainer import check_data_parallel_layout
+    assert check_data_parallel_layout(2, 8, 1, sequence_parallel_size=4) == 1
+    with pytest.raises(ValueError, match=r"data-parallel size 4 \(world size 8 / --sequence_parallel_size 2\).*"
+                                         r"--group_size 4"):
+        check_data_parallel_layout(2, 8, 1, sequence_parallel_size=2)
+
+
 # ---------- end to end: DeepSpeed Ulysses on gloo ----------
 def sp_step(spec: dict, sp: int) -> dict:
     """One optimizer step (GA = spec['ga']) under DeepSpeed ZeRO-3; gradients captured before it."""
@@ -163,9 +195,12 @@ def sp_step(spec: dict, sp: int) -> dict:
             engine.step = capturing_step
 
     trainer.add_callback(CaptureBeforeStep())
+    seen, compute_loss = [], trainer.compute_loss
+    trainer.compute_loss = lambda model, inputs, **kw: (seen.append(inputs["input_ids"][0].tolist()),
+                                                        compute_loss(model, inputs, **kw))[1]
     trainer.train()
     loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][0]
-    return {"grads": captured, "loss": loss, "rank": trainer.args.process_index}
+    return {"grads": captured, "loss": loss, "rank": trainer.args.process_index, "seen": seen}
 
 
 def allow_deepspeed_on_cpu() -> None:
@@ -208,8 +243,8 @@ def make_equal_length_packs(path: Path, n_packs: int = 6, seed: int = 0) -> str:
         cuts = sorted(torch.randperm(PACK_TOKENS - 9, generator=g)[:members - 1].add(5).tolist())
         cu = [0, *cuts, PACK_TOKENS]
         ids, labels = [], []
-        for a, b in zip(cu[:-1], cu[1:]):
-            prompt = (b - a) // 2
+        for k, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+            prompt = 0 if k % 2 else (b - a) // 2  # a labelled first token: a plain shift would cross into it
             seq = torch.randint(3, VOCAB, (b - a,), generator=g).tolist()
             ids += seq
             labels += [X] * prompt + seq[prompt:]
@@ -238,15 +273,32 @@ def run_torchrun(spec: dict, tmp: Path, nproc: int) -> list[dict]:
 
 
 @deepspeed_available
-@pytest.mark.parametrize("family,reduction,sp", [("chatglm", "sequence", 2), ("llama", "token", 2)])
-def test_deepspeed_ulysses_step_equals_sequence_parallel_1(sp_workdir, tmp_path, family, reduction, sp):
+@pytest.mark.parametrize("family,reduction,world,sp", [
+    ("chatglm", "sequence", 2, 2),   # DP 1
+    ("llama", "token", 4, 4),        # 4 query / 2 kv heads over 4 ranks: kv heads replicated
+    ("chatglm", "pack_mean", 4, 2),  # DP 2 x SP 2: data order and counts over DP groups
+])
+def test_deepspeed_ulysses_step_equals_sequence_parallel_1(sp_workdir, tmp_path, family, reduction, world, sp):
+    """One step of 4 packs (rows 0-3) under DeepSpeed ZeRO-3 + Ulysses on gloo: gradients and logged
+    loss equal the per-sequence reference and train.py at SP = 1; micro-step m trains rows
+    [m DP, (m+1) DP), one per SP group, each split over its N ranks."""
+    import datasets
     root, models, data = sp_workdir
-    spec = {"model": models[family], "data": data, "out": str(tmp_path), "reduction": reduction, "ga": 4, "sp": sp}
-    ranks = run_torchrun(spec, tmp_path, sp)
+    dp = world // sp
+    spec = {"model": models[family], "data": data, "out": str(tmp_path), "reduction": reduction,
+            "ga": 4 // dp, "sp": sp}
+    ranks = run_torchrun(spec, tmp_path, world)
     ref_loss, ref_grads = reference_step(models[family], data, "pack", reduction)
+    single = run_one_step({**spec, "out": str(tmp_path / "single")}, "pack", reduction, 1)
+    assert relative_error(single["grads"], ref_grads) < 1e-5
     for result in ranks:
         assert relative_error(result["grads"], ref_grads) < 1e-5
         assert abs(result["loss"] - ref_loss) < 1e-5 * abs(ref_loss) + 1e-6
+    stored = datasets.load_from_disk(os.path.join(data, "pack"))["input_ids"]
+    for m in range(spec["ga"]):
+        for g in range(dp):
+            pack = sum((ranks[g * sp + s]["seen"][m] for s in range(sp)), [])
+            assert pack[:PACK_TOKENS] == stored[m * dp + g] and pack[PACK_TOKENS:] == [0] * (len(pack) - PACK_TOKENS)
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
