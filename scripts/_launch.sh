@@ -7,6 +7,10 @@
 # Speed: by default train.py picks its fastest settings that fit the GPU (recompute policy by memory,
 # compiled layers; logged at start, longalign/performance.py); PAPER_EXACT=1 adds --paper_exact,
 # which runs exactly the flags below (transformers' gradient checkpointing, no compile).
+# SP=N (pack scripts): each pack is split over N GPUs (DeepSpeed Ulysses, train.py
+# --sequence_parallel_size) and the gradient accumulation is multiplied by N, so a step still
+# trains NUM_GPUS x GRAD_ACCUM packs; build them with sort_and_group.py --group_size NUM_GPUS/N
+# and the longer --max_length (e.g. 262144) that SP makes room for.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
@@ -17,6 +21,7 @@ SAVE_STEPS=${SAVE_STEPS:-100}
 PORT=${PORT:-29500}
 SPEED_ARGS=()
 if [ "${PAPER_EXACT:-0}" = 1 ]; then SPEED_ARGS=(--paper_exact); fi
+SP=${SP:-1}
 
 deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" train.py \
     --model_name_or_path "$MODEL" \
@@ -28,7 +33,8 @@ deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" train.py \
     --gradient_checkpointing \
     --num_train_epochs "$EPOCHS" \
     --per_device_train_batch_size 1 \
-    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --gradient_accumulation_steps "$((GRAD_ACCUM * SP))" \
+    --sequence_parallel_size "$SP" \
     --learning_rate "$LR" \
     --lr_scheduler_type cosine \
     --warmup_steps 0.03 \

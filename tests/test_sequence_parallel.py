@@ -168,6 +168,21 @@ def test_group_size_error_names_the_data_parallel_size():
         check_data_parallel_layout(2, 8, 1, sequence_parallel_size=2)
 
 
+def test_paper_scripts_take_sp_from_the_environment(tmp_path):
+    """SP=4 on 8 GPUs: --sequence_parallel_size 4 and 4x the accumulation (same packs per step)."""
+    from test_scripts import launch, write_stub
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_stub(bin_dir / "deepspeed", 'echo deepspeed > "$ARGS_OUT"; printf "%s\\n" "$@" >> "$ARGS_OUT"\n')
+    for sp, accumulation in (("1", "1"), ("4", "4")):
+        words = launch(REPO / "scripts" / "chatglm_pack.sh", bin_dir, tmp_path, NUM_GPUS="8", SP=sp)
+        args = words[words.index("train.py") + 1:]
+        pairs = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+        assert pairs["--sequence_parallel_size"] == sp and pairs["--gradient_accumulation_steps"] == accumulation
+        namespace, unknown = train.build_parser().parse_known_args(args)
+        assert unknown == [] and namespace.sequence_parallel_size == int(sp)
+
+
 # ---------- end to end: DeepSpeed Ulysses on gloo ----------
 def sp_step(spec: dict, sp: int) -> dict:
     """One optimizer step (GA = spec['ga']) under DeepSpeed ZeRO-3; gradients captured before it."""
