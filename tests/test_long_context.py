@@ -1,0 +1,112 @@
+"""ALST's single-GPU pieces (longalign/long_context.py) leave the step unchanged; bench_long_context smoke."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from longalign.collators import PackCollator
+from training_models import tiny_chatglm, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
+                                reason="deepspeed is not installed")
+
+
+def packed_batch(vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for lengths in ([20, 9, 31], [44]):
+        ids = torch.randint(1, vocab, (sum(lengths),), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": ids, "cu_seqlens": [0, *torch.tensor(lengths).cumsum(0).tolist()]})
+    batch = PackCollator("sequence")(rows)
+    batch.pop("batch_counts")
+    return batch
+
+
+@pytest.fixture(scope="module")
+def one_rank_deepspeed():
+    """deepspeed.comm on a one-process gloo group (DeepSpeed's checkpointing logs by rank)."""
+    import os
+    import deepspeed
+    port = 29800 + os.getpid() % 100
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{port}",
+                               rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, loss_reduction="mean").loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_chatglm], ids=["llama", "chatglm"])
+@pytest.mark.parametrize("piece", ["tile_mlps", "offload_checkpoints_to_cpu", "both"])
+def test_alst_pieces_give_the_same_step(build, piece, one_rank_deepspeed):
+    from longalign import long_context
+    if piece != "tile_mlps" and not torch.cuda.is_available():
+        pytest.skip("DeepSpeed's cpu_checkpointing cannot run on its CPU accelerator (offload_checkpoints_to_cpu)")
+    torch.manual_seed(0)
+    model = build(hidden_size=32).train()  # hidden 32 < 104 tokens: the MLPs run in 4 tiles
+    batch = packed_batch()
+    ref_loss, ref = loss_and_grads(model, batch)
+    if piece in ("tile_mlps", "both"):
+        assert long_context.tile_mlps(model) == 2
+    if piece in ("offload_checkpoints_to_cpu", "both"):
+        assert long_context.offload_checkpoints_to_cpu(model) == 2
+    loss, grads = loss_and_grads(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_offload_refuses_the_cpu_accelerator_with_the_reason(one_rank_deepspeed):
+    from longalign.long_context import offload_checkpoints_to_cpu
+    if torch.cuda.is_available():
+        pytest.skip("runs on a GPU there")
+    with pytest.raises(NotImplementedError, match="empties it"):
+        offload_checkpoints_to_cpu(tiny_llama())
+
+
+def test_mlp_tiles_follow_deepspeed_rule():
+    from longalign.long_context import mlp_tiles
+    assert mlp_tiles(65536, 2048) == 32 and mlp_tiles(100, 2048) == 1 and mlp_tiles(2049, 2048) == 2
+
+
+def test_bench_long_context_smoke(tmp_path):
+    """One subprocess per length (CPU, tiny); an out-of-memory child is a recorded row, not a crash."""
+    out = tmp_path / "long.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_long_context.py"), "--smoke", "--out", str(out),
+                           "--configs", "--recompute full --tiled_mlp"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["config"] for r in rows] == ["--recompute full --tiled_mlp"] * 2
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["loss_finite"]  # CPU: the MFU itself is noise
+        assert r["tiled_mlp"] and r["grad_rel_diff"] < 1e-5 and r["loss_rel_diff"] < 1e-6  # vs plain full recompute
+        memory = r["memory_gib"]
+        assert memory["weights"] > 0 and memory["optimizer"] >= 2 * memory["weights"] * 0.99
+    assert sorted({r["pack_tokens"] for r in rows}) == [256, 512]
+
+
+def test_an_out_of_memory_length_is_recorded_and_longer_ones_skipped(monkeypatch, capsys):
+    import bench_long_context as bench
+
+    def fake_child(config, length, args, tmp, timeout_s):
+        status = "ok" if length < 512 else "oom"
+        return {"config": config, "pack_tokens": length, "status": status, "oom_phase": "backward",
+                "step_seconds": 1.0, "tokens_per_s": 1.0, "mfu": 0.1, "memory_gib": {}}
+
+    monkeypatch.setattr(bench, "run_one", fake_child)
+    rows = bench.run_all(bench.parse_args(["--smoke", "--lengths", "256,512,1024", "--configs", "--recompute full"]))
+    assert [r["status"] for r in rows] == ["ok", "oom", "skipped"]
+    assert rows[2]["reason"] == "oom at 512 tokens"
+    assert "oom: backward" in capsys.readouterr().out
