@@ -170,6 +170,8 @@ def causal_lm_loss(hidden, lm_head_weight, labels=None, loss_weights=None, cu_se
             raise ValueError("shift_labels are already shifted: pass shift_weights, not loss_weights / cu_seqlens")
         targets, weights = pre_shifted_targets(shift_labels, shift_weights)
     else:
+        if shift_weights is not None:
+            raise ValueError("shift_weights belong to shift_labels; with labels pass loss_weights")
         targets, weights = shift_targets(labels, loss_weights, cu_seqlens)
     flat = hidden.reshape(-1, hidden.shape[-1])
     if flat.shape[0] != targets.shape[0]:

@@ -103,6 +103,17 @@ def test_labels_for_targets_inverts_the_plain_shift():
         labels_for_targets(torch.tensor([5, 6]))
 
 
+def test_pre_shifted_loss_takes_one_kind_of_targets():
+    hidden, weight = torch.randn(1, 4, 8), torch.randn(16, 8)
+    labels = torch.tensor([[X, 1, 2, 3]])
+    with pytest.raises(ValueError, match="either labels"):
+        causal_lm_loss(hidden, weight)
+    with pytest.raises(ValueError, match="shift_weights belong to shift_labels"):
+        causal_lm_loss(hidden, weight, labels, shift_weights=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="already shifted"):
+        causal_lm_loss(hidden, weight, shift_labels=labels, cu_seqlens=torch.tensor([0, 4]))
+
+
 def test_sampler_order_gives_each_micro_step_consecutive_rows():
     assert sequence_parallel_order(8, 4, 2) == [0, 2, 1, 3, 4, 6, 5, 7]
     assert sequence_parallel_order(4, 2, 2) == [0, 1, 2, 3]  # DP = 1: stored order
