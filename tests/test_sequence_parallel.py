@@ -171,6 +171,14 @@ def test_sort_and_group_builds_512k_packs_for_a_data_parallel_group(tmp_path):
     assert torch.equal(torch.cat([s["shift_loss_weights"][0] for s in slices])[:n], weights)
 
 
+def test_train_py_refuses_sequence_parallelism_without_deepspeed(tmp_path):
+    argv = argv_for(str(tmp_path / "m"), str(tmp_path / "d"), str(tmp_path / "o"), "pack")
+    with pytest.raises(ValueError, match="add --deepspeed"):
+        train.parse_args(argv + ["--sequence_parallel_size", "2"])
+    assert train.parse_args(argv)[0].sequence_parallel_size == 1
+    assert train.parse_args(argv)[1].parallelism_config is None
+
+
 def test_group_size_error_names_the_data_parallel_size():
     from longalign.trainer import check_data_parallel_layout
     assert check_data_parallel_layout(2, 8, 1, sequence_parallel_size=4) == 1
