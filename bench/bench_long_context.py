@@ -1,18 +1,22 @@
 """Single-GPU long-context reach (issue 19): how long a pack the 1.36B bench model trains, how fast.
 
     python bench/bench_long_context.py --out long.jsonl                                  # GPU
-    python bench/bench_long_context.py --lengths 524288,786432 --configs "--recompute full" \
+    python bench/bench_long_context.py --lengths 1048576,2097152 --configs "--recompute full" \
         "--recompute full --tiled_mlp --offload_checkpoints" --out long_fit.jsonl
     python bench/bench_long_context.py --smoke --out /tmp/long.jsonl                     # CPU, tiny
 
 The model, packs and peak are bench_train_step.py's (imported: `build_model`, `synthetic_packs`,
 `measured_peak_flops`): random-init Llama (hidden 2048, 24 layers, 16 heads, vocab 32000), bf16,
 fused AdamW, the chunked loss, the attention backend chosen by longalign.attention (FlashAttention-4
-where installed) unless a configuration names one. For each configuration (a flag string: --recompute
+where installed) unless a configuration names one. A pack of T tokens is T / --document_tokens
+of bench_train_step's LongAlign-like 64k packs laid end to end (what sort_and_group.py
+--max_length T makes of LongAlign data, whose sequences are at most 64k: attention work grows
+like T); --document_tokens 0 makes it one synthetic pack of T tokens (documents up to T tokens:
+attention work grows like T^2, a 1M-token step takes minutes). For each configuration (a flag string: --recompute
 POLICY, --attn_backend NAME, --tiled_mlp, --offload_checkpoints; longalign/long_context.py) and each
 pack length, in ascending order, one child process (this script with --child) trains --warmup +
---steps packs of that length (--long_warmup / --long_steps beyond LONG_LENGTH, where one step takes
-minutes) and reports one JSON line: tokens/s and MFU as bench_train_step defines them, and the
+--steps packs of that length (--long_warmup / --long_steps beyond LONG_LENGTH, where a step takes
+tens of seconds) and reports one JSON line: tokens/s and MFU as bench_train_step defines them, and the
 memory breakdown in GiB —
     weights, grads, optimizer           sizes of the tensors (bf16 weights and grads, AdamW's two states)
     checkpointed_activations            allocated after the forward minus before it (what backward keeps)
@@ -44,7 +48,8 @@ from longalign.collators import PackCollator
 from longalign.loss import DEFAULT_CHUNK_TOKENS
 from longalign.trainer import matmul_parameters, training_flops
 
-DEFAULT_LENGTHS = (65536, 131072, 262144, 524288, 786432, 1048576)
+DEFAULT_LENGTHS = (65536, 131072, 262144, 524288, 1048576, 2097152, 4194304)
+DOCUMENT_TOKENS, SMOKE_DOCUMENT_TOKENS = 65536, 128
 SMOKE_LENGTHS = (256, 512)
 DEFAULT_CONFIGS = ("--recompute full", "--recompute full --tiled_mlp --offload_checkpoints")
 LONG_LENGTH = 262144  # beyond it, --long_warmup / --long_steps
@@ -59,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", default=None, help="flag strings (default DEFAULT_CONFIGS)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--long_warmup", type=int, default=0)
+    p.add_argument("--long_warmup", type=int, default=1)
     p.add_argument("--long_steps", type=int, default=1)
     p.add_argument("--budget_s", type=float, default=540.0, help="start no child after this many seconds")
     p.add_argument("--out", default=None, help="JSON lines, one per (configuration, length)")
@@ -71,8 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiled_mlp", action="store_true", help="DeepSpeed's TiledMLP in every layer")
     p.add_argument("--offload_checkpoints", action="store_true",
                    help="DeepSpeed's checkpointing with the layer inputs on the CPU (replaces --recompute)")
+    p.add_argument("--document_tokens", type=int, default=None,
+                   help="length of the synthetic packs laid end to end (default 65536; 0: one pack of T)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.document_tokens is None:
+        args.document_tokens = SMOKE_DOCUMENT_TOKENS if args.smoke else DOCUMENT_TOKENS
+    return args
 
 
 # ---------- child: one configuration at one length ----------
@@ -101,6 +111,30 @@ def start_one_rank_deepspeed() -> None:
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{port}",
                                    rank=0, world_size=1)
+
+
+def long_packs(n: int, tokens: int, document_tokens: int, vocab: int, seed: int) -> list[dict]:
+    """n pack rows of `tokens` tokens: synthetic packs of `document_tokens` laid end to end
+    (module docstring), or one synthetic pack each when document_tokens is 0 or >= tokens.
+
+    two packs with cu_seqlens [0 5 8] and [0 8] -> [0 5 8 16]
+    """
+    if not document_tokens or document_tokens >= tokens:
+        return step_bench.synthetic_packs(n, tokens, vocab, seed)
+    if tokens % document_tokens:
+        raise ValueError(f"pack length {tokens} is not a multiple of --document_tokens {document_tokens}")
+    parts = step_bench.synthetic_packs(n * (tokens // document_tokens), document_tokens, vocab, seed)
+    per_pack = tokens // document_tokens
+    return [concatenated(parts[i * per_pack:(i + 1) * per_pack]) for i in range(n)]
+
+
+def concatenated(rows: list[dict]) -> dict:
+    ids, labels, cu = [], [], [0]
+    for row in rows:
+        ids += row["input_ids"]
+        labels += row["labels"]
+        cu += [cu[-1] + e for e in row["cu_seqlens"][1:]]
+    return {"input_ids": ids, "labels": labels, "cu_seqlens": cu}
 
 
 def batch_of(row: dict, device) -> dict:
@@ -209,12 +243,13 @@ def run_child(args) -> dict:
     row = {"pack_tokens": args.pack_tokens, "recompute": "deepspeed-offload" if args.offload_checkpoints else
            margs.recompute, "tiled_mlp": args.tiled_mlp, "offload_checkpoints": args.offload_checkpoints,
            "attn_backend": choose_backend(device, dtype), "warmup": warmup, "steps": steps,
+           "document_tokens": args.document_tokens,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if args.tiled_mlp or args.offload_checkpoints:
         row.update(verify_alst(model, args, margs.vocab, device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0,
                                   fused=device.type == "cuda")
-    packs = step_bench.synthetic_packs(warmup + steps, args.pack_tokens, margs.vocab, args.seed)
+    packs = long_packs(warmup + steps, args.pack_tokens, args.document_tokens, margs.vocab, args.seed)
     batches = [batch_of(p, device) for p in packs]
     phases = MemoryPhases(device)
     try:
@@ -242,6 +277,7 @@ def run_one(config: str, length: int, args, tmp: Path, timeout_s: float) -> dict
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--pack_tokens", str(length),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--long_warmup", str(args.long_warmup),
            "--long_steps", str(args.long_steps), "--seed", str(args.seed), "--out", str(out),
+           "--document_tokens", str(args.document_tokens),
            *(["--smoke"] if args.smoke else []), *shlex.split(config)]
     env = dict(os.environ)
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

@@ -110,3 +110,15 @@ def test_an_out_of_memory_length_is_recorded_and_longer_ones_skipped(monkeypatch
     assert [r["status"] for r in rows] == ["ok", "oom", "skipped"]
     assert rows[2]["reason"] == "oom at 512 tokens"
     assert "oom: backward" in capsys.readouterr().out
+
+
+def test_long_packs_are_64k_packs_laid_end_to_end():
+    import bench_long_context as bench
+    assert bench.concatenated([{"input_ids": [1] * 8, "labels": [1] * 8, "cu_seqlens": [0, 5, 8]},
+                               {"input_ids": [2] * 8, "labels": [2] * 8, "cu_seqlens": [0, 8]}])["cu_seqlens"] == [0, 5, 8, 16]
+    rows = bench.long_packs(2, 512, 128, vocab=64, seed=0)
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"]) == row["cu_seqlens"][-1] <= 512
+        lengths = [b - a for a, b in zip(row["cu_seqlens"][:-1], row["cu_seqlens"][1:])]
+        assert max(lengths) <= 128 and min(lengths) > 0
+    assert len(bench.long_packs(1, 512, 0, vocab=64, seed=0)[0]["input_ids"]) <= 512
