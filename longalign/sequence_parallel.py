@@ -157,8 +157,12 @@ def parallelism_config(sp: int, data_parallel_size: int):
     in its constructor; DeepSpeed itself accepts any registered implementation equal to the model's
     (`register_with_transformers` checks ALL_ATTENTION_FUNCTIONS), so ours is set after construction.
     """
-    from accelerate import ParallelismConfig
-    from accelerate.utils import DeepSpeedSequenceParallelConfig
+    try:
+        from accelerate import ParallelismConfig
+        from accelerate.utils import DeepSpeedSequenceParallelConfig
+    except ImportError as error:
+        raise ImportError("--sequence_parallel_size needs accelerate>=1.12 (ParallelismConfig with "
+                          "sp_backend='deepspeed'), transformers>=5 and deepspeed>=0.18.2") from error
 
     handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True)
     handler.sp_attn_implementation = ATTN_IMPLEMENTATION
