@@ -70,7 +70,6 @@ from longalign.loss import labels_for_targets, shift_targets
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION
 
 SP_BACKEND = "deepspeed"  # accelerate's ParallelismConfig.sp_backend: DeepSpeed's Ulysses (ALST)
-SP_BATCH_KEYS = ("input_ids", "labels", "position_ids", "shift_loss_weights")  # (1, T'): sliced on dim 1
 PAD_TOKEN_ID = 0  # input id of the padding tail (never a target, its own attention segment)
 
 
