@@ -11,8 +11,8 @@ from longalign.collators import PackCollator
 from training_models import tiny_chatglm, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
-                                reason="deepspeed is not installed")
+needs_deepspeed = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed")
 
 
 def packed_batch(vocab=128, seed=0):
@@ -45,6 +45,7 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@needs_deepspeed
 @pytest.mark.parametrize("build", [tiny_llama, tiny_chatglm], ids=["llama", "chatglm"])
 @pytest.mark.parametrize("piece", ["tile_mlps", "offload_checkpoints_to_cpu", "both"])
 def test_alst_pieces_give_the_same_step(build, piece, one_rank_deepspeed):
@@ -66,6 +67,7 @@ def test_alst_pieces_give_the_same_step(build, piece, one_rank_deepspeed):
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@needs_deepspeed
 def test_offload_refuses_the_cpu_accelerator_with_the_reason(one_rank_deepspeed):
     from longalign.long_context import offload_checkpoints_to_cpu
     if torch.cuda.is_available():
@@ -79,6 +81,7 @@ def test_mlp_tiles_follow_deepspeed_rule():
     assert mlp_tiles(65536, 2048) == 32 and mlp_tiles(100, 2048) == 1 and mlp_tiles(2049, 2048) == 2
 
 
+@needs_deepspeed
 def test_bench_long_context_smoke(tmp_path):
     """One subprocess per length (CPU, tiny); an out-of-memory child is a recorded row, not a crash."""
     out = tmp_path / "long.jsonl"
