@@ -19,9 +19,10 @@ without changing any module's signature:
   instead of longalign.recompute's policies.
 - Tiled loss (`TiledFusedLogitsLoss`): not needed, the loss is already computed in chunks of
   tokens without the (T, V) logits (longalign/loss.py).
-The math is unchanged: tested on the CPU for the tiled MLP (same loss and gradients, both
-families); the offload runs only on a GPU (see `offload_checkpoints_to_cpu`), where
-bench_long_context.py checks its step against the plain one before timing it.
+The math is unchanged (tested on the CPU, both families: same loss and gradients; the offload
+through DeepSpeed's GPU code path, its asynchronous offload engine, which its CPU accelerator
+does not take by itself: see `offload_checkpoints_to_cpu`). bench_long_context.py also checks
+each configuration's step against plain full recompute on the GPU before timing it.
 """
 from __future__ import annotations
 
