@@ -5,28 +5,30 @@
         "--recompute full --tiled_mlp --offload_checkpoints" --out long_fit.jsonl
     python bench/bench_long_context.py --smoke --out /tmp/long.jsonl                     # CPU, tiny
 
-The model, packs and peak are bench_train_step.py's (imported: `build_model`, `synthetic_packs`,
-`measured_peak_flops`): random-init Llama (hidden 2048, 24 layers, 16 heads, vocab 32000), bf16,
+The model and packs are bench_train_step.py's (`build_model`, `synthetic_packs`), the timing and
+figures step_timing.py's (`measured_peak_flops`, `time_steps`, `measurement`), imported: random-init Llama (hidden 2048, 24 layers, 16 heads, vocab 32000), bf16,
 fused AdamW, the chunked loss, the attention backend chosen by longalign.attention (FlashAttention-4
 where installed) unless a configuration names one. A pack of T tokens is T / --document_tokens
 of bench_train_step's LongAlign-like 64k packs laid end to end (what sort_and_group.py
 --max_length T makes of LongAlign data, whose sequences are at most 64k: attention work grows
 like T); --document_tokens 0 makes it one synthetic pack of T tokens (documents up to T tokens:
-attention work grows like T^2, a 1M-token step takes minutes). For each configuration (a flag string: --recompute
-POLICY, --attn_backend NAME, --tiled_mlp, --offload_checkpoints; longalign/long_context.py) and each
+attention work grows like T^2, a 1M-token step takes minutes). For each configuration (a flag
+string: --recompute POLICY, --attn_backend NAME, --tiled_mlp, --offload_checkpoints; longalign/long_context.py) and each
 pack length, in ascending order, one child process (this script with --child) trains --warmup +
 --steps packs of that length (--long_warmup / --long_steps beyond LONG_LENGTH, where a step takes
-tens of seconds) and reports one JSON line: tokens/s and MFU as bench_train_step defines them, and the
-memory breakdown in GiB —
+tens of seconds) and reports one JSON line: tokens/s, MFU and peak memory as bench_train_step
+reports them (step_timing.measurement), and the memory breakdown in GiB (memory_gib) —
     weights, grads, optimizer           sizes of the tensors (bf16 weights and grads, AdamW's two states)
-    checkpointed_activations            allocated after the forward minus before it (what backward keeps)
-    forward_peak, backward_peak         the allocator's peak in each phase, above the step's start
+    checkpointed_activations            allocated after the forward minus at the step's start (kept for backward)
+    peak_above_step_start               the peak minus the step's start: activations, grads and the
+                                        largest transient (a layer's recompute and backward, the loss)
     loss_chunk_estimate                 2 x chunk x vocab x 4 B of fp32 logits + an fp32 dW (longalign/loss.py)
-    peak_allocated, capacity            the step's peak, and the GPU's memory.
+    peak_allocated, capacity            the allocator's peak over all steps, and the GPU's memory.
 A child that runs out of memory reports the phase and PyTorch's message (an `oom` row, not a crash),
 and the longer lengths of that configuration are skipped. With --tiled_mlp / --offload_checkpoints
 the child first checks its step against plain full recompute on a VERIFY_TOKENS pack (loss and
-gradient differences in the row). Children that would start after --budget_s are listed as skipped.
+gradient differences in the row). Children run one at a time through config_runs.py, within
+--budget_s; those that would start after it are listed as skipped.
 """
 from __future__ import annotations
 
@@ -35,18 +37,17 @@ import json
 import math
 import os
 import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
 import bench_train_step as step_bench
+from config_runs import run_budgeted, run_in_subprocess
 from longalign.attention import ENV_VAR as ATTN_ENV, choose_backend
 from longalign.collators import PackCollator
 from longalign.loss import DEFAULT_CHUNK_TOKENS
-from longalign.trainer import matmul_parameters, training_flops
+from longalign.performance import GIB
+from step_timing import device_batch, measured_peak_flops, measurement, pack_counts, time_steps
 
 DEFAULT_LENGTHS = (65536, 131072, 262144, 524288, 1048576, 2097152, 4194304)
 DOCUMENT_TOKENS, SMOKE_DOCUMENT_TOKENS = 65536, 128
@@ -55,7 +56,6 @@ DEFAULT_CONFIGS = ("--recompute full", "--recompute full --tiled_mlp --offload_c
 LONG_LENGTH = 262144  # beyond it, --long_warmup / --long_steps
 VERIFY_TOKENS, SMOKE_VERIFY_TOKENS = 8192, 128
 CHILD_TIMEOUT_S = 1800
-GIB = 2 ** 30
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,14 +137,9 @@ def concatenated(rows: list[dict]) -> dict:
     return {"input_ids": ids, "labels": labels, "cu_seqlens": cu}
 
 
-def batch_of(row: dict, device) -> dict:
-    batch = PackCollator("sequence")([row])
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def loss_and_grads(model, batch) -> tuple[float, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss = model(**{k: v for k, v in batch.items() if k != "batch_counts"}, loss_reduction="mean").loss
+    loss = model(**batch, loss_reduction="mean").loss
     loss.backward()
     grads = [p.grad.detach().float().clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
@@ -154,7 +149,8 @@ def loss_and_grads(model, batch) -> tuple[float, list[torch.Tensor]]:
 def verify_alst(model, args, vocab: int, device) -> dict:
     """Loss / gradient difference of the ALST pieces against plain full recompute, short pack."""
     tokens = SMOKE_VERIFY_TOKENS if args.smoke else VERIFY_TOKENS
-    batch = batch_of(step_bench.synthetic_packs(1, tokens, vocab, args.seed + 1)[0], device)
+    row = step_bench.synthetic_packs(1, tokens, vocab, args.seed + 1)[0]
+    batch = device_batch(PackCollator("sequence")([row]), device)
     ref_loss, ref = loss_and_grads(model, batch)
     apply_alst(model, args)
     loss, grads = loss_and_grads(model, batch)
@@ -168,63 +164,40 @@ def tensor_gib(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / GIB
 
 
-class MemoryPhases:
-    """Allocated / peak memory around the phases of one step (CUDA only; zeros elsewhere)."""
+class InstrumentedStep:
+    """The training step, noting the phase it is in and the memory allocated at its boundaries."""
 
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.values = {}
-        self.phase = "build"  # where an out-of-memory error would have happened
+    def __init__(self, model, optimizer, device):
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.phase, self.values = "build", {}
 
-    def now(self) -> float:
-        return torch.cuda.memory_allocated(self.device) / GIB if self.cuda else 0.0
+    def allocated(self) -> float:
+        return torch.cuda.memory_allocated(self.device) / GIB if self.device.type == "cuda" else 0.0
 
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.values["start"] = self.now()
-
-    def mark(self, phase: str) -> None:
-        peak = torch.cuda.max_memory_allocated(self.device) / GIB if self.cuda else 0.0
-        self.values[f"{phase}_peak"] = peak - self.values["start"]
-        self.values[f"after_{phase}"] = self.now()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-
-def train_steps(model, optimizer, batches, device, phases: MemoryPhases) -> list[float]:
-    """Forward / backward / optimizer step per batch; seconds of each; phases of the last step."""
-    times = []
-    for batch in batches:
-        step_bench.synchronize(device)
-        start = time.perf_counter()
-        phases.start()
-        phases.phase = "forward"
-        loss = model(**{k: v for k, v in batch.items() if k != "batch_counts"}, loss_reduction="mean").loss
-        phases.mark("forward")
-        phases.phase = "backward"
+    def __call__(self, batch):
+        self.values["start"] = self.allocated()
+        self.phase = "forward"
+        loss = self.model(**batch, loss_reduction="mean").loss
+        self.values["after_forward"] = self.allocated()
+        self.phase = "backward"
         loss.backward()
-        phases.mark("backward")
-        phases.values["grads"] = tensor_gib(p.grad for p in model.parameters() if p.grad is not None)
-        phases.phase = "optimizer"
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_bench.synchronize(device)
-        times.append(time.perf_counter() - start)
-        phases.values["loss"] = float(loss.detach())
-    return times
+        self.values["grads"] = tensor_gib(p.grad for p in self.model.parameters() if p.grad is not None)
+        self.phase = "optimizer"
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.phase = "between steps"
+        return loss.detach()
 
 
-def memory_breakdown(model, optimizer, phases: MemoryPhases, vocab: int, hidden: int, device) -> dict:
-    v = phases.values
-    states = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-    out = {"weights": tensor_gib(model.parameters()), "grads": v.get("grads", 0.0), "optimizer": tensor_gib(states),
+def memory_breakdown(step: InstrumentedStep, vocab: int, hidden: int, peak_gib) -> dict:
+    v = step.values
+    states = [t for s in step.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    out = {"weights": tensor_gib(step.model.parameters()), "grads": v.get("grads", 0.0), "optimizer": tensor_gib(states),
            "loss_chunk_estimate": (2 * DEFAULT_CHUNK_TOKENS * vocab * 4 + vocab * hidden * 4) / GIB}
-    if device.type == "cuda":
-        out.update(checkpointed_activations=v["after_forward"] - v["start"], forward_peak=v["forward_peak"],
-                   backward_peak=v["backward_peak"], peak_allocated=torch.cuda.max_memory_allocated(device) / GIB,
-                   capacity=torch.cuda.mem_get_info(device)[1] / GIB)
+    if step.device.type == "cuda":
+        out.update(checkpointed_activations=v["after_forward"] - v["start"], step_start=v["start"],
+                   peak_above_step_start=peak_gib - v["start"], peak_allocated=peak_gib,
+                   capacity=torch.cuda.mem_get_info(step.device)[1] / GIB)
     return out
 
 
@@ -236,84 +209,73 @@ def run_child(args) -> dict:
     margs = model_args(args)
     long = args.pack_tokens > LONG_LENGTH
     warmup, steps = (args.long_warmup, args.long_steps) if long else (args.warmup, args.steps)
-    peak = step_bench.measured_peak_flops(margs.matmul_size, dtype, device)
+    peak = measured_peak_flops(margs.matmul_size, dtype, device)
     if args.offload_checkpoints:
         start_one_rank_deepspeed()
-    model = step_bench.build_model(margs, device, dtype)
+    model = step_bench.build_model(margs, device, dtype, margs.layers, margs.recompute)
     row = {"pack_tokens": args.pack_tokens, "recompute": "deepspeed-offload" if args.offload_checkpoints else
            margs.recompute, "tiled_mlp": args.tiled_mlp, "offload_checkpoints": args.offload_checkpoints,
            "attn_backend": choose_backend(device, dtype), "warmup": warmup, "steps": steps,
-           "document_tokens": args.document_tokens,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+           "document_tokens": args.document_tokens}
     if args.tiled_mlp or args.offload_checkpoints:
         row.update(verify_alst(model, args, margs.vocab, device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0,
                                   fused=device.type == "cuda")
-    packs = long_packs(warmup + steps, args.pack_tokens, args.document_tokens, margs.vocab, args.seed)
-    batches = [batch_of(p, device) for p in packs]
-    phases = MemoryPhases(device)
+    rows = long_packs(warmup + steps, args.pack_tokens, args.document_tokens, margs.vocab, args.seed)
+    collate = PackCollator("sequence")
+    step = InstrumentedStep(model, optimizer, device)
     try:
-        times = train_steps(model, optimizer, batches, device, phases)
+        timing = time_steps(step, [collate([r]) for r in rows], device, warmup, steps)
     except torch.OutOfMemoryError as error:
-        row.update(status="oom", oom_phase=phases.phase, oom_message=str(error)[:600],
-                   memory_gib={"weights": tensor_gib(model.parameters())})
-        return row
-    timed = batches[warmup:]
-    tokens = sum(int(b["input_ids"].numel()) for b in timed) / len(timed)
-    sum_sq = sum(int(b["batch_counts"][4]) for b in timed) / len(timed)
-    seconds = sorted(times[warmup:])[len(timed) // 2]
-    flops = training_flops(matmul_parameters(model), margs.layers, margs.hidden, tokens, sum_sq)
-    row.update(status="ok", tokens_per_step=tokens, sum_sq_lengths=sum_sq, step_seconds=seconds,
-               tokens_per_s=tokens / seconds, mfu=flops / seconds / peak, measured_peak_tflops=peak / 1e12,
-               loss_finite=math.isfinite(phases.values["loss"]),
-               memory_gib=memory_breakdown(model, optimizer, phases, margs.vocab, margs.hidden, device))
-    return row
+        return {**row, "status": "oom", "oom_phase": step.phase, "oom_message": str(error)[:600],
+                "memory_gib": {"weights": tensor_gib(model.parameters())}}
+    result = measurement(model, margs.layers, margs.hidden, pack_counts(rows)[warmup:], timing, peak, device)
+    return {**row, "status": "ok", **result,
+            "memory_gib": memory_breakdown(step, margs.vocab, margs.hidden, result["peak_memory_gib"])}
 
 
 # ---------- parent: one child per (configuration, length) ----------
-def run_one(config: str, length: int, args, tmp: Path, timeout_s: float) -> dict:
-    out = tmp / "row.json"
-    out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--pack_tokens", str(length),
-           "--warmup", str(args.warmup), "--steps", str(args.steps), "--long_warmup", str(args.long_warmup),
-           "--long_steps", str(args.long_steps), "--seed", str(args.seed), "--out", str(out),
-           "--document_tokens", str(args.document_tokens),
-           *(["--smoke"] if args.smoke else []), *shlex.split(config)]
-    env = dict(os.environ)
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        row = json.loads(out.read_text()) if proc.returncode == 0 and out.exists() else {
-            "status": "failed", "error": (proc.stderr or proc.stdout)[-1500:]}
-    except subprocess.TimeoutExpired:
-        row = {"status": "failed", "error": f"timed out after {timeout_s:.0f} s"}
-    return {"config": config, "pack_tokens": length, "wall_s": round(time.perf_counter() - start, 1), **row}
+def child_argv(config: str, length: int, args) -> list[str]:
+    return ["--child", "--pack_tokens", str(length), "--warmup", str(args.warmup), "--steps", str(args.steps),
+            "--long_warmup", str(args.long_warmup), "--long_steps", str(args.long_steps), "--seed", str(args.seed),
+            "--document_tokens", str(args.document_tokens), *(["--smoke"] if args.smoke else []), *shlex.split(config)]
+
+
+def run_one(config: str, length: int, args, timeout_s: float) -> dict:
+    """One child (config_runs.run_in_subprocess): its row, or status `failed` with the error."""
+    result = run_in_subprocess(Path(__file__).resolve(), child_argv(config, length, args), timeout_s)
+    return result if "error" not in result else {"status": "failed", **result}
 
 
 def run_all(args) -> list[dict]:
-    import tempfile
-
+    """Every (configuration, length), shortest first; after a row that is not ok, the longer
+    lengths of that configuration are skipped (config_runs.run_budgeted keeps the budget)."""
     lengths = sorted(int(x) for x in args.lengths.split(",")) if args.lengths else list(
         SMOKE_LENGTHS if args.smoke else DEFAULT_LENGTHS)
-    configs = args.configs or list(DEFAULT_CONFIGS)
-    rows, start = [], time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for config in configs:
-            stopped = None
-            for length in lengths:
-                elapsed = time.perf_counter() - start
-                if stopped:
-                    row = {"config": config, "pack_tokens": length, "status": "skipped", "reason": stopped}
-                elif elapsed > args.budget_s:
-                    row = {"config": config, "pack_tokens": length, "status": "skipped",
-                           "reason": f"budget {args.budget_s:.0f} s spent"}
-                else:
-                    row = run_one(config, length, args, Path(tmp), CHILD_TIMEOUT_S)
-                    if row["status"] != "ok":
-                        stopped = f"{row['status']} at {length} tokens"
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    stopped: dict[str, str] = {}
+
+    def one(job: tuple[str, int], timeout_s: float) -> dict:
+        config, length = job
+        if config in stopped:
+            return {"status": "skipped", "reason": stopped[config]}
+        row = run_one(config, length, args, timeout_s)
+        if row["status"] != "ok":
+            stopped[config] = f"{row['status']} at {length} tokens"
+        print(json.dumps({"config": config, **row}), flush=True)
+        return row
+
+    def save(rows: list[dict]) -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    jobs = [(config, length) for config in (args.configs or list(DEFAULT_CONFIGS)) for length in lengths]
+    rows = run_budgeted(jobs, one, args.budget_s, CHILD_TIMEOUT_S, on_result=save, name=lambda job: job[0],
+                        describe=lambda job: {"pack_tokens": job[1]})
+    for row in rows:  # run_budgeted's own skip marker, in this script's terms
+        if "skipped" in row:
+            row.update(status="skipped", reason=row.pop("skipped"))
+    save(rows)
     print(summary_table(rows), flush=True)
     return rows
 
@@ -337,11 +299,7 @@ def main(argv=None):
         row = run_child(args)
         Path(args.out).write_text(json.dumps(row) + "\n")
         return row
-    rows = run_all(args)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+    return run_all(args)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def test_bench_long_context_smoke(tmp_path):
 def test_an_out_of_memory_length_is_recorded_and_longer_ones_skipped(monkeypatch, capsys):
     import bench_long_context as bench
 
-    def fake_child(config, length, args, tmp, timeout_s):
+    def fake_child(config, length, args, timeout_s):
         status = "ok" if length < 512 else "oom"
         return {"config": config, "pack_tokens": length, "status": status, "oom_phase": "backward",
                 "step_seconds": 1.0, "tokens_per_s": 1.0, "mfu": 0.1, "memory_gib": {}}

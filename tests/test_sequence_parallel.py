@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import train  # noqa: E402
-from longalign.collators import COUNT_FIELDS, COUNTS_KEY, PackCollator  # noqa: E402
+from longalign.collators import COUNTS_KEY, PackCollator  # noqa: E402
 from longalign.constants import IGNORE_INDEX as X  # noqa: E402
 from longalign.loss import causal_lm_loss, labels_for_targets, shift_targets  # noqa: E402
 from longalign.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,  # noqa: E402
