@@ -47,6 +47,7 @@ from longalign.attention import ENV_VAR as ATTN_ENV, choose_backend
 from longalign.collators import PackCollator
 from longalign.loss import DEFAULT_CHUNK_TOKENS
 from longalign.performance import GIB
+from longalign.storage import write_bytes_atomic
 from step_timing import device_batch, measured_peak_flops, measurement, pack_counts, time_steps
 
 DEFAULT_LENGTHS = (65536, 131072, 262144, 524288, 1048576, 2097152, 4194304)
@@ -264,10 +265,9 @@ def run_all(args) -> list[dict]:
         print(json.dumps({"config": config, **row}), flush=True)
         return row
 
-    def save(rows: list[dict]) -> None:
+    def save(rows: list[dict]) -> None:  # the whole file each time, atomically (never half a row)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_bytes_atomic(args.out, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     jobs = [(config, length) for config in (args.configs or list(DEFAULT_CONFIGS)) for length in lengths]
     rows = run_budgeted(jobs, one, args.budget_s, CHILD_TIMEOUT_S, on_result=save, name=lambda job: job[0],
@@ -297,7 +297,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         row = run_child(args)
-        Path(args.out).write_text(json.dumps(row) + "\n")
+        write_bytes_atomic(args.out, (json.dumps(row) + "\n").encode())
         return row
     return run_all(args)
 
