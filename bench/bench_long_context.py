@@ -23,7 +23,9 @@ reports them (step_timing.measurement), and the memory breakdown in GiB (memory_
     peak_above_step_start               the peak minus the step's start: activations, grads and the
                                         largest transient (a layer's recompute and backward, the loss)
     loss_chunk_estimate                 2 x chunk x vocab x 4 B of fp32 logits + an fp32 dW (longalign/loss.py)
-    peak_allocated, capacity            the allocator's peak over all steps, and the GPU's memory.
+    peak_allocated, capacity            the allocator's peak over all steps, and the GPU's memory
+    host_rss_peak, host_total           this process's peak resident memory (offloaded checkpoints live
+                                        there: ~4 KiB per token per layer) and the machine's RAM.
 A child that runs out of memory reports the phase and PyTorch's message (an `oom` row, not a crash),
 and the longer lengths of that configuration are skipped. With --tiled_mlp / --offload_checkpoints
 the child first checks its step against plain full recompute on a VERIFY_TOKENS pack (loss and
@@ -36,6 +38,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shlex
 from pathlib import Path
 
@@ -195,6 +198,8 @@ def memory_breakdown(step: InstrumentedStep, vocab: int, hidden: int, peak_gib) 
     states = [t for s in step.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     out = {"weights": tensor_gib(step.model.parameters()), "grads": v.get("grads", 0.0), "optimizer": tensor_gib(states),
            "loss_chunk_estimate": (2 * DEFAULT_CHUNK_TOKENS * vocab * 4 + vocab * hidden * 4) / GIB}
+    out.update(host_rss_peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,  # KiB -> GiB
+               host_total=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB)
     if step.device.type == "cuda":
         out.update(checkpointed_activations=v["after_forward"] - v["start"], step_start=v["start"],
                    peak_above_step_start=peak_gib - v["start"], peak_allocated=peak_gib,
