@@ -9,8 +9,11 @@ STAMP := .venv/.installed
 TORCH_SPEC ?= torch==2.13.0
 LOCK := requirements.lock
 OLDEST_TRANSFORMERS := transformers==5.17.0
+# DeepSpeed (ZeRO-3 and Ulysses SP tests) builds no ops on CPU; without build isolation its setup
+# sees the installed torch instead of fetching another into a build environment
+DEEPSPEED := DS_BUILD_OPS=0 $(1)/bin/python -m pip install -q --no-build-isolation
 # the tested version prints of the extra runs
-VERSIONS := grep -iE "^(torch|transformers|accelerate|datasets|tokenizers|huggingface.hub|numpy|protobuf) "
+VERSIONS := grep -iE "^(torch|transformers|accelerate|datasets|tokenizers|huggingface.hub|numpy|protobuf|deepspeed) "
 
 .PHONY: demo test test-newest test-oldest lock clean-demo
 
@@ -19,6 +22,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -c $(LOCK) -e ".[test]"
+	$(call DEEPSPEED,.venv) -c $(LOCK) deepspeed
 	touch $@
 
 demo: $(STAMP)
@@ -34,6 +38,7 @@ define fresh_venv
 	$(1)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(1)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(1)/torch-constraint.txt
 	$(1)/bin/python -m pip install -q -c $(1)/torch-constraint.txt $(2) -e ".[test]"
+	$(call DEEPSPEED,$(1)) -c $(1)/torch-constraint.txt $(2) deepspeed
 	$(1)/bin/python -m pip list 2>/dev/null | $(VERSIONS)
 endef
 
