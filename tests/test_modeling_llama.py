@@ -221,3 +221,30 @@ def test_padded_batch_loss_equals_stock(tmp_path):
         out = ours(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits is None
     torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_padded_and_packed_batches_match_stock(tmp_path):
+    """On the GPU (bf16): a padded (B, L) batch with attention_mask and a pack through the training
+    class give transformers' own Llama logits (sdpa, each sequence alone) within bf16 tolerance,
+    whatever varlen backend the automatic choice takes there."""
+    torch.manual_seed(5)
+    stock = transformers.LlamaForCausalLM(_config(attn_implementation="sdpa")).eval()
+    stock.save_pretrained(tmp_path)
+    ours = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTN_IMPLEMENTATION,
+                                            dtype=torch.bfloat16).cuda().eval()
+    stock = stock.to(device="cuda", dtype=torch.bfloat16)
+    seqs, _, batch = _pack(6)
+    width = max(LENGTHS)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], mask[b, :len(s)] = s, 1
+    with torch.no_grad():
+        alone = [stock(input_ids=s[None].cuda()).logits[0].float() for s in seqs]
+        padded = ours(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.float()
+        packed = ours(input_ids=batch["input_ids"].cuda(), cu_seq_lens_q=batch["cu_seq_lens_q"].cuda()).logits[0].float()
+    ref = torch.cat(alone)
+    scale = ref.abs().max().item()
+    assert (torch.cat([padded[b, :len(s)] for b, s in enumerate(seqs)]) - ref).abs().max().item() <= 2e-2 * scale
+    assert (packed - ref).abs().max().item() <= 2e-2 * scale
