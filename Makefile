@@ -11,7 +11,7 @@ LOCK := requirements.lock
 OLDEST_TRANSFORMERS := transformers==5.17.0
 # DeepSpeed (ZeRO-3 and Ulysses SP tests) builds no ops on CPU; without build isolation its setup
 # sees the installed torch instead of fetching another into a build environment
-DEEPSPEED := DS_BUILD_OPS=0 $(1)/bin/python -m pip install -q --no-build-isolation
+DEEPSPEED = DS_BUILD_OPS=0 $(1)/bin/python -m pip install -q --no-build-isolation
 # the tested version prints of the extra runs
 VERSIONS := grep -iE "^(torch|transformers|accelerate|datasets|tokenizers|huggingface.hub|numpy|protobuf|deepspeed) "
 
