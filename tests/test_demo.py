@@ -13,9 +13,12 @@ sys.path.insert(0, str(REPO))
 
 from longalign.tiny_model import STATS_FILE, TinyShape, main as tiny_model_main, save_tiny_model
 
-TEST_STEPS = 20  # ~1/4 of the demo's default: enough for a clear fall from the random-init loss
+TEST_STEPS = 20  # a few % of the demo's default: plumbing, and a clear fall from the random-init loss
 LOG_STEPS = 5
 MIN_LOSS_DROP = 0.5  # nats between the first and the last logged loss (the demo falls ~2 in 20 steps)
+TEST_DATA = {"DEMO_NUM_LONG": "24", "DEMO_NUM_SHORT": "200", "DEMO_EVAL_PER_TASK": "2"}
+STAGES = ["data", "pre_tokenize", "sort_and_group", "model_init", "eval_untrained", "train", "eval_trained",
+          "needle"]
 DEMO_TIMEOUT_S = 600
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=256)
@@ -24,10 +27,11 @@ SMALL = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max
 # ---------- the demo ----------
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """Run scripts/demo.sh once; the haystack is forced absent (a clone without ../shared)."""
+    """Run scripts/demo.sh once, with fewer steps, less data and a smaller held-out set."""
     out = tmp_path_factory.mktemp("demo") / "out"
     env = {**os.environ, "OUT": str(out), "DEMO_STEPS": str(TEST_STEPS), "DEMO_LOG_STEPS": str(LOG_STEPS),
-           "HAYSTACK": str(out / "no_such_haystack"), "PY": sys.executable}
+           "PY": sys.executable, **TEST_DATA}
+    env.pop("HAYSTACK", None)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
     assert proc.returncode == 0, f"demo.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -55,8 +59,8 @@ def test_demo_prints_every_stats_file(demo):
     out, stdout = demo
     paths = [Path(p) for p in printed(stdout, "[demo] stats:")]
     expected = [out / "raw/stats.json", out / "llama/10k/stats.json", out / "llama/10k/sort/stats.json",
-                out / "llama/10k/pack/stats.json", out / "model_init" / STATS_FILE,
-                out / "model/trainer_state.json", out / "needle/prompts/stats.json"]
+                out / "llama/10k/pack/stats.json", out / "model_init" / STATS_FILE, out / "eval/untrained.json",
+                out / "model/trainer_state.json", out / "eval/trained.json", out / "needle/prompts/stats.json"]
     assert set(expected) <= set(paths)
     for path in paths:
         json.loads(path.read_text())  # exists and is complete JSON
@@ -96,7 +100,30 @@ def test_demo_needle_heatmap(demo):
     summary = json.loads((out / "needle/results/summary_match.json").read_text())
     prompts = json.loads((out / "needle/prompts/stats.json").read_text())
     assert summary["scored"] == prompts["written"] > 0
-    assert Path(prompts["haystack_dir"]).resolve() == (out / "haystack").resolve()  # the demo's own text
+    assert Path(prompts["haystack_dir"]).resolve() == (out / "raw/haystack").resolve()  # the demo's own text
+
+
+def test_demo_held_out_retrieval_reports(demo):
+    out, _ = demo
+    for name in ("untrained", "trained"):
+        report = json.loads((out / "eval" / f"{name}.json").read_text())
+        assert report["disjoint"]["overlaps"] == 0 and report["seed"] != report["data_seed"]
+        assert set(report["per_task"]) == {"needle", "kv"} and len(report["examples"]) == 4
+        assert report["query_tokens"]["max"] <= report["context_tokens"] == 2048
+    untrained = json.loads((out / "eval/untrained.json").read_text())
+    assert untrained["accuracy"] == 0.0  # a random model copies nothing
+
+
+def test_demo_summary_table(demo):
+    out, stdout = demo
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == STAGES
+    assert summary["training"]["steps"] == TEST_STEPS and summary["training"]["tokens_trained_logged"] > 0
+    state = json.loads((out / "model" / "trainer_state.json").read_text())
+    assert summary["training"]["loss_first"] == state["log_history"][0]["loss"]
+    table = (out / "summary.md").read_text()
+    assert table in stdout and "held-out retrieval exact match" in table and "needle test mean score" in table
+    assert printed(stdout, "[demo] summary:") == [f"{out / 'summary.md'}, {out / 'summary.json'}"]
 
 
 # ---------- longalign.tiny_model ----------
