@@ -30,26 +30,27 @@ with the paper's ChatGLM3-6B-64k figures and one line per direction, computed fr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python bench/reproduce_mini.py`: train.py, sort_and_group.py
-    sys.path.insert(0, str(REPO))
+from longalign.demo_data import generate_short, write_demo_data
+from longalign.demo_eval import (check_disjoint, held_out_examples, held_out_seed, teacher_forced_scores,
+                                 training_texts)
+from longalign.pretokenize import PretokenizeConfig, run_pretokenize
+from longalign.storage import write_json_atomic
+from longalign.tiny_model import TinyShape, save_tiny_model
+from longalign.tokenization import ConversationTokenizer
 
-import sort_and_group  # noqa: E402
-import train  # noqa: E402
-from longalign.demo_data import generate_short, write_demo_data  # noqa: E402
-from longalign.demo_eval import check_disjoint, held_out_examples, held_out_seed, training_texts  # noqa: E402
-from longalign.demo_eval import teacher_forced_scores  # noqa: E402
-from longalign.pretokenize import PretokenizeConfig, run_pretokenize  # noqa: E402
-from longalign.storage import write_json_atomic  # noqa: E402
-from longalign.tiny_model import TinyShape, save_tiny_model  # noqa: E402
-from longalign.tokenization import ConversationTokenizer  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]  # train.py and sort_and_group.py (imported in-process)
+WORKDIR_MARKER = "reproduce_mini.workdir"  # a --workdir holding this is ours to replace
 
 METHODS = {"naive": ["--batch_method", "naive"], "sort": ["--batch_method", "sort"],
            "pack": ["--batch_method", "pack"], "pack_weighted": ["--batch_method", "pack", "--pack_loss"]}
@@ -73,8 +74,8 @@ LONG_EVAL_FRACTIONS = (0.5, 1.0)
 WARMUP_FRACTION = 0.05  # of the optimizer steps (transformers 5: a float warmup_steps < 1 is a ratio)
 GPU = dict(max_length=4096, num_long=600, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=768,
            vocab=1024, batch=8, grad_accum=2, epochs=2, lr=2e-3, eval_per_task=16, eval_short=192)
-TINY = dict(max_length=512, num_long=8, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64,
-            vocab=512, batch=2, grad_accum=1, epochs=1, lr=3e-3, eval_per_task=2, eval_short=8)
+TINY = dict(max_length=512, num_long=4, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64,
+            vocab=512, batch=2, grad_accum=1, epochs=1, lr=3e-3, eval_per_task=1, eval_short=6)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,7 +106,8 @@ def build_data(args, workdir: Path) -> dict:
     data_stats = write_demo_data(raw, DATA_SEED, args.num_long, SHORT_PER_LONG * args.num_long, args.vocab, words)
     config = PretokenizeConfig(family="llama", tokenizer=str(raw / "tokenizer"), long_path=str(raw / "long.jsonl"),
                                short_path=str(raw / "sharegpt.jsonl"), datanum=args.num_long,
-                               max_length=args.max_length, truncate="skip", num_proc=1, output_dir=str(data))
+                               max_length=args.max_length, truncate="skip", num_proc=min(os.cpu_count() or 1, 8),
+                               output_dir=str(data))
     stats = run_pretokenize(config)
     return {"raw": str(raw), "data": str(data), "demo_data": data_stats, "long_words": words,
             "pretokenize": stats["total"], "longest_query_tokens": longest}
@@ -120,13 +122,15 @@ def eval_sets(args, raw: str, tokenizer) -> dict:
         context = int(fraction * (args.max_length - ANSWER_ROOM))
         examples = held_out_examples(tokenizer, context, args.eval_per_task, seed + context)
         disjoint[str(context)] = check_disjoint(examples, texts)
-        long_rows[str(context)] = encoder.encode_batch([[(e.query, e.answer)] for e in examples])
+        long_rows[str(context)] = [(c.ids, c.labels) for c in encoder.encode_batch([[(e.query, e.answer)]
+                                                                                     for e in examples])]
     seen = set(texts)
     chats = generate_short(random.Random(seed), args.eval_short)
     rounds = [[(u["content"], a["content"]) for u, a in zip(c["messages"][0::2], c["messages"][1::2])]
               for c in chats]
     unseen = [r for r in rounds if not any(u in seen and a in seen for u, a in r)]  # drop chats seen in training
-    return {"long": long_rows, "short": encoder.encode_batch(unseen), "disjoint": disjoint,
+    return {"long": long_rows, "short": [(c.ids, c.labels) for c in encoder.encode_batch(unseen)],
+            "disjoint": disjoint,
             "short_dropped_seen_in_training": len(rounds) - len(unseen)}
 
 
@@ -152,12 +156,15 @@ def train_argv(method: str, args, init: str, data: str, out: str, seed: int, pac
             "--num_train_epochs", str(args.epochs), "--learning_rate", str(args.lr),
             "--lr_scheduler_type", "cosine", "--warmup_steps", str(WARMUP_FRACTION), "--adam_beta2", "0.95",
             "--weight_decay", "0", "--logging_steps", "10", "--save_strategy", "no", "--seed", str(seed),
-            "--data_seed", str(seed), "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
+            "--data_seed", str(seed), "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+            "--compile_layers", "false", "--recompute", "none"]  # a tiny model: no compile, no recompute
     return argv + (["--use_cpu"] if args.cpu else ["--bf16"])
 
 
 def train_one(method: str, argv: list[str], sets: dict, max_length: int) -> dict:
     import torch
+
+    import train
 
     trainer = train.build_trainer(argv)
     sync = torch.cuda.synchronize if torch.cuda.is_available() and not trainer.args.use_cpu else (lambda: None)
@@ -182,9 +189,12 @@ def run_seed(args, seed: int, built: dict, sets: dict, workdir: Path, report: di
     """One init, then every method from it; the report is rewritten after each run."""
     init, data = workdir / f"init_seed{seed}", built["data"]
     shape = TinyShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                      intermediate=args.intermediate, max_positions=args.max_length)
+                      intermediate=args.intermediate, max_positions=args.max_length, tie_embeddings=True)
+    import sort_and_group
+
     save_tiny_model("llama", Path(built["raw"]) / "tokenizer", init, shape, seed=seed)
-    grouped = sort_and_group.sort_and_group(data, args.batch, args.max_length, "bfd", seed, "truncate")
+    grouped = sort_and_group.sort_and_group(data, args.batch, args.max_length, "bfd", seed, "truncate",
+                                            overwrite=True)
     pack_accum = pack_accumulation(data, args.batch * args.grad_accum)
     report["grouping"][str(seed)] = {"sort_padding_fraction": grouped["sort"]["padding_fraction_mean"],
                                      "unsorted_padding_fraction": grouped["sort"]["padding_fraction_mean_unsorted"],
@@ -253,6 +263,18 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fresh_workdir(path: str) -> Path:
+    """--workdir, emptied if an earlier run of this script made it; another folder is refused."""
+    workdir = Path(path)
+    if workdir.exists():
+        if not (workdir / WORKDIR_MARKER).is_file():
+            raise SystemExit(f"--workdir {workdir} exists and was not made by this script; choose another")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / WORKDIR_MARKER).write_text("made by bench/reproduce_mini.py; replaced by its next run\n")
+    return workdir
+
+
 def main(argv=None) -> dict:
     import torch
     from transformers import AutoTokenizer
@@ -260,8 +282,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --cpu (with --tiny for the smoke test)")
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = fresh_workdir(args.workdir)
     started = time.perf_counter()
     built = build_data(args, workdir)
     sets = eval_sets(args, built["raw"], AutoTokenizer.from_pretrained(str(Path(built["raw"]) / "tokenizer")))
@@ -280,4 +301,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    if importlib.util.find_spec("train") is None:  # `python bench/reproduce_mini.py`: add the repository root
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        sys.exit(subprocess.run([sys.executable, *sys.argv], env={**os.environ, "PYTHONPATH": path}).returncode)
     main()

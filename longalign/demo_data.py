@@ -38,7 +38,7 @@ DEFAULT_VOCAB_SIZE = 1024
 DEFAULT_LONG_WORDS = (150, 1600)  # filler words per long example (log-uniform): ~200 to ~2000 tokens
 HAYSTACK_FILES = 4
 HAYSTACK_WORDS = 3000  # per haystack file
-MULTI_TURN_FRACTION = 0.3  # share of short chats with 2-3 rounds
+MULTI_TURN_FRACTION = 0.5  # share of short chats with 2-3 rounds
 ZERO_WIDTH_FRACTION = 0.05  # share of short replies carrying a U+200B, as scraped ShareGPT does
 ZERO_WIDTH_SPACE = "\u200b"
 KV_MIN_FACTS, KV_MAX_FACTS = 2, 6  # key-value facts per document (one is asked)
@@ -213,6 +213,13 @@ def _copy_names(rng: random.Random) -> list[tuple[str, str]]:
             ("What was the first name?", f"The first name was {names[0]}.")]
 
 
+def _copy_codes(rng: random.Random) -> list[tuple[str, str]]:
+    codes = [_code(rng) for _ in range(rng.randint(5, 12))]
+    return [(f"Copy these codes: {', '.join(codes)}.", ", ".join(codes) + "."),
+            ("Again, one per line.", "\n".join(codes)),
+            ("Which code came last?", f"The last code was {codes[-1]}.")]
+
+
 def _chinese(rng: random.Random) -> list[tuple[str, str]]:
     a, b = rng.randint(1, 50), rng.randint(1, 50)
     return [(f"{a}加{b}等于多少？请写出过程。", f"{a}加{b}：先算个位，再算十位。" + _CHINESE_NUMERAL_REPLY.format(a=a, b=b, c=a + b)),
@@ -220,8 +227,9 @@ def _chinese(rng: random.Random) -> list[tuple[str, str]]:
             ("谢谢！", "不客气。")]
 
 
-# copying-heavy (what retrieval needs), in turn: a third copy names, ...
-SHORT_TOPICS = (_copy_names, _repeat, _count, _copy_names, _spell, _table, _copy_names, _repeat, _chinese)
+# In turn; copying-heavy (7 of 11: what retrieval needs), the rest counting, tables, spelling, Chinese.
+SHORT_TOPICS = (_copy_names, _copy_codes, _repeat, _count, _copy_names, _spell, _copy_codes, _table,
+                _copy_names, _repeat, _chinese)
 
 
 def _messages(rounds: list[tuple[str, str]]) -> dict:

@@ -11,8 +11,8 @@ every example is checked disjoint from the training data in --raw: neither its q
 occurs in any message of long.jsonl or sharegpt.jsonl (an overlap is an error, not a count).
 
 Scoring: the reply is generated greedily (`model.generate`, do_sample=False, through
-`longalign.generation.generate_response`) with at most answer tokens + EXTRA_NEW_TOKENS new
-tokens; it is correct when, stripped of special tokens and surrounding whitespace, it equals the
+`longalign.generation.LocalModel.respond`: the model's chat format, its EOS ends the reply) with at
+most answer tokens + EXTRA_NEW_TOKENS new tokens; it is correct when, stripped of special tokens and surrounding whitespace, it equals the
 reference answer exactly.
 
 Output JSON: accuracy, per task {correct, total, accuracy}, the settings, the disjointness check
@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 from longalign.collators import COUNTS_KEY, PackCollator, segment_ids
 from longalign.constants import IGNORE_INDEX
 from longalign.demo_data import DEFAULT_SEED, LONG_TASKS
-from longalign.generation import GenerationSettings, encode_text, generate_response
+from longalign.generation import GenerationSettings, LocalModel, encode_text
 from longalign.loss import shift_targets
 from longalign.storage import write_json_atomic
 
@@ -123,14 +123,15 @@ def check_disjoint(examples: Iterable[RetrievalExample], texts: Sequence[str]) -
     return {"examples": len(examples), "training_messages": len(texts), "overlaps": 0}
 
 
-def score_examples(model, tokenizer, family: str, examples: Sequence[RetrievalExample]) -> dict:
-    """Greedy replies and exact-match accuracy, overall and per task."""
+def score_examples(candidate, examples: Sequence[RetrievalExample]) -> dict:
+    """Greedy replies of `candidate` (a longalign.generation Candidate) and exact-match accuracy,
+    overall and per task."""
     per_task: dict[str, dict] = {}
     records = []
     for example in examples:
-        budget = len(encode_text(tokenizer, example.answer)) + EXTRA_NEW_TOKENS
+        budget = len(encode_text(candidate.tokenizer, example.answer)) + EXTRA_NEW_TOKENS
         settings = GenerationSettings(max_new_tokens=budget, temperature=0.0)
-        reply = generate_response(model, tokenizer, family, example.query, settings)["response"].strip()
+        reply = candidate.respond(example.query, settings)["response"].strip()
         correct = reply == example.answer
         counts = per_task.setdefault(example.task, {"correct": 0, "total": 0})
         counts["correct"] += int(correct)
@@ -178,7 +179,8 @@ def teacher_forced_scores(model, rows: Sequence[tuple[list[int], list[int]]], ma
                 "labels": [t for i in members for t in rows[i][1]], "cu_seqlens": cu}
         batch = collator([flat])
         labels, cu_seqlens = batch["labels"], torch.tensor(cu)
-        inputs = {k: v.to(device) for k, v in batch.items() if k not in ("labels", "loss_weights", COUNTS_KEY)}
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+                  if k not in ("labels", "loss_weights", COUNTS_KEY)}  # no labels: the model returns logits
         with torch.no_grad(), autocast:
             logits = model(**inputs).logits[0].float().cpu()
         targets, _ = shift_targets(labels, None, cu_seqlens)
@@ -196,19 +198,17 @@ def teacher_forced_scores(model, rows: Sequence[tuple[list[int], list[int]]], ma
 def evaluate_model(model_dir: str, raw_dir: str, context_tokens: int = DEFAULT_CONTEXT_TOKENS,
                    per_task: int = DEFAULT_PER_TASK, seed: int | None = None) -> dict:
     """Load the model, build and check the held-out examples, score them; return the report."""
-    from longalign.generation import load_model_and_tokenizer
-
     started = time.perf_counter()
     data_seed = json.loads((Path(raw_dir) / "stats.json").read_text())["seed"]
     seed = held_out_seed(data_seed) if seed is None else seed
     if seed == data_seed:
         raise ValueError(f"--seed {seed} is the training data's seed: held-out examples need another")
-    model, tokenizer, family = load_model_and_tokenizer(model_dir, device="cpu")
-    examples = held_out_examples(tokenizer, context_tokens, per_task, seed)
+    candidate = LocalModel(str(model_dir), device="cpu")
+    examples = held_out_examples(candidate.tokenizer, context_tokens, per_task, seed)
     disjoint = check_disjoint(examples, training_texts(raw_dir))
-    scores = score_examples(model, tokenizer, family, examples)
+    scores = score_examples(candidate, examples)
     lengths = [e.query_tokens for e in examples]
-    return {"model": str(model_dir), "family": family, "seed": seed, "data_seed": data_seed,
+    return {"model": str(model_dir), "chat_format": candidate.chat_format.name, "seed": seed, "data_seed": data_seed,
             "context_tokens": context_tokens, "per_task": per_task,
             "query_tokens": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)},
             "disjoint": disjoint, **scores, "seconds": time.perf_counter() - started}

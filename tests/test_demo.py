@@ -165,3 +165,37 @@ def test_tiny_model_cli_is_seeded_and_replaces_output(tiny_tokenizer_dir, tmp_pa
 def test_tiny_model_rejects_bad_shapes(bad, tiny_tokenizer_dir, tmp_path):
     with pytest.raises(SystemExit, match="must be"):
         tiny_model_main(["--family", "llama", "--tokenizer", tiny_tokenizer_dir, "--out", str(tmp_path), *bad])
+
+
+def test_tiny_model_tied_embeddings(tiny_tokenizer_dir, tmp_path):
+    from longalign.modeling.loading import load_training_model
+
+    args = ["--family", "llama", "--tokenizer", tiny_tokenizer_dir, "--hidden", "32", "--intermediate", "64"]
+    tied = tiny_model_main(args + ["--out", str(tmp_path / "tied"), "--tie_embeddings"])
+    untied = tiny_model_main(args + ["--out", str(tmp_path / "untied")])
+    assert untied["parameters"] - tied["parameters"] == 32 * len(json.loads(
+        (tmp_path / "tied" / "tokenizer.json").read_text())["model"]["vocab"])  # one vocab x hidden matrix less
+    model = load_training_model(tmp_path / "tied", dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor after loading
+    with pytest.raises(SystemExit, match="tie_embeddings is for llama"):
+        tiny_model_main(["--family", "chatglm", "--tokenizer", tiny_tokenizer_dir, "--out", str(tmp_path / "g"),
+                         "--tie_embeddings"])
+
+
+def test_demo_report_tokens_and_table():
+    from longalign.demo_report import markdown, training_summary
+
+    state = {"global_step": 30, "log_history": [
+        {"step": 10, "loss": 5.0, "step_tokens": 100.0}, {"step": 30, "loss": 1.0, "step_tokens": 50.0},
+        {"step": 30, "train_runtime": 9.0}]}
+    summary = training_summary(state)
+    assert summary["tokens_trained_logged"] == 10 * 100 + 20 * 50  # step_tokens x steps of its window
+    assert (summary["loss_first"], summary["loss_last"], summary["loss_last_step"]) == (5.0, 1.0, 30)
+    per_task = {"needle": {"correct": 9, "total": 10}}
+    table = markdown({"stages": [{"stage": "train", "seconds": 12.0}], "total_seconds": 12.0,
+                      "load_average": [1.0, 2.0, 3.0], "training": summary,
+                      "retrieval": {"untrained": 0.0, "trained": 0.9, "trained_per_task": per_task,
+                                    "query_tokens": {"min": 1900, "max": 2048}},
+                      "needle": {"mean_score": 7.5, "scored": 20, "heatmap": "h.png"}})
+    assert "| train | 12 |" in table and "0% -> **90%** (needle 9/10" in table and "**7.5**" in table
+    assert "2,000 in 30 steps" in table and "5.000 (step 10) -> 1.000 (step 30)" in table

@@ -7,7 +7,7 @@ import torch
 from longalign.demo_data import write_demo_data
 from longalign.demo_eval import (RetrievalExample, check_disjoint, evaluate_model, size_window,
                                  held_out_examples, score_examples, training_texts)
-from longalign.generation import build_input_ids, encode_text
+from longalign.generation import Candidate, encode_text
 from longalign.tiny_model import TinyShape, save_tiny_model
 
 CONTEXT = 300
@@ -52,33 +52,30 @@ def test_disjointness_is_checked_against_every_training_message(raw, tokenizer):
         check_disjoint(examples, texts + [examples[0].query])
 
 
-class ScriptedModel(torch.nn.Module):
-    """A stand-in for a causal LM: `generate` appends the scripted reply for the prompt it gets."""
+class ScriptedCandidate(Candidate):
+    """A stand-in for a model under evaluation: replies from a script, settings recorded."""
 
     def __init__(self, tokenizer, replies: dict):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.replies = {tuple(build_input_ids("llama", tokenizer, encode_text(tokenizer, q))): r
-                        for q, r in replies.items()}
-        self.tokenizer, self.calls = tokenizer, []
+        self.tokenizer, self.replies, self.settings = tokenizer, replies, []
 
-    def generate(self, inputs, attention_mask=None, pad_token_id=None, max_new_tokens=None, **kwargs):
-        self.calls.append({"max_new_tokens": max_new_tokens, **kwargs})
-        reply = encode_text(self.tokenizer, self.replies[tuple(inputs[0].tolist())])[:max_new_tokens]
-        return torch.cat([inputs, torch.tensor([reply + [self.tokenizer.eos_token_id]])], dim=1)
+    def respond(self, query, settings, stop=None):
+        self.settings.append(settings)
+        return {"response": self.replies[query]}
 
 
-def test_exact_match_scoring_under_greedy_generation(tokenizer):
+def test_exact_match_scoring(tokenizer):
     examples = [RetrievalExample("kv", f"table {i} ... key k{i}?", f"k{i}: 1234{i}", 9) for i in range(4)]
     replies = {examples[0].query: examples[0].answer,                  # right
                examples[1].query: f"  {examples[1].answer} ",          # right (whitespace stripped)
                examples[2].query: f"{examples[2].answer} and more",    # a longer reply is wrong
                examples[3].query: "k3: 99999"}                         # wrong value
-    model = ScriptedModel(tokenizer, replies)
-    scores = score_examples(model, tokenizer, "llama", examples)
+    candidate = ScriptedCandidate(tokenizer, replies)
+    scores = score_examples(candidate, examples)
     assert [r["correct"] for r in scores["examples"]] == [True, True, False, False]
     assert scores["accuracy"] == 0.5 and scores["per_task"]["kv"] == {"correct": 2, "total": 4, "accuracy": 0.5}
-    assert all(call["do_sample"] is False for call in model.calls)  # greedy
+    assert all(s.temperature == 0 for s in candidate.settings)  # greedy
+    assert [s.max_new_tokens for s in candidate.settings] == [len(encode_text(tokenizer, e.answer)) + 4
+                                                             for e in examples]
 
 
 def test_evaluate_model_end_to_end_on_an_untrained_model(raw, tmp_path):
@@ -93,18 +90,19 @@ def test_evaluate_model_end_to_end_on_an_untrained_model(raw, tmp_path):
 
 
 def test_teacher_forced_exact_match_is_greedy_exact_match_and_packing_changes_nothing(raw, tmp_path):
-    import train  # the training class: its packed forward is what bench/reproduce_mini.py scores with
     from longalign.demo_eval import teacher_forced_scores
-    from longalign.generation import load_model_and_tokenizer
+    from longalign.generation import LocalModel, encode_prompt, prepare_prompt
+    from longalign.modeling.loading import load_training_model
 
     save_tiny_model("llama", raw / "tokenizer", tmp_path / "m",
                     TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=512))
-    model, tokenizer, _ = load_model_and_tokenizer(str(tmp_path / "m"), device="cpu")
-    packed_model = train.model_class("llama").from_pretrained(str(tmp_path / "m")).eval()
+    local = LocalModel(str(tmp_path / "m"), device="cpu")
+    model, tokenizer = local.model, local.tokenizer
+    packed_model = load_training_model(tmp_path / "m", dtype=torch.float32).eval()  # the bench scores this one
     queries = [e.query for e in held_out_examples(tokenizer, 120, per_task=2, seed=3)]
     rows = []
     for query in queries:  # the reference answer is the model's own 6-token greedy reply
-        prompt = build_input_ids("llama", tokenizer, encode_text(tokenizer, query))
+        prompt = encode_prompt(tokenizer, prepare_prompt(query, local.chat_format, tokenizer, None).text)
         x = torch.tensor([prompt])
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
