@@ -1,6 +1,7 @@
 """The table that ends `make demo`: time per stage, tokens trained, loss, retrieval, needle.
 
     python -m longalign.demo_report --out data/demo --times data/demo/stage_times.tsv
+    python -m longalign.demo_report --loss data/demo/model/trainer_state.json   # one line, after training
 
 reads what the demo's stages wrote under --out (model/trainer_state.json, eval/untrained.json,
 eval/trained.json, needle/results/summary_match.json) and the stage times (one "name<TAB>seconds"
@@ -96,11 +97,23 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def loss_line(state_path: str | Path) -> str:
+    t = training_summary(_read_json(Path(state_path)))
+    return (f"[demo] loss: {t['loss_first']:.3f} (step {t['loss_first_step']}) -> {t['loss_last']:.3f} "
+            f"(step {t['loss_last_step']}), {t['tokens_trained_logged']:,} tokens in {t['steps']} steps")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="the demo's output directory")
-    parser.add_argument("--times", required=True, help="stage times, one 'name<TAB>seconds' per line")
+    parser.add_argument("--out", help="the demo's output directory")
+    parser.add_argument("--times", help="stage times, one 'name<TAB>seconds' per line")
+    parser.add_argument("--loss", metavar="TRAINER_STATE", help="only print the loss line of this trainer_state.json")
     args = parser.parse_args(argv)
+    if args.loss:
+        print(loss_line(args.loss))
+        return training_summary(_read_json(Path(args.loss)))
+    if not (args.out and args.times):
+        parser.error("--out and --times are required (or --loss alone)")
     summary = build_summary(args.out, read_stage_times(args.times))
     text = markdown(summary)
     write_json_atomic(Path(args.out) / "summary.json", summary)

@@ -93,6 +93,7 @@ $PY train.py --model_name_or_path "$OUT/model_init" --train_file "$DATA" --outpu
     --adam_beta2 0.95 --weight_decay 0 --save_strategy no --seed 0 --disable_tqdm true
 replace_dir "$OUT/.model.tmp" "$OUT/model"
 STATS+=("$OUT/model/trainer_state.json")
+$PY -m longalign.demo_report --loss "$OUT/model/trainer_state.json"
 echo "[demo] trained model saved to $OUT/model"
 
 stage eval_trained "7/8 held-out retrieval, trained model -> $OUT/eval/trained.json"
