@@ -3,15 +3,20 @@
     python -m longalign.demo_data --out data/demo/raw
 
 writes, in the `messages` format of LongAlign-10k / ShareGPT,
-- long.jsonl: long-context instructions over generated filler text whose answer is copied from
-  the context, so a tiny model can learn them: key-value retrieval, a needle fact lookup, and a
-  two-hop question (who works where -> that city's code);
-- sharegpt.jsonl: short general chat (arithmetic, word games, a little Chinese), some multi-turn,
-  a few replies carrying zero-width characters as scraped ShareGPT text does;
+- long.jsonl: long inputs with short answers, over generated filler text, answer copied from the
+  context so a tiny model can learn them: needle retrieval (one sentence "The best thing to do in
+  <place> is ..." hidden at a random depth, asked with the needle test's own question form; its
+  words never occur in the filler) and key-value lookup (facts "The access code of <name> is
+  <5 digits>." for a few names scattered in the document, one asked);
+- sharegpt.jsonl: short inputs with long answers (counting, multiplication tables, spelling,
+  repeating, sorting, a little Chinese), some multi-turn, a few replies carrying zero-width
+  characters as scraped ShareGPT text does;
+- haystack/: filler essays for the needle test, generated from a different seed;
 - tokenizer/: a byte-level BPE (`longalign.tiny_tokenizer`) trained on that text in both chat
   templates, loadable with AutoTokenizer.from_pretrained;
 - stats.json: what was generated.
-Same seed, same bytes.
+Same seed, same bytes. The needle test's own needle (San Francisco, a sandwich, Dolores Park, a
+sunny day) is never generated: none of its words are in the word lists (tested).
 """
 from __future__ import annotations
 
@@ -19,33 +24,60 @@ import argparse
 import json
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from longalign.storage import atomic_dir, write_json_atomic
 from longalign.templates import conversation_text
 
 DEFAULT_SEED = 1234
-DEFAULT_NUM_LONG = 300
-DEFAULT_NUM_SHORT = 300
-DEFAULT_VOCAB_SIZE = 2048
-LONG_WORDS_RANGE = (200, 2400)  # filler words per long example: a few hundred to a few thousand tokens
-MULTI_TURN_FRACTION = 0.3  # share of short chats with 2-3 rounds
+HAYSTACK_SEED_OFFSET = 7919  # the needle test's filler comes from seed + this (not the training text)
+DEFAULT_NUM_LONG = 1200
+DEFAULT_NUM_SHORT = 1200
+DEFAULT_VOCAB_SIZE = 1024
+DEFAULT_LONG_WORDS = (150, 1600)  # filler words per long example (log-uniform): ~200 to ~2000 tokens
+HAYSTACK_FILES = 4
+HAYSTACK_WORDS = 3000  # per haystack file
+MULTI_TURN_FRACTION = 0.5  # share of short chats with 2-3 rounds
 ZERO_WIDTH_FRACTION = 0.05  # share of short replies carrying a U+200B, as scraped ShareGPT does
 ZERO_WIDTH_SPACE = "\u200b"
+KV_MIN_FACTS, KV_MAX_FACTS = 2, 6  # key-value facts per document (one is asked)
+NEEDLE_QUESTION = "What is the best thing to do in {place}? Here is the most relevant sentence in the context:"
+KV_QUESTION = "What is the {kind} of {key}?"
 
 _ADJECTIVES = ("quiet", "bright", "ancient", "small", "green", "heavy", "gentle", "distant", "golden",
-               "silent", "rapid", "hidden", "narrow", "warm", "curious", "steady", "broken", "open")
+               "silent", "rapid", "hidden", "narrow", "warm", "curious", "steady", "broken", "open",
+               "old", "young", "cold", "wide", "dark", "early", "late", "simple", "strange", "careful")
 _NOUNS = ("river", "village", "engine", "garden", "library", "mountain", "teacher", "market", "window",
-          "harbor", "forest", "bridge", "painter", "station", "lantern", "orchard", "valley", "tower")
+          "harbor", "forest", "bridge", "painter", "station", "lantern", "orchard", "valley", "tower",
+          "school", "letter", "kitchen", "island", "farmer", "road", "castle", "boat", "story", "field",
+          "museum", "doctor", "clock", "garage", "meadow", "theater", "baker", "temple", "shop", "lake")
 _VERBS = ("watches", "follows", "reaches", "crosses", "builds", "remembers", "carries", "finds",
-          "leaves", "visits", "guards", "paints", "measures", "opens", "describes", "repairs")
-_PREPOSITIONS = ("near", "behind", "across", "under", "beyond", "beside", "above", "inside")
-_COLORS = ("red", "blue", "amber", "violet", "silver", "crimson", "teal", "ivory", "black", "jade")
-_ANIMALS = ("fox", "heron", "otter", "lynx", "falcon", "badger", "owl", "tortoise", "wolf", "crane")
-_SYLLABLES = ("ka", "lo", "mir", "va", "ten", "ros", "ul", "zen", "tor", "bri", "an", "dus", "el", "fin")
+          "leaves", "visits", "guards", "paints", "measures", "opens", "describes", "repairs",
+          "notices", "studies", "cleans", "counts", "draws", "moves")
+_PAST_VERBS = ("saw", "built", "found", "left", "visited", "painted", "opened", "described", "repaired",
+               "studied", "cleaned", "counted", "drew", "moved", "carried", "remembered")
+_PREPOSITIONS = ("near", "behind", "across", "under", "beyond", "beside", "above", "inside", "around")
+_TIMES = ("morning", "evening", "night", "winter", "summer", "spring", "autumn", "afternoon")
+_CONNECTIVES = ("Later", "Meanwhile", "After that", "Of course", "In the end", "Every year", "Sometimes")
+# Needle words: none of them occurs in the filler, so the needle stands out as the test's does.
+_ACTIVITY_VERBS = ("walk along", "swim in", "read beside", "climb", "sketch", "explore", "row across",
+                   "photograph", "picnic near", "listen to", "cycle around", "sail past")
+_ACTIVITY_ADJECTIVES = ("famous", "tall", "crowded", "peaceful", "colorful", "wooden", "enormous", "tiny")
+_ACTIVITY_OBJECTS = ("lighthouse", "waterfall", "canal", "pier", "cathedral", "vineyard", "aquarium",
+                     "fountain", "observatory", "zoo", "carousel", "glacier")
+_ACTIVITY_SECOND = ("drink cocoa", "buy pretzels", "watch the ferries", "play chess", "fly a kite",
+                    "feed the pigeons", "hear the choir", "ride a tram", "eat noodles", "taste cheese")
+_PLACE_WORDS = ("Plaza", "Pier", "Heights", "Bay", "Gardens", "Bazaar", "Quay", "Pavilion")
+_WEATHER = ("windy", "rainy", "foggy", "snowy", "calm", "cloudy", "misty", "frosty")
+_DAYS = ("day", "weekend", "holiday", "Sunday", "Friday")
+_KV_QUESTION_KINDS = ("access code", "locker number", "room number", "ticket number")
+_SYLLABLES = ("ka", "lo", "mir", "va", "ten", "ros", "ul", "zen", "tor", "bri", "an", "dus", "el", "fin",
+              "gar", "ho", "jun", "pel", "qui", "wex", "yor", "cas", "ni", "mo", "tre", "sil")
+_CHINESE_NUMERAL_REPLY = "{a}加{b}等于{c}。"
 
 
-def _name(rng: random.Random, syllables: int = 2) -> str:
+def name(rng: random.Random, syllables: int = 2) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(syllables)).capitalize()
 
 
@@ -53,97 +85,151 @@ def _code(rng: random.Random) -> str:
     return str(rng.randint(10000, 99999))
 
 
-def _filler_sentence(rng: random.Random) -> str:
-    return (f"The {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the "
-            f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {rng.choice(_PREPOSITIONS)} the {rng.choice(_NOUNS)}.")
+# ---- filler text ---------------------------------------------------------------------------
+def _sentence(rng: random.Random) -> str:
+    a, n, c = rng.choice, rng.choice(_NOUNS), rng.random()
+    if c < 0.4:
+        return f"The {a(_ADJECTIVES)} {n} {a(_VERBS)} the {a(_ADJECTIVES)} {a(_NOUNS)} {a(_PREPOSITIONS)} the {a(_NOUNS)}."
+    if c < 0.6:
+        return f"{name(rng)} {a(_PAST_VERBS)} {rng.randint(2, 40)} old {n}s {a(_PREPOSITIONS)} the {a(_NOUNS)}."
+    if c < 0.8:
+        return f"{a(_CONNECTIVES)}, the {n} was {a(_ADJECTIVES)} in the {a(_TIMES)}."
+    return f"In the {a(_TIMES)} the {a(_NOUNS)} {a(_VERBS)} a {a(_ADJECTIVES)} {n}, and nobody {a(_PAST_VERBS)} it."
 
 
-def _filler(rng: random.Random, words: int) -> list[str]:
-    """Sentences of about `words` words (each sentence has 11)."""
-    return [_filler_sentence(rng) for _ in range(max(1, words // 11))]
+def filler(rng: random.Random, words: int) -> list[str]:
+    """Sentences of about `words` words in total (a sentence has about 10)."""
+    return [_sentence(rng) for _ in range(max(1, words // 10))]
+
+
+def essay(rng: random.Random, words: int) -> str:
+    """Filler sentences in paragraphs of 3-8 sentences."""
+    sentences, paragraphs = filler(rng, words), []
+    while sentences:
+        size = rng.randint(3, 8)
+        paragraphs.append(" ".join(sentences[:size]))
+        sentences = sentences[size:]
+    return "\n\n".join(paragraphs)
 
 
 def _insert(rng: random.Random, sentences: list[str], facts: list[str]) -> str:
-    """Put each fact at a random position of the filler and join into paragraphs."""
+    """Put each fact at a random position of the filler (each on its own line) and join."""
     sentences = list(sentences)
     for fact in facts:
-        sentences.insert(rng.randint(0, len(sentences)), fact)
-    return " ".join(sentences)
+        sentences.insert(rng.randint(0, len(sentences)), f"\n{fact}\n")
+    return " ".join(sentences).replace(" \n", "\n").replace("\n ", "\n")
 
 
-def _long_words(rng: random.Random) -> int:
-    low, high = LONG_WORDS_RANGE  # log-uniform: as many short as long documents per octave
+def _long_words(rng: random.Random, words_range: tuple[int, int]) -> int:
+    low, high = words_range  # log-uniform: as many short as long documents per octave
     return int(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
-def kv_retrieval(rng: random.Random) -> tuple[str, str]:
-    pairs = {}
-    while len(pairs) < max(4, _long_words(rng) // 3):  # about 3 words' worth of tokens per pair
-        pairs[f"{_name(rng, 3).lower()}-{rng.randint(100, 999)}"] = _code(rng)
-    key = rng.choice(list(pairs))
-    table = "\n".join(f"{k}: {v}" for k, v in pairs.items())
-    question = f"Here is a table of keys and values.\n\n{table}\n\nWhat is the value of the key {key}?"
-    return question, f"The value of the key {key} is {pairs[key]}."
+# ---- long tasks: long input, short answer ----------------------------------------------------
+def place(rng: random.Random) -> str:
+    """A made-up place: 'Kalomir', 'Port Tenros', 'Zenva Bay'."""
+    kind = rng.random()
+    if kind < 0.4:
+        return name(rng, rng.randint(2, 3))
+    if kind < 0.7:
+        return f"{name(rng)} {rng.choice(_PLACE_WORDS)}"
+    return f"{name(rng)} {name(rng)}"
 
 
-def needle_lookup(rng: random.Random) -> tuple[str, str]:
-    color, animal, code = rng.choice(_COLORS), rng.choice(_ANIMALS), _code(rng)
-    others = dict.fromkeys((rng.choice(_COLORS), rng.choice(_ANIMALS)) for _ in range(3))  # ordered: seeded
-    decoys = [f"The secret code of the {c} {a} is {_code(rng)}." for c, a in others if (c, a) != (color, animal)]
-    needle = f"The secret code of the {color} {animal} is {code}."
-    document = _insert(rng, _filler(rng, _long_words(rng)), [needle] + decoys)
-    question = f"Read the document below.\n\n{document}\n\nWhat is the secret code of the {color} {animal}?"
-    return question, needle
+def activity(rng: random.Random) -> str:
+    """'sketch the famous pier and eat noodles in Mirva Plaza on a foggy weekend', shorter forms."""
+    first = f"{rng.choice(_ACTIVITY_VERBS)} the {rng.choice(_ACTIVITY_ADJECTIVES)} {rng.choice(_ACTIVITY_OBJECTS)}"
+    if rng.random() < 0.3:
+        return first
+    second = f"{rng.choice(_ACTIVITY_SECOND)} in {name(rng)} {rng.choice(_PLACE_WORDS)}"
+    if rng.random() < 0.4:
+        return f"{first} and {second}"
+    return f"{first} and {second} on a {rng.choice(_WEATHER)} {rng.choice(_DAYS)}"
 
 
-def two_hop(rng: random.Random) -> tuple[str, str]:
-    agents = list(dict.fromkeys(_name(rng) for _ in range(6)))
-    cities = [_name(rng, 3) for _ in agents]
-    codes = [_code(rng) for _ in agents]
-    facts = [f"Agent {a} works in the city of {c}." for a, c in zip(agents, cities)]
-    facts += [f"The city of {c} has the postal code {p}." for c, p in zip(cities, codes)]
-    target = rng.randrange(len(agents))
-    document = _insert(rng, _filler(rng, _long_words(rng)), facts)
-    question = (f"Read the report below.\n\n{document}\n\n"
-                f"What is the postal code of the city where Agent {agents[target]} works?")
-    answer = f"Agent {agents[target]} works in {cities[target]}, whose postal code is {codes[target]}."
-    return question, answer
+def needle_sentence(where: str, what: str) -> str:
+    return f"The best thing to do in {where} is {what}."
 
 
-LONG_TASKS = (kv_retrieval, needle_lookup, two_hop)
+def needle_retrieval(rng: random.Random, words: int) -> tuple[str, str]:
+    """A document with one needle at a random depth; the answer is the needle."""
+    where = place(rng)
+    needle = needle_sentence(where, activity(rng))
+    document = _insert(rng, filler(rng, words), [needle])
+    return f"{document}\n{NEEDLE_QUESTION.format(place=where)}", needle
 
 
-def _arithmetic(rng: random.Random) -> list[tuple[str, str]]:
-    a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 9)
-    rounds = [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."),
-              (f"And if you multiply that by {c}?", f"{a + b} times {c} is {(a + b) * c}."),
-              ("Thanks! Can you check it once more?", f"Sure: ({a} + {b}) x {c} = {(a + b) * c}. It is correct.")]
-    return rounds
+def kv_retrieval(rng: random.Random, words: int) -> tuple[str, str]:
+    """Facts "The access code of Kalomir is 51234." for a few names, scattered in the filler; the
+    question asks for one of them and the answer is that fact (the name must be matched)."""
+    kind = rng.choice(_KV_QUESTION_KINDS)
+    names = list(dict.fromkeys(name(rng, rng.randint(2, 3)) for _ in range(rng.randint(KV_MIN_FACTS, KV_MAX_FACTS))))
+    facts = [f"The {kind} of {who} is {_code(rng)}." for who in names]
+    asked = rng.randrange(len(names))
+    document = _insert(rng, filler(rng, words), facts)
+    return f"{document}\n{KV_QUESTION.format(kind=kind, key=names[asked])}", facts[asked]
 
 
-def _words(rng: random.Random) -> list[tuple[str, str]]:
-    words = rng.sample(_NOUNS, rng.randint(3, 6))
-    return [(f"Sort these words alphabetically: {', '.join(words)}.", ", ".join(sorted(words)) + "."),
-            ("Now reverse the order.", ", ".join(sorted(words, reverse=True)) + "."),
-            ("How many words were there?", f"There were {len(words)} words.")]
+LONG_TASKS = {"needle": needle_retrieval, "kv": kv_retrieval}
 
 
-def _describe(rng: random.Random) -> list[tuple[str, str]]:
-    adjective, noun = rng.choice(_ADJECTIVES), rng.choice(_NOUNS)
-    sentence = f"A {adjective} {noun} {rng.choice(_VERBS)} the {rng.choice(_NOUNS)}."
-    return [(f"Write one sentence about a {adjective} {noun}.", sentence),
-            ("Make it shorter.", f"A {adjective} {noun} waits."),
-            ("Give it a title.", f"\"The {adjective.capitalize()} {noun.capitalize()}\"")]
+# ---- short tasks: short input, long answer ---------------------------------------------------
+def _count(rng: random.Random) -> list[tuple[str, str]]:
+    start = rng.randint(1, 80)
+    stop = start + rng.randint(15, 40)
+    numbers = ", ".join(str(i) for i in range(start, stop + 1))
+    return [(f"Count from {start} to {stop}.", f"{numbers}."),
+            ("Now count back down.", ", ".join(str(i) for i in range(stop, start - 1, -1)) + "."),
+            ("How many numbers was that?", f"That was {stop - start + 1} numbers.")]
+
+
+def _table(rng: random.Random) -> list[tuple[str, str]]:
+    n = rng.randint(2, 19)
+    lines = "\n".join(f"{n} x {i} = {n * i}" for i in range(1, 11))
+    return [(f"Write the multiplication table of {n}.", lines),
+            ("What is the last line?", f"{n} x 10 = {n * 10}."),
+            ("Thanks!", "You are welcome.")]
+
+
+def _spell(rng: random.Random) -> list[tuple[str, str]]:
+    words = rng.sample(_NOUNS + _ADJECTIVES, rng.randint(4, 8))
+    spelled = "\n".join(f"{w}: {'-'.join(w)}" for w in words)
+    return [(f"Spell these words letter by letter: {', '.join(words)}.", spelled),
+            ("Sort them alphabetically.", ", ".join(sorted(words)) + "."),
+            ("Now reverse that order.", ", ".join(sorted(words, reverse=True)) + ".")]
+
+
+def _repeat(rng: random.Random) -> list[tuple[str, str]]:
+    sentence, times = _sentence(rng), rng.randint(3, 5)
+    return [(f"Repeat this sentence {times} times: {sentence}", " ".join([sentence] * times)),
+            ("Once more, in capitals.", sentence.upper()),
+            ("Good.", "Thank you.")]
+
+
+def _copy_names(rng: random.Random) -> list[tuple[str, str]]:
+    names = [name(rng, rng.randint(2, 4)) for _ in range(rng.randint(5, 12))]
+    return [(f"Copy this list of names: {', '.join(names)}.", ", ".join(names) + "."),
+            ("Now write them one per line.", "\n".join(names)),
+            ("What was the first name?", f"The first name was {names[0]}.")]
+
+
+def _copy_codes(rng: random.Random) -> list[tuple[str, str]]:
+    codes = [_code(rng) for _ in range(rng.randint(5, 12))]
+    return [(f"Copy these codes: {', '.join(codes)}.", ", ".join(codes) + "."),
+            ("Again, one per line.", "\n".join(codes)),
+            ("Which code came last?", f"The last code was {codes[-1]}.")]
 
 
 def _chinese(rng: random.Random) -> list[tuple[str, str]]:
     a, b = rng.randint(1, 50), rng.randint(1, 50)
-    return [(f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。"),
+    return [(f"{a}加{b}等于多少？请写出过程。", f"{a}加{b}：先算个位，再算十位。" + _CHINESE_NUMERAL_REPLY.format(a=a, b=b, c=a + b)),
             ("请用英文回答同样的问题。", f"{a} plus {b} equals {a + b}."),
             ("谢谢！", "不客气。")]
 
 
-SHORT_TOPICS = (_arithmetic, _words, _describe, _chinese)
+# In turn; copying-heavy (7 of 11: what retrieval needs), the rest counting, tables, spelling, Chinese.
+SHORT_TOPICS = (_copy_names, _copy_codes, _repeat, _count, _copy_names, _spell, _copy_codes, _table,
+                _copy_names, _repeat, _chinese)
 
 
 def _messages(rounds: list[tuple[str, str]]) -> dict:
@@ -153,8 +239,11 @@ def _messages(rounds: list[tuple[str, str]]) -> dict:
     return {"messages": messages}
 
 
-def generate_long(rng: random.Random, count: int) -> list[dict]:
-    return [_messages([LONG_TASKS[i % len(LONG_TASKS)](rng)]) for i in range(count)]
+def generate_long(rng: random.Random, count: int, words_range: tuple[int, int] = DEFAULT_LONG_WORDS,
+                  tasks: tuple[str, ...] = tuple(LONG_TASKS)) -> list[dict]:
+    """`count` long examples, the tasks in turn, each over a log-uniform number of filler words."""
+    return [_messages([LONG_TASKS[tasks[i % len(tasks)]](rng, _long_words(rng, words_range))])
+            for i in range(count)]
 
 
 def generate_short(rng: random.Random, count: int) -> list[dict]:
@@ -170,6 +259,12 @@ def generate_short(rng: random.Random, count: int) -> list[dict]:
     return rows
 
 
+def generate_haystack(seed: int, files: int = HAYSTACK_FILES, words: int = HAYSTACK_WORDS) -> list[str]:
+    """Filler essays for the needle test, from their own seed (no needle, no table)."""
+    rng = random.Random(seed + HAYSTACK_SEED_OFFSET)
+    return [essay(rng, words) for _ in range(files)]
+
+
 def _tokenizer_corpus(rows: list[dict]) -> list[str]:
     """Every conversation in both chat templates, so template pieces become tokens too."""
     texts = []
@@ -180,21 +275,37 @@ def _tokenizer_corpus(rows: list[dict]) -> list[str]:
     return texts
 
 
+@dataclass
+class DemoDataConfig:
+    seed: int = DEFAULT_SEED
+    num_long: int = DEFAULT_NUM_LONG
+    num_short: int = DEFAULT_NUM_SHORT
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    long_words: tuple[int, int] = DEFAULT_LONG_WORDS
+
+
 def write_demo_data(out_dir: str | Path, seed: int = DEFAULT_SEED, num_long: int = DEFAULT_NUM_LONG,
-                    num_short: int = DEFAULT_NUM_SHORT, vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict:
+                    num_short: int = DEFAULT_NUM_SHORT, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                    long_words: tuple[int, int] = DEFAULT_LONG_WORDS) -> dict:
     """Generate everything into `out_dir` (replaced atomically); return the stats."""
     from longalign.tiny_tokenizer import train_tiny_tokenizer
 
     rng = random.Random(seed)
-    long_rows, short_rows = generate_long(rng, num_long), generate_short(rng, num_short)
+    long_rows, short_rows = generate_long(rng, num_long, long_words), generate_short(rng, num_short)
+    haystack = generate_haystack(seed)
     with atomic_dir(out_dir, stage="demo_data", overwrite=True) as tmp:  # --out is replaced whole
-        for name, rows in (("long.jsonl", long_rows), ("sharegpt.jsonl", short_rows)):
-            with open(tmp / name, "w", encoding="utf-8") as f:
+        for file_name, rows in (("long.jsonl", long_rows), ("sharegpt.jsonl", short_rows)):
+            with open(tmp / file_name, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        (tmp / "haystack").mkdir()
+        for index, text in enumerate(haystack):
+            (tmp / "haystack" / f"essay{index:02d}.txt").write_text(text, encoding="utf-8")
         train_tiny_tokenizer(_tokenizer_corpus(long_rows + short_rows), tmp / "tokenizer", vocab_size)
-        stats = {"seed": seed, "long_rows": len(long_rows), "short_rows": len(short_rows),
-                 "vocab_size": vocab_size,
+        stats = {"seed": seed, "haystack_seed": seed + HAYSTACK_SEED_OFFSET, "long_rows": len(long_rows),
+                 "short_rows": len(short_rows), "vocab_size": vocab_size, "long_words": list(long_words),
                  "long_chars": sum(len(r["messages"][0]["content"]) for r in long_rows),
+                 "short_chars": sum(len(m["content"]) for r in short_rows for m in r["messages"]),
+                 "haystack_files": len(haystack),
                  "short_multi_turn": sum(len(r["messages"]) > 2 for r in short_rows),
                  "short_with_zero_width": sum(ZERO_WIDTH_SPACE in json.dumps(r, ensure_ascii=False)
                                               for r in short_rows)}
@@ -209,11 +320,16 @@ def main(argv=None) -> None:
     parser.add_argument("--num_long", type=int, default=DEFAULT_NUM_LONG)
     parser.add_argument("--num_short", type=int, default=DEFAULT_NUM_SHORT)
     parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE)
+    parser.add_argument("--long_words", type=int, nargs=2, default=list(DEFAULT_LONG_WORDS),
+                        metavar=("MIN", "MAX"), help="filler words per long example (log-uniform)")
     args = parser.parse_args(argv)
-    for name in ("num_long", "num_short", "vocab_size"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0")
-    stats = write_demo_data(args.out, args.seed, args.num_long, args.num_short, args.vocab_size)
+    for field_name in ("num_long", "num_short", "vocab_size"):
+        if getattr(args, field_name) < 0:
+            parser.error(f"--{field_name} must be >= 0")
+    if not 1 <= args.long_words[0] <= args.long_words[1]:
+        parser.error("--long_words needs 1 <= MIN <= MAX")
+    stats = write_demo_data(args.out, args.seed, args.num_long, args.num_short, args.vocab_size,
+                            tuple(args.long_words))
     print(json.dumps({"out": args.out, **stats}))
 
 

@@ -1,29 +1,50 @@
 #!/usr/bin/env bash
-# The tiny offline demo (`make demo`): the whole LongAlign recipe on the embedded default data, on CPU.
-#   demo data -> pre_tokenize.py -> sort_and_group.py -> tiny random model -> train.py (packing +
-#   loss weighting) -> needle test of the trained model -> heatmap PNG.
+# The tiny offline demo (`make demo`): the whole LongAlign recipe on generated data, on CPU, with a
+# model that learns the demo's long-context tasks.
+#   demo data -> pre_tokenize.py -> sort_and_group.py -> tiny random model -> held-out retrieval of
+#   the untrained model -> train.py (packing + loss weighting) -> held-out retrieval of the trained
+#   model -> needle test -> a summary table (summary.md / summary.json).
 # Environment (all optional):
-#   OUT=data/demo       where everything goes (each output is replaced whole on a re-run)
-#   DEMO_STEPS=80       training steps (the packed demo set is ~37 packs: 80 steps ~ 2 epochs)
-#   DEMO_LOG_STEPS=5    log the loss every this many steps
-#   DEMO_LR=3e-3        peak learning rate (cosine decay after DEMO_WARMUP=5 steps)
-#   HAYSTACK=../shared/data/haystack  needle-test essays (*.txt); if absent, the demo's own text
+#   OUT=data/demo         where everything goes (each output is replaced whole on a re-run)
+#   DEMO_STEPS=...        training steps (default below)
+#   DEMO_LOG_STEPS=10     log the loss every this many steps
+#   DEMO_LR=...           peak learning rate (cosine decay after DEMO_WARMUP steps)
+#   DEMO_EVAL_PER_TASK=20 held-out retrieval examples per task (needle, key-value)
+#   DEMO_NUM_LONG, DEMO_NUM_SHORT  examples generated (default: longalign/demo_data.py's)
+#   HAYSTACK=DIR          needle-test essays (*.txt); default: the demo's own held-out filler text
 #   PY=.venv/bin/python
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PY=${PY:-.venv/bin/python}
 OUT=${OUT:-data/demo}
-DEMO_STEPS=${DEMO_STEPS:-80}
-DEMO_LOG_STEPS=${DEMO_LOG_STEPS:-5}
+DEMO_STEPS=${DEMO_STEPS:-700}
+DEMO_LOG_STEPS=${DEMO_LOG_STEPS:-10}
 DEMO_LR=${DEMO_LR:-3e-3}
-DEMO_WARMUP=${DEMO_WARMUP:-5}
-MAX_LENGTH=8192  # tokens per example and per pack: the demo's "long" context
-HAYSTACK=${HAYSTACK:-../shared/data/haystack}
+DEMO_WARMUP=${DEMO_WARMUP:-20}
+DEMO_EVAL_PER_TASK=${DEMO_EVAL_PER_TASK:-20}
+MAX_LENGTH=2304      # tokens per example and per pack: the longest query (2048) + answer + template
+CONTEXT_TOKENS=2048  # the demo's longest context: held-out retrieval queries are sized to it
 RAW=$OUT/raw
 DATA=$OUT/llama/10k
+HAYSTACK=${HAYSTACK:-$RAW/haystack}
+TIMES=$OUT/stage_times.tsv
 STATS=()
+STAGE_NAME=""
+STAGE_START=0
 
-stage() { echo; echo "=== [demo] $* ==="; }
+stage() {  # stage NAME: close the previous stage's timing, open this one
+    stage_done
+    STAGE_NAME=$1
+    STAGE_START=$SECONDS
+    echo; echo "=== [demo] $* ==="
+}
+
+stage_done() {
+    if [ -n "$STAGE_NAME" ]; then
+        printf '%s\t%s\n' "$STAGE_NAME" "$((SECONDS - STAGE_START))" >> "$TIMES.tmp"
+    fi
+    STAGE_NAME=""
+}
 
 replace_dir() {  # replace_dir NEW FINAL: swap NEW in for FINAL, keeping FINAL until NEW is in place
     local old="$2.old.$$"
@@ -33,68 +54,68 @@ replace_dir() {  # replace_dir NEW FINAL: swap NEW in for FINAL, keeping FINAL u
     rm -rf "$old"
 }
 
-stage "1/6 demo data + tokenizer -> $RAW"
-$PY -m longalign.demo_data --out "$RAW"
+mkdir -p "$OUT"
+rm -f "$TIMES.tmp"
+
+stage data "1/8 demo data + tokenizer -> $RAW"
+DATA_ARGS=()
+if [ -n "${DEMO_NUM_LONG:-}" ]; then DATA_ARGS+=(--num_long "$DEMO_NUM_LONG"); fi
+if [ -n "${DEMO_NUM_SHORT:-}" ]; then DATA_ARGS+=(--num_short "$DEMO_NUM_SHORT"); fi
+$PY -m longalign.demo_data --out "$RAW" "${DATA_ARGS[@]}"
 STATS+=("$RAW/stats.json")
 
-stage "2/6 pre_tokenize (llama template) -> $DATA"
+stage pre_tokenize "2/8 pre_tokenize (llama template) -> $DATA"
 $PY pre_tokenize.py --model llama --tokenizer "$RAW/tokenizer" \
     --long "$RAW/long.jsonl" --short "$RAW/sharegpt.jsonl" \
     --datanum 10k --max_length "$MAX_LENGTH" --output_dir "$DATA" --overwrite_output_dir  # a re-run replaces its sort/, pack/ too
 STATS+=("$DATA/stats.json")
 
-stage "3/6 sort_and_group (group size 1) -> $DATA/sort, $DATA/pack"
+stage sort_and_group "3/8 sort_and_group (group size 1) -> $DATA/sort, $DATA/pack"
 $PY sort_and_group.py --train_file "$DATA" --group_size 1 --max_length "$MAX_LENGTH"
 STATS+=("$DATA/sort/stats.json" "$DATA/pack/stats.json")
 
-stage "4/6 tiny random llama -> $OUT/model_init"
+stage model_init "4/8 tiny random llama -> $OUT/model_init"
 $PY -m longalign.tiny_model --family llama --tokenizer "$RAW/tokenizer" --out "$OUT/model_init" \
-    --max_positions "$MAX_LENGTH"
+    --max_positions "$MAX_LENGTH" --tie_embeddings
 STATS+=("$OUT/model_init/stats.json")
 
-stage "5/6 train.py --batch_method pack --pack_loss, $DEMO_STEPS steps on CPU -> $OUT/model"
+stage eval_untrained "5/8 held-out retrieval, untrained model -> $OUT/eval/untrained.json"
+$PY -m longalign.demo_eval --model "$OUT/model_init" --raw "$RAW" --out "$OUT/eval/untrained.json" \
+    --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK"
+STATS+=("$OUT/eval/untrained.json")
+
+stage train "6/8 train.py --batch_method pack --pack_loss, $DEMO_STEPS steps on CPU -> $OUT/model"
 rm -rf "$OUT/.model.tmp"
 $PY train.py --model_name_or_path "$OUT/model_init" --train_file "$DATA" --output_dir "$OUT/.model.tmp" \
     --batch_method pack --pack_loss --use_cpu --per_device_train_batch_size 1 \
     --gradient_accumulation_steps 1 --max_steps "$DEMO_STEPS" --learning_rate "$DEMO_LR" \
     --lr_scheduler_type cosine --warmup_steps "$DEMO_WARMUP" --logging_steps "$DEMO_LOG_STEPS" \
-    --save_strategy no --seed 0 --disable_tqdm true
+    --adam_beta2 0.95 --weight_decay 0 --save_strategy no --seed 0 --disable_tqdm true
 replace_dir "$OUT/.model.tmp" "$OUT/model"
 STATS+=("$OUT/model/trainer_state.json")
-$PY - "$OUT/model/trainer_state.json" <<'PY'
-import json, sys
-losses = [(e["step"], e["loss"]) for e in json.load(open(sys.argv[1]))["log_history"] if "loss" in e]
-if not losses:
-    sys.exit(f"[demo] no training loss logged in {sys.argv[1]}")
-(s0, l0), (s1, l1) = losses[0], losses[-1]
-print(f"[demo] loss: first logged {l0:.3f} (step {s0}) -> last logged {l1:.3f} (step {s1})")
-PY
+$PY -m longalign.demo_report --loss "$OUT/model/trainer_state.json"
 echo "[demo] trained model saved to $OUT/model"
 
-if [ ! -d "$HAYSTACK" ]; then
-    HAYSTACK=$OUT/haystack
-    echo "[demo] no haystack essays found; using the demo's own long documents -> $HAYSTACK"
-    rm -rf "$OUT/.haystack.tmp" && mkdir -p "$OUT/.haystack.tmp"
-    $PY - "$RAW/long.jsonl" "$OUT/.haystack.tmp" <<'PY'
-import json, sys
-for i, line in enumerate(open(sys.argv[1], encoding="utf-8")):
-    text = json.loads(line)["messages"][0]["content"]
-    open(f"{sys.argv[2]}/doc{i:04d}.txt", "w", encoding="utf-8").write(text)
-PY
-    replace_dir "$OUT/.haystack.tmp" "$HAYSTACK"
-fi
+stage eval_trained "7/8 held-out retrieval, trained model -> $OUT/eval/trained.json"
+$PY -m longalign.demo_eval --model "$OUT/model" --raw "$RAW" --out "$OUT/eval/trained.json" \
+    --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK"
+STATS+=("$OUT/eval/trained.json")
 
-stage "6/6 needle test of the trained model (haystack $HAYSTACK) -> $OUT/needle"
+stage needle "8/8 needle test of the trained model (haystack $HAYSTACK) -> $OUT/needle"
 rm -rf "$OUT/.needle.tmp"
 HAYSTACK=$HAYSTACK bash Needle_test/demo.sh "$OUT/model" "$OUT/.needle.tmp"
 replace_dir "$OUT/.needle.tmp" "$OUT/needle"
 STATS+=("$OUT/needle/prompts/stats.json" "$OUT/needle/pred/preds.jsonl.stats.json"
         "$OUT/needle/results/summary_match.json")
+stage_done
+mv "$TIMES.tmp" "$TIMES"
 
-stage "done in ${SECONDS} s"
+echo; echo "=== [demo] done in ${SECONDS} s ==="
 for path in "${STATS[@]}"; do
     [ -f "$path" ] || { echo "[demo] ERROR: missing $path" >&2; exit 1; }
     echo "[demo] stats: $path"
 done
+$PY -m longalign.demo_report --out "$OUT" --times "$TIMES"
 echo "[demo] trained model: $OUT/model"
+echo "[demo] summary: $OUT/summary.md, $OUT/summary.json"
 echo "[demo] heatmap: $OUT/needle/results/heatmap_match.png"

@@ -13,9 +13,12 @@ sys.path.insert(0, str(REPO))
 
 from longalign.tiny_model import STATS_FILE, TinyShape, main as tiny_model_main, save_tiny_model
 
-TEST_STEPS = 20  # ~1/4 of the demo's default: enough for a clear fall from the random-init loss
+TEST_STEPS = 20  # a few % of the demo's default: plumbing, and a clear fall from the random-init loss
 LOG_STEPS = 5
 MIN_LOSS_DROP = 0.5  # nats between the first and the last logged loss (the demo falls ~2 in 20 steps)
+TEST_DATA = {"DEMO_NUM_LONG": "24", "DEMO_NUM_SHORT": "200", "DEMO_EVAL_PER_TASK": "2"}
+STAGES = ["data", "pre_tokenize", "sort_and_group", "model_init", "eval_untrained", "train", "eval_trained",
+          "needle"]
 DEMO_TIMEOUT_S = 600
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=256)
@@ -24,10 +27,11 @@ SMALL = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max
 # ---------- the demo ----------
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """Run scripts/demo.sh once; the haystack is forced absent (a clone without ../shared)."""
+    """Run scripts/demo.sh once, with fewer steps, less data and a smaller held-out set."""
     out = tmp_path_factory.mktemp("demo") / "out"
     env = {**os.environ, "OUT": str(out), "DEMO_STEPS": str(TEST_STEPS), "DEMO_LOG_STEPS": str(LOG_STEPS),
-           "HAYSTACK": str(out / "no_such_haystack"), "PY": sys.executable}
+           "PY": sys.executable, **TEST_DATA}
+    env.pop("HAYSTACK", None)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
     assert proc.returncode == 0, f"demo.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -55,8 +59,8 @@ def test_demo_prints_every_stats_file(demo):
     out, stdout = demo
     paths = [Path(p) for p in printed(stdout, "[demo] stats:")]
     expected = [out / "raw/stats.json", out / "llama/10k/stats.json", out / "llama/10k/sort/stats.json",
-                out / "llama/10k/pack/stats.json", out / "model_init" / STATS_FILE,
-                out / "model/trainer_state.json", out / "needle/prompts/stats.json"]
+                out / "llama/10k/pack/stats.json", out / "model_init" / STATS_FILE, out / "eval/untrained.json",
+                out / "model/trainer_state.json", out / "eval/trained.json", out / "needle/prompts/stats.json"]
     assert set(expected) <= set(paths)
     for path in paths:
         json.loads(path.read_text())  # exists and is complete JSON
@@ -96,7 +100,30 @@ def test_demo_needle_heatmap(demo):
     summary = json.loads((out / "needle/results/summary_match.json").read_text())
     prompts = json.loads((out / "needle/prompts/stats.json").read_text())
     assert summary["scored"] == prompts["written"] > 0
-    assert Path(prompts["haystack_dir"]).resolve() == (out / "haystack").resolve()  # the demo's own text
+    assert Path(prompts["haystack_dir"]).resolve() == (out / "raw/haystack").resolve()  # the demo's own text
+
+
+def test_demo_held_out_retrieval_reports(demo):
+    out, _ = demo
+    for name in ("untrained", "trained"):
+        report = json.loads((out / "eval" / f"{name}.json").read_text())
+        assert report["disjoint"]["overlaps"] == 0 and report["seed"] != report["data_seed"]
+        assert set(report["per_task"]) == {"needle", "kv"} and len(report["examples"]) == 4
+        assert report["query_tokens"]["max"] <= report["context_tokens"] == 2048
+    untrained = json.loads((out / "eval/untrained.json").read_text())
+    assert untrained["accuracy"] == 0.0  # a random model copies nothing
+
+
+def test_demo_summary_table(demo):
+    out, stdout = demo
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == STAGES
+    assert summary["training"]["steps"] == TEST_STEPS and summary["training"]["tokens_trained_logged"] > 0
+    state = json.loads((out / "model" / "trainer_state.json").read_text())
+    assert summary["training"]["loss_first"] == state["log_history"][0]["loss"]
+    table = (out / "summary.md").read_text()
+    assert table in stdout and "held-out retrieval exact match" in table and "needle test mean score" in table
+    assert printed(stdout, "[demo] summary:") == [f"{out / 'summary.md'}, {out / 'summary.json'}"]
 
 
 # ---------- longalign.tiny_model ----------
@@ -138,3 +165,37 @@ def test_tiny_model_cli_is_seeded_and_replaces_output(tiny_tokenizer_dir, tmp_pa
 def test_tiny_model_rejects_bad_shapes(bad, tiny_tokenizer_dir, tmp_path):
     with pytest.raises(SystemExit, match="must be"):
         tiny_model_main(["--family", "llama", "--tokenizer", tiny_tokenizer_dir, "--out", str(tmp_path), *bad])
+
+
+def test_tiny_model_tied_embeddings(tiny_tokenizer_dir, tmp_path):
+    from longalign.modeling.loading import load_training_model
+
+    args = ["--family", "llama", "--tokenizer", tiny_tokenizer_dir, "--hidden", "32", "--intermediate", "64"]
+    tied = tiny_model_main(args + ["--out", str(tmp_path / "tied"), "--tie_embeddings"])
+    untied = tiny_model_main(args + ["--out", str(tmp_path / "untied")])
+    assert untied["parameters"] - tied["parameters"] == 32 * len(json.loads(
+        (tmp_path / "tied" / "tokenizer.json").read_text())["model"]["vocab"])  # one vocab x hidden matrix less
+    model = load_training_model(tmp_path / "tied", dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still one tensor after loading
+    with pytest.raises(SystemExit, match="tie_embeddings is for llama"):
+        tiny_model_main(["--family", "chatglm", "--tokenizer", tiny_tokenizer_dir, "--out", str(tmp_path / "g"),
+                         "--tie_embeddings"])
+
+
+def test_demo_report_tokens_and_table():
+    from longalign.demo_report import markdown, training_summary
+
+    state = {"global_step": 30, "log_history": [
+        {"step": 10, "loss": 5.0, "step_tokens": 100.0}, {"step": 30, "loss": 1.0, "step_tokens": 50.0},
+        {"step": 30, "train_runtime": 9.0}]}
+    summary = training_summary(state)
+    assert summary["tokens_trained_logged"] == 10 * 100 + 20 * 50  # step_tokens x steps of its window
+    assert (summary["loss_first"], summary["loss_last"], summary["loss_last_step"]) == (5.0, 1.0, 30)
+    per_task = {"needle": {"correct": 9, "total": 10}}
+    table = markdown({"stages": [{"stage": "train", "seconds": 12.0}], "total_seconds": 12.0,
+                      "load_average": [1.0, 2.0, 3.0], "training": summary,
+                      "retrieval": {"untrained": 0.0, "trained": 0.9, "trained_per_task": per_task,
+                                    "query_tokens": {"min": 1900, "max": 2048}},
+                      "needle": {"mean_score": 7.5, "scored": 20, "heatmap": "h.png"}})
+    assert "| train | 12 |" in table and "0% -> **90%** (needle 9/10" in table and "**7.5**" in table
+    assert "2,000 in 30 steps" in table and "5.000 (step 10) -> 1.000 (step 30)" in table

@@ -1,24 +1,51 @@
-"""The embedded default data: seeded, valid, answer copied from the context, loadable tokenizer."""
+"""The embedded default data: seeded, valid, answers copied from the context, loadable tokenizer."""
 import json
 import random
-import re
 
 from longalign.conversations import Conversation, read_jsonl
-from longalign.demo_data import generate_long, generate_short, write_demo_data
+from longalign.demo_data import (LONG_TASKS, NEEDLE_QUESTION, generate_haystack, generate_long, generate_short,
+                                 write_demo_data)
+
+# The needle test's own needle (Needle_test/demo.sh): never part of the training text.
+NEEDLE_TEST_WORDS = ("San Francisco", "sandwich", "Dolores", "sunny")
 
 
 def test_generation_is_deterministic():
     assert generate_long(random.Random(7), 9) == generate_long(random.Random(7), 9)
     assert generate_short(random.Random(7), 20) == generate_short(random.Random(7), 20)
     assert generate_long(random.Random(7), 9) != generate_long(random.Random(8), 9)
+    assert generate_haystack(1) == generate_haystack(1) != generate_haystack(2)
 
 
-def test_every_long_answer_is_copied_from_the_context():
-    for row in generate_long(random.Random(0), 30):
+def test_every_long_answer_is_copied_from_a_long_context():
+    rows = generate_long(random.Random(0), 30, words_range=(150, 400))
+    for row in rows:
         question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
-        codes = re.findall(r"\d{5}", answer)
-        assert codes and all(code in question for code in codes)
-        assert len(question.split()) >= 100  # long context, not a one-liner
+        assert answer in question and len(answer.split()) < 30  # short answer, copied
+        assert len(question) >= 400  # long context (150 filler words or their tokens in a table)
+    needles = [r for r in rows if r["messages"][1]["content"].startswith("The best thing to do in ")]
+    assert 0 < len(needles) < len(rows)  # both tasks, in turn
+    for row in needles:  # the question has the needle test's form
+        assert row["messages"][0]["content"].endswith(NEEDLE_QUESTION.split("{place}")[1])
+
+
+def test_long_inputs_short_answers_short_inputs_long_answers():
+    long_rows, short_rows = generate_long(random.Random(1), 40), generate_short(random.Random(1), 200)
+
+    def mean_chars(rows, role):
+        return sum(len(m["content"]) for r in rows for m in r["messages"] if m["role"] == role) / len(rows)
+
+    assert mean_chars(long_rows, "user") > 20 * mean_chars(long_rows, "assistant")  # few targets per token
+    assert mean_chars(short_rows, "assistant") > 1.5 * mean_chars(short_rows, "user")  # many targets per token
+    assert mean_chars(short_rows, "assistant") > 2 * mean_chars(long_rows, "assistant")  # more per sequence
+    assert mean_chars(long_rows, "user") > 20 * mean_chars(short_rows, "user")
+
+
+def test_needle_test_needle_never_in_training_text(tmp_path):
+    write_demo_data(tmp_path / "raw", seed=4, num_long=60, num_short=200, vocab_size=600)
+    text = "".join((tmp_path / "raw" / name).read_text(encoding="utf-8") for name in ("long.jsonl", "sharegpt.jsonl"))
+    text += "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "raw" / "haystack").glob("*.txt"))
+    assert not [w for w in NEEDLE_TEST_WORDS if w.lower() in text.lower()]
 
 
 def test_write_demo_data_outputs(tmp_path):
@@ -28,9 +55,10 @@ def test_write_demo_data_outputs(tmp_path):
     for name, count in (("long.jsonl", 6), ("sharegpt.jsonl", 40)):
         rows = read_jsonl(tmp_path / "raw" / name).rows
         assert len(rows) == count and all(isinstance(r, Conversation) for r in rows)
-    assert stats["short_multi_turn"] > 0
+    assert stats["short_multi_turn"] > 0 and stats["haystack_files"] == len(list((tmp_path / "raw" / "haystack").glob("*.txt")))
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "raw" / "tokenizer"))
     text = "[Round 1]\n\n问：你好\n\n答：hello"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
     assert json.loads((tmp_path / "raw" / "stats.json").read_text()) == stats
+    assert set(LONG_TASKS) == {"needle", "kv"}
