@@ -36,7 +36,10 @@ def test_direction_verdicts_are_computed_from_the_seeds():
     mixed = [run("pack", s, long_accuracy=0.5) for s in range(3)] + [
         run("pack_weighted", s, long_accuracy=a) for s, a in enumerate((0.7, 0.4, 0.6))]
     assert rm.direction(mixed, *rm.DIRECTIONS[2])["verdict"] == "mixed"
-    worse = [run("pack", s, long_accuracy=0.5) for s in range(2)] + [run("pack_weighted", s, long_accuracy=0.5)
-                                                                    for s in range(2)]
-    assert rm.direction(worse, *rm.DIRECTIONS[2])["verdict"] == "not reproduced"  # a tie is not the direction
-    assert rm.direction(worse, *rm.DIRECTIONS[0])["verdict"] == "not measured"
+    tie = [run("pack", s, long_accuracy=0.5) for s in range(2)] + [run("pack_weighted", s, long_accuracy=0.5)
+                                                                  for s in range(2)]
+    assert rm.direction(tie, *rm.DIRECTIONS[2])["verdict"] == "tie"  # equal is not the paper's direction
+    worse = tie[:2] + [run("pack_weighted", 0, long_accuracy=0.5), run("pack_weighted", 1, long_accuracy=0.2)]
+    assert rm.direction(worse, *rm.DIRECTIONS[2])["verdict"] == "not reproduced"
+    assert rm.direction(tie, *rm.DIRECTIONS[0])["verdict"] == "not measured"
+    assert rm.direction(tie, *rm.DIRECTIONS[3])["verdict"] == "not measured"  # runs without long_loss
