@@ -89,7 +89,7 @@ def main(argv=None) -> None:
         "load_average_1min_after": os.getloadavg()[0],  # other jobs on the shared cores skew timings
     }
     if not args.no_write:
-        from bench.results import record
+        from results import record  # bench/ is on sys.path when run as a script
 
         write_results_md(result, command)
         record({k: result[k] for k in ("pretokenize_tokens_per_s", "bytes_per_token")},

@@ -130,7 +130,7 @@ def main() -> None:
             "bfd_peak_rss_gib": round(results["bfd"][2], 2)}
         print(json.dumps(figures))
         if args.record:
-            from bench.results import record
+            from results import record  # bench/ is on sys.path when run as a script
 
             numeric = {f"sort_and_group.{args.long_distribution}.{k}": v for k, v in figures.items()
                        if isinstance(v, (int, float))}
