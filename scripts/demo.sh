@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The tiny offline demo (`make demo`): the whole LongAlign recipe on generated data, on CPU, with a
-# model that learns the demo's long-context tasks.
+# The tiny offline demo (`make demo`): the whole LongAlign recipe on generated data, on CPU, and a
+# held-out measure of whether the tiny model learned the demo's long-context tasks.
 #   demo data -> pre_tokenize.py -> sort_and_group.py -> tiny random model -> held-out retrieval of
 #   the untrained model -> train.py (packing + loss weighting) -> held-out retrieval of the trained
 #   model -> needle test -> a summary table (summary.md / summary.json).
