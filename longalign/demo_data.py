@@ -6,8 +6,9 @@ writes, in the `messages` format of LongAlign-10k / ShareGPT,
 - long.jsonl: long inputs with short answers, over generated filler text, answer copied from the
   context (learnable by copying; `longalign.demo_eval` measures whether a model did): needle
   retrieval (one sentence "The best thing to do in <place> is ..." hidden at a random depth,
-  asked with the needle test's own question form; its words never occur in the filler) and key-value lookup (facts "The access code of <name> is
-  <5 digits>." for a few names scattered in the document, one asked);
+  asked with the needle test's own question form; its words never occur in the filler) and
+  key-value lookup (facts "The access code of <name> is <5 digits>." for a few names scattered
+  in the document, one asked);
 - sharegpt.jsonl: short inputs with long answers (counting, multiplication tables, spelling,
   repeating, sorting, a little Chinese), some multi-turn, a few replies carrying zero-width
   characters as scraped ShareGPT text does;
