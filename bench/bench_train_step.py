@@ -45,9 +45,7 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -67,7 +65,6 @@ from longalign.loss import DEFAULT_CHUNK_TOKENS
 from longalign.performance import (GIB, MEMORY_HEADROOM, LayerShape, MemorySetup, SpeedRequest, choose_recompute,
                                    choose_speed_settings, parameter_counts, predicted_peak_bytes)
 from longalign.recompute import apply_recompute, decoder_layers
-from longalign.trainer import matmul_parameters, training_flops
 
 SHORT_MIN, SHORT_MAX, LONG_MIN, LONG_FRACTION = 64, 4096, 8192, 0.5
 PROMPT_FRACTION = 0.9  # long-context SFT: most tokens are the (unlabelled) document
