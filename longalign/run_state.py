@@ -187,7 +187,7 @@ def _move_aside(output_dir: Path, entries: list[str]) -> Path:
 
 def prepare_fresh_output_dir(output_dir: str | os.PathLike, overwrite: bool, inputs: list,
                              run_record: dict, is_main_process: bool = True) -> Path | None:
-    """Check (every process) and prepare (main process) the folder of a fresh run (module doc).
+    """Check and, on the main process, prepare the folder of a fresh run (module doc).
 
     Returns where a previous run was moved to (--overwrite_output_dir), else None. The main
     process writes RUN_MARKER (`run_record`: what this run trains on).
@@ -252,19 +252,23 @@ def check_resume(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, t
 def start_run(dataset_dir, training_args, overwrite: bool, inputs: list, run_record: dict) -> dict:
     """train.py's checks before the model loads; returns the data fingerprint for the checkpoints.
 
-    Resume: `check_resume`; a fresh run, or a resume into another output folder:
-    `prepare_fresh_output_dir` (which prints where --overwrite_output_dir moved a previous run).
+    Resume: `check_resume` (every process; it only reads); a fresh run, or a resume into another
+    output folder: `prepare_fresh_output_dir` on the process that saves, while the others wait
+    (`TrainingArguments.main_process_first`), so no process ever inspects the folder while the
+    main one is writing its marker or moving a previous run aside. If the main process refuses the
+    folder it exits with the error and the launcher stops the others.
     """
     fingerprint = data_fingerprint(dataset_dir)
     output_dir, resume = Path(training_args.output_dir).resolve(), training_args.resume_from_checkpoint
     if resume:
         check_resume(resume, output_dir, training_args, fingerprint)
     if not resume or Path(resume).resolve().parent != output_dir:
-        moved = prepare_fresh_output_dir(output_dir, overwrite, inputs, {**run_record, "data": fingerprint},
-                                         is_main_process=training_args.should_save)
-        if moved is not None:
-            print(f"--overwrite_output_dir: the previous run in {output_dir} was moved to {moved} "
-                  "(nothing deleted)", flush=True)
+        with training_args.main_process_first(local=training_args.save_on_each_node, desc="output folder check"):
+            if training_args.should_save:
+                moved = prepare_fresh_output_dir(output_dir, overwrite, inputs, {**run_record, "data": fingerprint})
+                if moved is not None:
+                    print(f"--overwrite_output_dir: the previous run in {output_dir} was moved to {moved} "
+                          "(nothing deleted)", flush=True)
     return fingerprint
 
 

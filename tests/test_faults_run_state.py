@@ -163,3 +163,33 @@ def test_an_output_path_that_is_a_file_or_unwritable_is_refused(tmp_path):
         prepare_fresh_output_dir(tmp_path / "file", True, [], {})
     with pytest.raises(RunStateError, match="cannot write in --output_dir"):
         prepare_fresh_output_dir(tmp_path / "file" / "sub", False, [], {})
+
+
+class RankArgs(SimpleNamespace):
+    """The TrainingArguments members start_run reads, for one rank of a multi-process run."""
+
+    def main_process_first(self, local=True, desc="work"):
+        import contextlib
+
+        self.waited.append((local, desc))
+        return contextlib.nullcontext()
+
+
+def test_only_the_saving_process_inspects_a_fresh_output_folder(tmp_path):
+    """A non-saving rank must not read the folder the main rank is writing: a multi-process run
+    once failed when rank 1 found rank 0's half-written run marker (its atomic temp file)."""
+    from longalign.run_state import start_run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{RUN_MARKER}.tmp-abc123").write_text("{")  # the main rank mid-write
+    other_rank = RankArgs(output_dir=str(out), resume_from_checkpoint=None, should_save=False,
+                          save_on_each_node=False, waited=[])
+    start_run(data, other_rank, overwrite=False, inputs=[], run_record={})
+    assert other_rank.waited == [(False, "output folder check")]  # it waited for the main rank
+    assert sorted(p.name for p in out.iterdir()) == [f"{RUN_MARKER}.tmp-abc123"]  # and touched nothing
+    main_rank = RankArgs(**{**vars(other_rank), "should_save": True, "waited": []})
+    with pytest.raises(RunStateError, match="already holds"):  # the main rank still checks
+        start_run(data, main_rank, overwrite=False, inputs=[], run_record={})
