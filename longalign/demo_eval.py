@@ -33,6 +33,7 @@ from longalign.constants import IGNORE_INDEX
 from longalign.demo_data import DEFAULT_SEED, LONG_TASKS
 from longalign.generation import GenerationSettings, LocalModel, encode_text
 from longalign.loss import shift_targets
+from longalign.packing import cu_seqlens_values, greedy_pack
 from longalign.storage import write_json_atomic
 
 EVAL_SEED_OFFSET = 4444  # held-out examples: the data seed + this
@@ -145,18 +146,6 @@ def score_examples(candidate, examples: Sequence[RetrievalExample]) -> dict:
     return {"accuracy": accuracy, "per_task": per_task, "examples": records}
 
 
-def _pack_rows(rows: Sequence[tuple[list[int], list[int]]], max_tokens: int) -> list[list[int]]:
-    """Indices of `rows` grouped in order into packs of at most max(max_tokens, one row) tokens."""
-    packs, current, tokens = [], [], 0
-    for index, (ids, _) in enumerate(rows):
-        if current and tokens + len(ids) > max_tokens:
-            packs.append(current)
-            current, tokens = [], 0
-        current.append(index)
-        tokens += len(ids)
-    return packs + ([current] if current else [])
-
-
 def teacher_forced_scores(model, rows: Sequence[tuple[list[int], list[int]]], max_tokens: int) -> list[dict]:
     """Per row (input_ids, labels as pre_tokenize makes them): {"exact", "loss", "targets"}.
 
@@ -165,20 +154,21 @@ def teacher_forced_scores(model, rows: Sequence[tuple[list[int], list[int]]], ma
     token; loss: the row's mean target-token cross-entropy. Rows run packed (PackCollator,
     block-diagonal attention), up to `max_tokens` tokens per forward, so each is scored as alone.
     """
+    import numpy as np
     import torch
 
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     results: list[dict] = [{} for _ in rows]
     collator = PackCollator("token")
-    for members in _pack_rows(rows, max_tokens):
-        cu = [0]
-        for index in members:
-            cu.append(cu[-1] + len(rows[index][0]))
+    lengths = [len(ids) for ids, _ in rows]
+    # the paper's greedy walk in stored order; a row longer than max_tokens still runs, alone
+    for members in greedy_pack([min(length, max_tokens) for length in lengths], max_tokens):
+        cu = cu_seqlens_values(np.array([lengths[i] for i in members]), np.array([len(members)]))
         flat = {"input_ids": [t for i in members for t in rows[i][0]],
-                "labels": [t for i in members for t in rows[i][1]], "cu_seqlens": cu}
+                "labels": [t for i in members for t in rows[i][1]], "cu_seqlens": cu.tolist()}
         batch = collator([flat])
-        labels, cu_seqlens = batch["labels"], torch.tensor(cu)
+        labels, cu_seqlens = batch["labels"], torch.from_numpy(cu).long()
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
                   if k not in ("labels", "loss_weights", COUNTS_KEY)}  # no labels: the model returns logits
         with torch.no_grad(), autocast:

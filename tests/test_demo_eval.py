@@ -114,5 +114,7 @@ def test_teacher_forced_exact_match_is_greedy_exact_match_and_packing_changes_no
     packed = teacher_forced_scores(packed_model, rows + [wrong], max_tokens=10_000)
     assert [s["exact"] for s in alone] == [True] * len(rows) + [False]
     assert [s["targets"] for s in alone] == [6] * len(rows) + [6]
-    for a, b in zip(alone, packed):
-        assert a["exact"] == b["exact"] and abs(a["loss"] - b["loss"]) < 1e-4
+    one_per_pack = teacher_forced_scores(packed_model, rows + [wrong], max_tokens=len(rows[0][0]) - 1)
+    for a, b, c in zip(alone, packed, one_per_pack):  # row 0 exceeds max_tokens and still runs, alone
+        assert a["exact"] == b["exact"] == c["exact"] and abs(a["loss"] - b["loss"]) < 1e-4
+        assert abs(a["loss"] - c["loss"]) < 1e-4
