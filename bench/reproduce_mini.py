@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import random
 import shutil
@@ -41,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from longalign.demo_data import generate_short, write_demo_data
+from longalign.demo_data import generate_short, rounds_of, write_demo_data
 from longalign.demo_eval import (check_disjoint, held_out_examples, held_out_seed, teacher_forced_scores,
                                  training_texts)
 from longalign.pretokenize import PretokenizeConfig, run_pretokenize
@@ -128,8 +127,7 @@ def eval_sets(args, raw: str, tokenizer) -> dict:
                                                                                      for e in examples])]
     seen = set(texts)
     chats = generate_short(random.Random(seed), args.eval_short)
-    rounds = [[(u["content"], a["content"]) for u, a in zip(c["messages"][0::2], c["messages"][1::2])]
-              for c in chats]
+    rounds = [rounds_of(chat) for chat in chats]
     unseen = [r for r in rounds if not any(u in seen and a in seen for u, a in r)]  # drop chats seen in training
     return {"long": long_rows, "short": [(c.ids, c.labels) for c in encoder.encode_batch(unseen)],
             "disjoint": disjoint,
@@ -183,9 +181,9 @@ def train_one(method: str, argv: list[str], sets: dict, max_length: int) -> dict
             "tokens_per_s": statistics.fmean(e["tokens_per_s"] for e in logs) if logs else None, **scores}
 
 
-def pack_accumulation(data: str, sequences_per_step: int) -> int:
-    stats = json.loads((Path(data) / "pack" / "stats.json").read_text())
-    return max(1, round(sequences_per_step / stats["sequences_per_pack_mean"]))
+def pack_accumulation(sequences_per_pack: float, sequences_per_step: int) -> int:
+    """Packs per optimizer step so that a step trains about `sequences_per_step` sequences."""
+    return max(1, round(sequences_per_step / sequences_per_pack))
 
 
 def run_seed(args, seed: int, built: dict, sets: dict, workdir: Path, report: dict) -> None:
@@ -198,7 +196,7 @@ def run_seed(args, seed: int, built: dict, sets: dict, workdir: Path, report: di
     save_tiny_model("llama", Path(built["raw"]) / "tokenizer", init, shape, seed=seed)
     grouped = sort_and_group.sort_and_group(data, args.batch, args.max_length, "bfd", seed, "truncate",
                                             overwrite=True)
-    pack_accum = pack_accumulation(data, args.batch * args.grad_accum)
+    pack_accum = pack_accumulation(grouped["pack"]["sequences_per_pack_mean"], args.batch * args.grad_accum)
     report["grouping"][str(seed)] = {"sort_padding_fraction": grouped["sort"]["padding_fraction_mean"],
                                      "unsorted_padding_fraction": grouped["sort"]["padding_fraction_mean_unsorted"],
                                      "sequences_per_pack": grouped["pack"]["sequences_per_pack_mean"],

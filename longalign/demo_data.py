@@ -266,12 +266,17 @@ def generate_haystack(seed: int, files: int = HAYSTACK_FILES, words: int = HAYST
     return [essay(rng, words) for _ in range(files)]
 
 
+def rounds_of(row: dict) -> list[tuple[str, str]]:
+    """(user, assistant) pairs of a generated row (the inverse of `_messages`)."""
+    messages = row["messages"]
+    return [(u["content"], a["content"]) for u, a in zip(messages[0::2], messages[1::2])]
+
+
 def _tokenizer_corpus(rows: list[dict]) -> list[str]:
     """Every conversation in both chat templates, so template pieces become tokens too."""
     texts = []
     for row in rows:
-        msgs = row["messages"]
-        rounds = [(u["content"], a["content"]) for u, a in zip(msgs[0::2], msgs[1::2])]
+        rounds = rounds_of(row)
         texts += [conversation_text("chatglm", rounds), conversation_text("llama", rounds)]
     return texts
 
