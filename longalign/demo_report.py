@@ -97,8 +97,8 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def loss_line(state_path: str | Path) -> str:
-    t = training_summary(_read_json(Path(state_path)))
+def loss_line(t: dict) -> str:
+    """The one line printed after training, from `training_summary`."""
     return (f"[demo] loss: {t['loss_first']:.3f} (step {t['loss_first_step']}) -> {t['loss_last']:.3f} "
             f"(step {t['loss_last_step']}), {t['tokens_trained_logged']:,} tokens in {t['steps']} steps")
 
@@ -110,8 +110,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--loss", metavar="TRAINER_STATE", help="only print the loss line of this trainer_state.json")
     args = parser.parse_args(argv)
     if args.loss:
-        print(loss_line(args.loss))
-        return training_summary(_read_json(Path(args.loss)))
+        summary = training_summary(_read_json(Path(args.loss)))
+        print(loss_line(summary))
+        return summary
     if not (args.out and args.times):
         parser.error("--out and --times are required (or --loss alone)")
     summary = build_summary(args.out, read_stage_times(args.times))
