@@ -186,11 +186,12 @@ def _move_aside(output_dir: Path, entries: list[str]) -> Path:
 
 
 def prepare_fresh_output_dir(output_dir: str | os.PathLike, overwrite: bool, inputs: list,
-                             run_record: dict, is_main_process: bool = True) -> Path | None:
-    """Check and, on the main process, prepare the folder of a fresh run (module doc).
+                             run_record: dict) -> Path | None:
+    """Check and prepare the folder of a fresh run (module doc); the saving process only
+    (`start_run`).
 
-    Returns where a previous run was moved to (--overwrite_output_dir), else None. The main
-    process writes RUN_MARKER (`run_record`: what this run trains on).
+    Returns where a previous run was moved to (--overwrite_output_dir), else None. Writes
+    RUN_MARKER (`run_record`: what this run trains on).
     """
     output_dir = Path(output_dir).resolve()
     if os.path.lexists(output_dir) and not output_dir.is_dir():
@@ -214,15 +215,13 @@ def prepare_fresh_output_dir(output_dir: str | os.PathLike, overwrite: bool, inp
         if held:
             raise RunStateError(f"--output_dir {output_dir} holds inputs of this run ({_listing(held)}): choose "
                                 "another --output_dir (not even --overwrite_output_dir moves a run's inputs)")
-        if is_main_process:
-            moved = _move_aside(output_dir, previous)
-    if is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(output_dir / RUN_MARKER, run_record)
-        except OSError as err:
-            raise RunStateError(f"cannot write in --output_dir {output_dir} ({err.strerror}): train.py checks "
-                                "this before it loads the model; choose a writable --output_dir") from err
+        moved = _move_aside(output_dir, previous)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / RUN_MARKER, run_record)
+    except OSError as err:
+        raise RunStateError(f"cannot write in --output_dir {output_dir} ({err.strerror}): train.py checks "
+                            "this before it loads the model; choose a writable --output_dir") from err
     return moved
 
 
