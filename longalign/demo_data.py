@@ -12,6 +12,8 @@ writes, in the `messages` format of LongAlign-10k / ShareGPT,
 - sharegpt.jsonl: short inputs with long answers (counting, multiplication tables, spelling,
   repeating, sorting, a little Chinese), some multi-turn, a few replies carrying zero-width
   characters as scraped ShareGPT text does;
+  (`SHORT_MIXES` holds other short-task mixes -- copying distinct-word lists and filler passages
+  -- that bench/demo_sweep.py tries; the demo writes `base`, which is `SHORT_TOPICS`);
 - haystack/: filler essays for the needle test, generated from a different seed;
 - tokenizer/: a byte-level BPE (`longalign.tiny_tokenizer`) trained on that text in both chat
   templates, loadable with AutoTokenizer.from_pretrained;
@@ -228,9 +230,33 @@ def _chinese(rng: random.Random) -> list[tuple[str, str]]:
             ("谢谢！", "不客气。")]
 
 
+def _filler_words() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_ADJECTIVES + _NOUNS + _VERBS + _PAST_VERBS + _PREPOSITIONS + _TIMES))
+
+
+def _copy_words(rng: random.Random) -> list[tuple[str, str]]:
+    words = " ".join(rng.sample(_filler_words(), rng.randint(8, 40)))
+    return [(f"Copy these words exactly:\n{words}", words),
+            ("Once more.", words),
+            ("How many words was that?", f"That was {len(words.split())} words.")]
+
+
+def _repeat_passage(rng: random.Random) -> list[tuple[str, str]]:
+    passage = " ".join(filler(rng, rng.randint(20, 80)))
+    return [(f"Repeat this passage word for word:\n{passage}", passage),
+            ("What was its first sentence?", passage.split(".")[0] + "."),
+            ("Thanks.", "You are welcome.")]
+
+
 # In turn; copying-heavy (7 of 11: what retrieval needs), the rest counting, tables, spelling, Chinese.
 SHORT_TOPICS = (_copy_names, _copy_codes, _repeat, _count, _copy_names, _spell, _copy_codes, _table,
                 _copy_names, _repeat, _chinese)
+SHORT_MIXES = {"base": SHORT_TOPICS, "only_words": (_copy_words,),
+               "copy2": (_copy_words, _repeat_passage, _copy_words, _copy_names, _count, _copy_words,
+                         _repeat_passage, _copy_codes, _table, _copy_words, _spell, _repeat, _chinese),
+               "words": (_copy_words, _repeat_passage) + SHORT_TOPICS,
+               "copy": (_copy_words, _repeat_passage, _copy_words, _repeat_passage, _copy_names, _copy_codes,
+                        _count, _table, _spell, _chinese)}
 
 
 def _messages(rounds: list[tuple[str, str]]) -> dict:
@@ -247,10 +273,10 @@ def generate_long(rng: random.Random, count: int, words_range: tuple[int, int] =
             for i in range(count)]
 
 
-def generate_short(rng: random.Random, count: int) -> list[dict]:
+def generate_short(rng: random.Random, count: int, topics=SHORT_TOPICS) -> list[dict]:
     rows = []
     for i in range(count):
-        rounds = SHORT_TOPICS[i % len(SHORT_TOPICS)](rng)
+        rounds = topics[i % len(topics)](rng)
         rounds = rounds[:rng.randint(2, 3)] if rng.random() < MULTI_TURN_FRACTION else rounds[:1]
         if rng.random() < ZERO_WIDTH_FRACTION:
             user, reply = rounds[-1]

@@ -62,3 +62,31 @@ def test_write_demo_data_outputs(tmp_path):
     assert tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
     assert json.loads((tmp_path / "raw" / "stats.json").read_text()) == stats
     assert set(LONG_TASKS) == {"needle", "kv"}
+
+
+def test_copy_topics_answer_with_the_text_they_were_given():
+    from longalign.demo_data import _copy_words, _repeat_passage
+    for seed in range(20):
+        words_rounds, passage_rounds = _copy_words(random.Random(seed)), _repeat_passage(random.Random(seed))
+        question, answer = words_rounds[0]
+        assert question.endswith("\n" + answer) and words_rounds[1][1] == answer
+        assert len(set(answer.split())) == len(answer.split()) >= 8  # distinct words: a copy, not a pattern
+        assert words_rounds[2][1] == f"That was {len(answer.split())} words."
+        question, answer = passage_rounds[0]
+        assert question.endswith("\n" + answer) and answer.startswith(passage_rounds[1][1][:-1])
+        assert not any(word in answer for word in NEEDLE_TEST_WORDS)
+
+
+def test_short_mixes_cycle_their_topics_and_base_is_the_default():
+    from longalign.demo_data import SHORT_MIXES, SHORT_TOPICS, _copy_words
+    assert SHORT_MIXES["base"] is SHORT_TOPICS
+    assert generate_short(random.Random(3), 30) == generate_short(random.Random(3), 30, SHORT_TOPICS)
+    only = generate_short(random.Random(3), 12, SHORT_MIXES["only_words"])
+    assert all(row["messages"][0]["content"].startswith("Copy these words exactly:\n") for row in only)
+    for name, topics in SHORT_MIXES.items():
+        assert topics and all(callable(t) for t in topics), name
+        for row in generate_short(random.Random(0), 2 * len(topics), topics):
+            roles = [m["role"] for m in row["messages"]]
+            assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, name
+            assert all(m["content"].strip() for m in row["messages"]), name
+    assert _copy_words in SHORT_MIXES["copy2"]
