@@ -24,7 +24,8 @@ import time
 
 DEFAULTS = {"name": "base", "seed": 0, "data_seed": 1234, "vocab": 1024, "mix": "base",
             "num_long": 1200, "num_short": 1200, "long_words": [150, 1600],
-            "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 256, "tie": True, "attn_bias": False, "rope_theta": 10000.0,
+            "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 256, "tie": True,
+            "attn_bias": False, "rope_theta": 10000.0,
             "lr": 3e-3, "warmup": 20, "tokens": 1_600_000, "max_tokens": 2304, "eval_every": 200,
             "context": 2048, "eval_per_task": 16, "device": "cuda", "threads": 2}
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -54,25 +55,29 @@ def make_data(cfg: dict, tmp: str):
     return tok, long_rows, short_rows
 
 
-def eval_sets(cfg: dict, tok, enc):
+def eval_sets(cfg: dict, tok, enc, training_texts: list[str]) -> tuple[dict, dict]:
+    """(rows per evaluation set, disjointness report). A held-out retrieval example or San
+    Francisco prompt that overlaps the training messages is an error (`demo_eval.check_disjoint`);
+    held-out short chats seen in training are counted (the formulaic ones can recur)."""
     from longalign import demo_data as D
-    from longalign.demo_eval import held_out_examples, held_out_seed
+    from longalign.demo_eval import RetrievalExample, check_disjoint, held_out_examples, held_out_seed
     from longalign.needle_test.needle import haystack_ids, make_prompt, sentence_end_patterns
     examples = held_out_examples(tok, cfg["context"], cfg["eval_per_task"], held_out_seed(cfg["data_seed"]))
-
-    def rows(pairs):
-        return [(c.ids, c.labels) for c in enc.encode_batch([[p] for p in pairs])]
-
-    sets = {t: rows([(e.query, e.answer) for e in examples if e.task == t]) for t in D.LONG_TASKS}
     hay = haystack_ids(tok, "\n\n".join(D.generate_haystack(cfg["data_seed"])), max(NEEDLE_LENGTHS))
     ends = sentence_end_patterns(tok)
-    prompts = [make_prompt(tok, hay, f"\n{NEEDLE}\n", NEEDLE_QUESTION, n, d, NEEDLE_BUFFER, ends)["prompt"]
-               for n in NEEDLE_LENGTHS for d in NEEDLE_DEPTHS]
-    sets["sf_needle"] = rows([(p, NEEDLE) for p in prompts])
-    short = D.generate_short(random.Random(held_out_seed(cfg["data_seed"])), EVAL_SHORT_CHATS,
-                             short_topics(cfg["mix"]))
-    sets["short"] = [(c.ids, c.labels) for c in enc.encode_batch([D.rounds_of(r) for r in short])]
-    return sets
+    needles = [RetrievalExample("sf_needle", record["prompt"], NEEDLE, record["prompt_tokens"])
+               for record in (make_prompt(tok, hay, f"\n{NEEDLE}\n", NEEDLE_QUESTION, n, d, NEEDLE_BUFFER, ends)
+                              for n in NEEDLE_LENGTHS for d in NEEDLE_DEPTHS)]
+    disjoint = check_disjoint(examples + needles, training_texts)
+    sets = {task: [e for e in examples + needles if e.task == task] for task in (*D.LONG_TASKS, "sf_needle")}
+    sets = {task: [(c.ids, c.labels) for c in enc.encode_batch([[(e.query, e.answer)] for e in rows])]
+            for task, rows in sets.items()}
+    short = [D.rounds_of(r) for r in D.generate_short(random.Random(held_out_seed(cfg["data_seed"])),
+                                                      EVAL_SHORT_CHATS, short_topics(cfg["mix"]))]
+    seen = set(training_texts)
+    disjoint["short_seen_in_training"] = sum(any(u in seen and a in seen for u, a in r) for r in short)
+    sets["short"] = [(c.ids, c.labels) for c in enc.encode_batch(short)]
+    return sets, disjoint
 
 
 def evaluate(model, sets, max_tokens):
@@ -106,7 +111,7 @@ def write_line(cfg: dict, line: dict) -> None:
 
 
 def prepare(cfg: dict):
-    """(tokenizer, training rows as (ids, labels) cut to max_tokens, evaluation sets)."""
+    """(tokenizer, training rows as (ids, labels) cut to max_tokens, evaluation sets, disjointness)."""
     from longalign.demo_data import rounds_of
     from longalign.tokenization import ConversationTokenizer
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +119,8 @@ def prepare(cfg: dict):
         enc = ConversationTokenizer(tok, "llama")
         data = [(c.ids[:cfg["max_tokens"]], c.labels[:cfg["max_tokens"]])
                 for c in enc.encode_batch([rounds_of(r) for r in long_rows + short_rows])]
-        return tok, data, eval_sets(cfg, tok, enc)
+        texts = [m["content"] for row in long_rows + short_rows for m in row["messages"]]
+        return (tok, data, *eval_sets(cfg, tok, enc, texts))
 
 
 def build_model(cfg: dict, tok):
@@ -164,7 +170,8 @@ def train_and_evaluate(cfg: dict) -> list[dict]:
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"] if torch.cuda.is_available() else "cpu")
     lines, started = [], time.time()
-    tok, data, sets = prepare(cfg)
+    tok, data, sets, disjoint = prepare(cfg)
+    data_tokens = sum(len(ids) for ids, _ in data)
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg, tok).to(device)
     steps = max(1, round(cfg["tokens"] / (EXPECTED_PACK_FILL * cfg["max_tokens"])))
@@ -180,7 +187,9 @@ def train_and_evaluate(cfg: dict) -> list[dict]:
         loss = model(**batch, loss_reduction="sum").loss / len(members)  # Eq. 2 over this pack
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
         trained += batch["input_ids"].numel()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -188,7 +197,7 @@ def train_and_evaluate(cfg: dict) -> list[dict]:
         if step % cfg["eval_every"] == 0 or step == steps:
             line = {"name": cfg["name"], "step": step, "steps": steps, "tokens": trained, "loss": round(loss.item(), 3),
                     "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 1),
-                    "data_tokens": sum(len(ids) for ids, _ in data), **evaluate(model, sets, EVAL_PACK_TOKENS)}
+                    "data_tokens": data_tokens, "disjoint": disjoint, **evaluate(model, sets, EVAL_PACK_TOKENS)}
             print(json.dumps(line), flush=True)
             lines.append(line)
             write_line(cfg, line)

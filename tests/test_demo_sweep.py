@@ -21,7 +21,26 @@ def test_cpu_config_trains_and_scores_every_set(tmp_path, capsys):
     assert last["step"] == last["steps"] and last["tokens"] <= last["steps"] * TINY["max_tokens"]
     for key in ("needle", "kv", "sf_needle", "short"):
         assert 0 <= last[key]["exact"] <= 1 and last[key]["loss"] > 0
+    disjoint = last["disjoint"]  # 2 retrieval examples + 20 San Francisco prompts, none in training
+    assert disjoint["examples"] == 22 and disjoint["overlaps"] == 0
+    assert 0 <= disjoint["short_seen_in_training"] <= sweep.EVAL_SHORT_CHATS
     assert "1 of 1 configs ran" in capsys.readouterr().out
+
+
+def test_held_out_retrieval_overlapping_training_is_an_error(tmp_path):
+    from longalign.demo_eval import held_out_examples, held_out_seed
+    from longalign.tokenization import ConversationTokenizer
+    cfg = {**sweep.DEFAULTS, **TINY}
+    tok, long_rows, short_rows = sweep.make_data(cfg, tmp_path / "tok")
+    texts = [m["content"] for row in long_rows + short_rows for m in row["messages"]]
+    enc = ConversationTokenizer(tok, "llama")
+    _, clean = sweep.eval_sets(cfg, tok, enc, texts)
+    assert clean["overlaps"] == 0
+    [first, *_] = held_out_examples(tok, cfg["context"], cfg["eval_per_task"], held_out_seed(cfg["data_seed"]))
+    with pytest.raises(ValueError, match="overlap the training data"):
+        sweep.eval_sets(cfg, tok, enc, texts + [f"a document quoting {first.answer} in training"])
+    with pytest.raises(ValueError, match="overlap the training data"):
+        sweep.eval_sets(cfg, tok, enc, texts + [sweep.NEEDLE])
 
 
 def test_a_failing_config_is_recorded_and_fails_the_sweep(tmp_path):
