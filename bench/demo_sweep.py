@@ -51,7 +51,7 @@ def make_data(cfg: dict, tmp: str):
     rng = random.Random(cfg["data_seed"])
     long_rows = D.generate_long(rng, cfg["num_long"], tuple(cfg["long_words"]))
     short_rows = D.generate_short(rng, cfg["num_short"], short_topics(cfg["mix"]))
-    tok = train_tiny_tokenizer(D._tokenizer_corpus(long_rows + short_rows), tmp, cfg["vocab"])
+    tok = train_tiny_tokenizer(D.tokenizer_corpus(long_rows + short_rows), tmp, cfg["vocab"])
     return tok, long_rows, short_rows
 
 

@@ -298,7 +298,7 @@ def rounds_of(row: dict) -> list[tuple[str, str]]:
     return [(u["content"], a["content"]) for u, a in zip(messages[0::2], messages[1::2])]
 
 
-def _tokenizer_corpus(rows: list[dict]) -> list[str]:
+def tokenizer_corpus(rows: list[dict]) -> list[str]:
     """Every conversation in both chat templates, so template pieces become tokens too."""
     texts = []
     for row in rows:
@@ -332,7 +332,7 @@ def write_demo_data(out_dir: str | Path, seed: int = DEFAULT_SEED, num_long: int
         (tmp / "haystack").mkdir()
         for index, text in enumerate(haystack):
             (tmp / "haystack" / f"essay{index:02d}.txt").write_text(text, encoding="utf-8")
-        train_tiny_tokenizer(_tokenizer_corpus(long_rows + short_rows), tmp / "tokenizer", vocab_size)
+        train_tiny_tokenizer(tokenizer_corpus(long_rows + short_rows), tmp / "tokenizer", vocab_size)
         stats = {"seed": seed, "haystack_seed": seed + HAYSTACK_SEED_OFFSET, "long_rows": len(long_rows),
                  "short_rows": len(short_rows), "vocab_size": vocab_size, "long_words": list(long_words),
                  "long_chars": sum(len(r["messages"][0]["content"]) for r in long_rows),
