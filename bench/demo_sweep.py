@@ -135,8 +135,7 @@ def build_model(cfg: dict, tok):
                          num_key_value_heads=cfg["kv_heads"], max_position_embeddings=MAX_POSITIONS,
                          tie_word_embeddings=cfg["tie"], attention_bias=cfg["attn_bias"],
                          rope_parameters={"rope_type": "default", "rope_theta": cfg["rope_theta"]},
-                         **special_ids(tok))
-    config._attn_implementation = ATTN_IMPLEMENTATION
+                         attn_implementation=ATTN_IMPLEMENTATION, **special_ids(tok))
     return TRAINING_CLASSES["llama"](config)
 
 
