@@ -38,7 +38,8 @@ from longalign.run_state import fingerprint_callback, start_run
 from longalign.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,
                                          check_sequence_parallel_layout, expose_head_geometry, parallelism_config)
 from longalign.train_data import load_train_dataset
-from longalign.trainer import DEFAULT_PEAK_TFLOPS, LOSS_DENOMINATORS, LongAlignTrainer, resolve_loss_reduction
+from longalign.trainer import (DEFAULT_PEAK_TFLOPS, LOSS_DENOMINATORS, LongAlignTrainer, close_process_group,
+                               resolve_loss_reduction)
 from longalign.validation import check_sort_pack_pair, dataset_directory, validate_training_dataset
 
 
@@ -191,6 +192,7 @@ def main(argv=None) -> LongAlignTrainer:
     if trainer.is_world_process_zero():
         make_self_describing(trainer.args.output_dir, trainer.model_family)
         print(f"model saved to {trainer.args.output_dir}", flush=True)
+    close_process_group()
     return trainer
 
 

@@ -270,6 +270,8 @@ def instrument(trainer) -> dict:
 def worker_main(spec_path: str) -> None:
     import train
 
+    from longalign.trainer import close_process_group
+
     spec = json.loads(Path(spec_path).read_text())
     trainer = train.build_trainer(spec["argv"])
     record = instrument(trainer)
@@ -279,6 +281,7 @@ def worker_main(spec_path: str) -> None:
     if rank == 0:
         record["log_history"] = trainer.state.log_history
     Path(spec["run_dir"], f"record_rank{rank}.json").write_text(json.dumps(record))
+    close_process_group()
 
 
 # ---------- parent side: merging and summarising ----------

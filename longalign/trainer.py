@@ -62,6 +62,16 @@ DENOMINATOR_FIELD = {"sequence": "sequences", "pack_mean": "packs", "token": "ta
 LOSS_DENOMINATORS = ("step", "micro_step")  # the project's global count, or the original's per micro-step
 
 
+def close_process_group() -> None:
+    """End a distributed run: every rank waits for the others, then the default process group is
+    destroyed, as torch.distributed asks before a process exits. Left to interpreter teardown, a
+    rank can abort after its work is done ("terminate called without an active exception", seen
+    with gloo when a peer has already exited). No-op when no process group is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def resolve_loss_reduction(batch_method: str, pack_loss: bool, loss_reduction: str | None) -> str:
     """The reduction of the paper's row when --loss_reduction is not given.
 

@@ -19,6 +19,7 @@ from test_train import (FAMILIES, REPO, argv_for, make_model_dir, make_sequences
 import train
 from longalign.constants import IGNORE_INDEX as X
 from longalign.modeling.loading import load_training_model
+from longalign.trainer import close_process_group
 
 MICRO_STEP = ("--loss_denominator", "micro_step")
 
@@ -55,6 +56,7 @@ def worker_main(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     result = run_one_step(spec, "pack", "sequence", 2, *MICRO_STEP)
     torch.save(result, os.path.join(spec["out"], f"micro_step_rank{result['rank']}.pt"))
+    close_process_group()
 
 
 def test_micro_step_denominator_is_the_originals_average_of_means(workdir, tmp_path):

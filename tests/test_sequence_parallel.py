@@ -25,6 +25,7 @@ from longalign.constants import IGNORE_INDEX as X  # noqa: E402
 from longalign.loss import causal_lm_loss, labels_for_targets, shift_targets  # noqa: E402
 from longalign.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,  # noqa: E402
                                          check_sequence_parallel_layout, sequence_parallel_order, valid_sizes)
+from longalign.trainer import close_process_group  # noqa: E402
 from test_train import VOCAB, argv_for, make_model_dir, reference_step, run_one_step, save_dataset  # noqa: E402
 
 DS_CONFIG = str(REPO / "ds_config" / "stage3_no_offload.json")
@@ -254,6 +255,7 @@ def worker_main(spec_file: str) -> None:
     allow_deepspeed_on_cpu()
     result = sp_step(spec, spec["sp"])
     torch.save(result, os.path.join(spec["out"], f"rank{result['rank']}.pt"))
+    close_process_group()
 
 
 def relative_error(a: dict, b: dict) -> float:

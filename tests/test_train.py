@@ -22,7 +22,7 @@ from longalign.modeling.checkpoints import make_self_describing
 from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.loading import load_training_model
 from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
-from longalign.trainer import check_data_parallel_layout, resolve_loss_reduction
+from longalign.trainer import check_data_parallel_layout, close_process_group, resolve_loss_reduction
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
@@ -217,6 +217,7 @@ def worker_main(spec_file: str) -> None:
     for method, reduction in INVARIANCE_CASES:
         result = run_one_step(spec, method, reduction, world=2)
         torch.save(result, os.path.join(spec["out"], f"{method}_{reduction}_rank{result['rank']}.pt"))
+    close_process_group()
 
 
 def relative_error(a: dict, b: dict) -> float:
