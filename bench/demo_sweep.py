@@ -22,7 +22,7 @@ import statistics
 import tempfile
 import time
 
-DEFAULTS = {"name": "base", "seed": 0, "data_seed": 1234, "vocab": 1024, "mix": "base",
+DEFAULTS = {"name": "base", "seed": 0, "data_seed": 1234, "vocab": 1024, "alphabet": "bytes", "mix": "base",
             "num_long": 1200, "num_short": 1200, "long_words": [150, 1600],
             "hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 256, "tie": True,
             "attn_bias": False, "rope_theta": 10000.0,
@@ -51,7 +51,7 @@ def make_data(cfg: dict, tmp: str):
     rng = random.Random(cfg["data_seed"])
     long_rows = D.generate_long(rng, cfg["num_long"], tuple(cfg["long_words"]))
     short_rows = D.generate_short(rng, cfg["num_short"], short_topics(cfg["mix"]))
-    tok = train_tiny_tokenizer(D.tokenizer_corpus(long_rows + short_rows), tmp, cfg["vocab"])
+    tok = train_tiny_tokenizer(D.tokenizer_corpus(long_rows + short_rows), tmp, cfg["vocab"], cfg["alphabet"])
     return tok, long_rows, short_rows
 
 

@@ -12,8 +12,11 @@ writes, in the `messages` format of LongAlign-10k / ShareGPT,
 - sharegpt.jsonl: short inputs with long answers (counting, multiplication tables, spelling,
   repeating, sorting, a little Chinese), some multi-turn, a few replies carrying zero-width
   characters as scraped ShareGPT text does;
-  (`SHORT_MIXES` holds other short-task mixes -- copying distinct-word lists and filler passages
-  -- that bench/demo_sweep.py tries; the demo writes `base`, which is `SHORT_TOPICS`);
+  that is `SHORT_TOPICS`, the mix `base` and the default; `--mix` picks another of `SHORT_MIXES`
+  (copying distinct-word lists, mixed items, filler passages: bench/demo_sweep.py tries them).
+  `make demo` writes `few_words` -- copy 4-16 distinct filler words, copy them again, count them --
+  with a 384-entry tokenizer: the mix and size in which its tiny model learns to copy within the
+  CPU budget (BENCHMARKS.md section 11);
 - haystack/: filler essays for the needle test, generated from a different seed;
 - tokenizer/: a byte-level BPE (`longalign.tiny_tokenizer`) trained on that text in both chat
   templates, loadable with AutoTokenizer.from_pretrained;
@@ -27,7 +30,6 @@ import argparse
 import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from longalign.storage import atomic_dir, write_json_atomic
@@ -38,6 +40,7 @@ HAYSTACK_SEED_OFFSET = 7919  # the needle test's filler comes from seed + this (
 DEFAULT_NUM_LONG = 1200
 DEFAULT_NUM_SHORT = 1200
 DEFAULT_VOCAB_SIZE = 1024
+DEFAULT_MIX = "base"  # the short-task mix (SHORT_MIXES); scripts/demo.sh picks its own
 DEFAULT_LONG_WORDS = (150, 1600)  # filler words per long example (log-uniform): ~200 to ~2000 tokens
 HAYSTACK_FILES = 4
 HAYSTACK_WORDS = 3000  # per haystack file
@@ -234,11 +237,34 @@ def _filler_words() -> tuple[str, ...]:
     return tuple(dict.fromkeys(_ADJECTIVES + _NOUNS + _VERBS + _PAST_VERBS + _PREPOSITIONS + _TIMES))
 
 
-def _copy_words(rng: random.Random) -> list[tuple[str, str]]:
-    words = " ".join(rng.sample(_filler_words(), rng.randint(8, 40)))
+def _copy_words(rng: random.Random, fewest: int = 8, most: int = 40) -> list[tuple[str, str]]:
+    words = " ".join(rng.sample(_filler_words(), rng.randint(fewest, most)))
     return [(f"Copy these words exactly:\n{words}", words),
             ("Once more.", words),
             ("How many words was that?", f"That was {len(words.split())} words.")]
+
+
+def _copy_few_words(rng: random.Random) -> list[tuple[str, str]]:
+    return _copy_words(rng, 4, 16)
+
+
+def _activity_words() -> tuple[str, ...]:
+    phrases = _ACTIVITY_VERBS + _ACTIVITY_ADJECTIVES + _ACTIVITY_OBJECTS + _ACTIVITY_SECOND + _PLACE_WORDS + _WEATHER
+    return tuple(dict.fromkeys(w for phrase in phrases for w in phrase.split()))
+
+
+def _copy_items(rng: random.Random) -> list[tuple[str, str]]:
+    """4-16 items to copy, each a filler word, a made-up name, a code or a needle activity word."""
+    pools = (_filler_words(), _activity_words())
+    items = []
+    for _ in range(rng.randint(4, 16)):
+        kind = rng.random()
+        items.append(rng.choice(pools[0]) if kind < 0.4 else rng.choice(pools[1]) if kind < 0.6
+                     else name(rng, rng.randint(1, 3)) if kind < 0.85 else _code(rng))
+    text = " ".join(items)
+    return [(f"Copy these words exactly:\n{text}", text),
+            ("Once more.", text),
+            ("How many words was that?", f"That was {len(items)} words.")]
 
 
 def _repeat_passage(rng: random.Random) -> list[tuple[str, str]]:
@@ -251,7 +277,9 @@ def _repeat_passage(rng: random.Random) -> list[tuple[str, str]]:
 # In turn; copying-heavy (7 of 11: what retrieval needs), the rest counting, tables, spelling, Chinese.
 SHORT_TOPICS = (_copy_names, _copy_codes, _repeat, _count, _copy_names, _spell, _copy_codes, _table,
                 _copy_names, _repeat, _chinese)
-SHORT_MIXES = {"base": SHORT_TOPICS, "only_words": (_copy_words,),
+SHORT_MIXES = {"base": SHORT_TOPICS, "only_words": (_copy_words,), "few_words": (_copy_few_words,),
+               "few_words_passages": (_copy_few_words, _repeat_passage), "items": (_copy_items,),
+               "few_words_base": tuple(t for topic in SHORT_TOPICS for t in (_copy_few_words, topic)),
                "copy2": (_copy_words, _repeat_passage, _copy_words, _copy_names, _count, _copy_words,
                          _repeat_passage, _copy_codes, _table, _copy_words, _spell, _repeat, _chinese),
                "words": (_copy_words, _repeat_passage) + SHORT_TOPICS,
@@ -307,23 +335,18 @@ def tokenizer_corpus(rows: list[dict]) -> list[str]:
     return texts
 
 
-@dataclass
-class DemoDataConfig:
-    seed: int = DEFAULT_SEED
-    num_long: int = DEFAULT_NUM_LONG
-    num_short: int = DEFAULT_NUM_SHORT
-    vocab_size: int = DEFAULT_VOCAB_SIZE
-    long_words: tuple[int, int] = DEFAULT_LONG_WORDS
-
-
 def write_demo_data(out_dir: str | Path, seed: int = DEFAULT_SEED, num_long: int = DEFAULT_NUM_LONG,
                     num_short: int = DEFAULT_NUM_SHORT, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                    long_words: tuple[int, int] = DEFAULT_LONG_WORDS) -> dict:
-    """Generate everything into `out_dir` (replaced atomically); return the stats."""
+                    long_words: tuple[int, int] = DEFAULT_LONG_WORDS, mix: str = DEFAULT_MIX) -> dict:
+    """Generate everything into `out_dir` (replaced atomically); return the stats. `mix` names
+    the short-task mix (`SHORT_MIXES`)."""
     from longalign.tiny_tokenizer import train_tiny_tokenizer
 
+    if mix not in SHORT_MIXES:
+        raise ValueError(f"unknown short-task mix {mix!r}; known: {sorted(SHORT_MIXES)}")
     rng = random.Random(seed)
-    long_rows, short_rows = generate_long(rng, num_long, long_words), generate_short(rng, num_short)
+    long_rows = generate_long(rng, num_long, long_words)
+    short_rows = generate_short(rng, num_short, SHORT_MIXES[mix])
     haystack = generate_haystack(seed)
     with atomic_dir(out_dir, stage="demo_data", overwrite=True) as tmp:  # --out is replaced whole
         for file_name, rows in (("long.jsonl", long_rows), ("sharegpt.jsonl", short_rows)):
@@ -334,7 +357,8 @@ def write_demo_data(out_dir: str | Path, seed: int = DEFAULT_SEED, num_long: int
             (tmp / "haystack" / f"essay{index:02d}.txt").write_text(text, encoding="utf-8")
         train_tiny_tokenizer(tokenizer_corpus(long_rows + short_rows), tmp / "tokenizer", vocab_size)
         stats = {"seed": seed, "haystack_seed": seed + HAYSTACK_SEED_OFFSET, "long_rows": len(long_rows),
-                 "short_rows": len(short_rows), "vocab_size": vocab_size, "long_words": list(long_words),
+                 "short_rows": len(short_rows), "short_mix": mix, "vocab_size": vocab_size,
+                 "long_words": list(long_words),
                  "long_chars": sum(len(r["messages"][0]["content"]) for r in long_rows),
                  "short_chars": sum(len(m["content"]) for r in short_rows for m in r["messages"]),
                  "haystack_files": len(haystack),
@@ -352,6 +376,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num_long", type=int, default=DEFAULT_NUM_LONG)
     parser.add_argument("--num_short", type=int, default=DEFAULT_NUM_SHORT)
     parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE)
+    parser.add_argument("--mix", default=DEFAULT_MIX, choices=sorted(SHORT_MIXES), help="short-task mix (SHORT_MIXES)")
     parser.add_argument("--long_words", type=int, nargs=2, default=list(DEFAULT_LONG_WORDS),
                         metavar=("MIN", "MAX"), help="filler words per long example (log-uniform)")
     args = parser.parse_args(argv)
@@ -361,7 +386,7 @@ def main(argv=None) -> None:
     if not 1 <= args.long_words[0] <= args.long_words[1]:
         parser.error("--long_words needs 1 <= MIN <= MAX")
     stats = write_demo_data(args.out, args.seed, args.num_long, args.num_short, args.vocab_size,
-                            tuple(args.long_words))
+                            tuple(args.long_words), args.mix)
     print(json.dumps({"out": args.out, **stats}))
 
 

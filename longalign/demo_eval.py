@@ -15,8 +15,13 @@ Scoring: the reply is generated greedily (`model.generate`, do_sample=False, thr
 most answer tokens + EXTRA_NEW_TOKENS new tokens; it is correct when, stripped of special tokens and surrounding whitespace, it equals the
 reference answer exactly.
 
+Short tasks (--short_examples, default 20): the first round of held-out chats of the training
+data's short-task mix (stats.json `short_mix`, `longalign.demo_data.SHORT_MIXES`), same seed,
+scored the same way. A round whose question or answer is a training message is skipped and
+counted (formulaic rounds recur), never scored.
+
 Output JSON: accuracy, per task {correct, total, accuracy}, the settings, the disjointness check
-and every example's prediction.
+and every example's prediction; under "short" the same for the short tasks.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from typing import Iterable, Sequence
 
 from longalign.collators import COUNTS_KEY, PackCollator, segment_ids
 from longalign.constants import IGNORE_INDEX
-from longalign.demo_data import DEFAULT_SEED, LONG_TASKS
+from longalign.demo_data import DEFAULT_MIX, DEFAULT_SEED, LONG_TASKS, SHORT_MIXES
 from longalign.generation import GenerationSettings, LocalModel, encode_text
 from longalign.loss import shift_targets
 from longalign.packing import cu_seqlens_values, greedy_pack
@@ -39,6 +44,8 @@ from longalign.storage import write_json_atomic
 EVAL_SEED_OFFSET = 4444  # held-out examples: the data seed + this
 DEFAULT_CONTEXT_TOKENS = 2048
 DEFAULT_PER_TASK = 20
+DEFAULT_SHORT_EXAMPLES = 20
+SHORT_ATTEMPTS_PER_EXAMPLE = 10  # candidates drawn per wanted short example before giving up
 EXTRA_NEW_TOKENS = 4  # generation may run this far past the reference length (a longer reply is wrong)
 SIZE_TOLERANCE = 0.1  # a sized query has between (1 - this) x and 1 x the requested tokens ...
 MIN_SIZE_SLACK = 40  # ... or at least this many tokens of slack (a filler sentence is ~14 tokens)
@@ -98,6 +105,25 @@ def held_out_examples(tokenizer, context_tokens: int, per_task: int, seed: int,
         raise ValueError(f"unknown tasks {sorted(unknown)}; known: {sorted(LONG_TASKS)}")
     return [sized_example(task, f"{seed}-{task}-{index}", tokenizer, context_tokens)
             for task in tasks for index in range(per_task)]
+
+
+def held_out_short_examples(tokenizer, mix: str, count: int, seed: int,
+                            texts: Sequence[str]) -> tuple[list[RetrievalExample], int]:
+    """(`count` first rounds of `mix`'s short chats drawn from `seed` that are not training
+    messages, how many candidates were skipped because their question or answer is one)."""
+    topics, rng, seen = SHORT_MIXES[mix], random.Random(seed), set(texts)
+    examples, skipped = [], 0
+    for index in range(count * SHORT_ATTEMPTS_PER_EXAMPLE):
+        if len(examples) == count:
+            break
+        question, answer = topics[index % len(topics)](rng)[0]
+        if question in seen or answer in seen:
+            skipped += 1
+            continue
+        examples.append(RetrievalExample("short", question, answer, len(encode_text(tokenizer, question))))
+    if len(examples) < count:
+        raise ValueError(f"only {len(examples)} of {count} held-out short examples are not training messages")
+    return examples, skipped
 
 
 def training_texts(raw_dir: str | Path) -> list[str]:
@@ -186,22 +212,31 @@ def teacher_forced_scores(model, rows: Sequence[tuple[list[int], list[int]]], ma
 
 
 def evaluate_model(model_dir: str, raw_dir: str, context_tokens: int = DEFAULT_CONTEXT_TOKENS,
-                   per_task: int = DEFAULT_PER_TASK, seed: int | None = None) -> dict:
+                   per_task: int = DEFAULT_PER_TASK, seed: int | None = None,
+                   short_examples: int = DEFAULT_SHORT_EXAMPLES) -> dict:
     """Load the model, build and check the held-out examples, score them; return the report."""
     started = time.perf_counter()
-    data_seed = json.loads((Path(raw_dir) / "stats.json").read_text())["seed"]
+    data_stats = json.loads((Path(raw_dir) / "stats.json").read_text())
+    data_seed, mix = data_stats["seed"], data_stats.get("short_mix", DEFAULT_MIX)
     seed = held_out_seed(data_seed) if seed is None else seed
     if seed == data_seed:
         raise ValueError(f"--seed {seed} is the training data's seed: held-out examples need another")
     candidate = LocalModel(str(model_dir), device="cpu")
-    examples = held_out_examples(candidate.tokenizer, context_tokens, per_task, seed)
-    disjoint = check_disjoint(examples, training_texts(raw_dir))
+    examples, texts = held_out_examples(candidate.tokenizer, context_tokens, per_task, seed), training_texts(raw_dir)
+    disjoint = check_disjoint(examples, texts)
     scores = score_examples(candidate, examples)
+    short, skipped = held_out_short_examples(candidate.tokenizer, mix, short_examples, seed, texts)
     lengths = [e.query_tokens for e in examples]
     return {"model": str(model_dir), "chat_format": candidate.chat_format.name, "seed": seed, "data_seed": data_seed,
             "context_tokens": context_tokens, "per_task": per_task,
             "query_tokens": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)},
-            "disjoint": disjoint, **scores, "seconds": time.perf_counter() - started}
+            "disjoint": disjoint, **scores,
+            "short": {"mix": mix, "skipped_seen_in_training": skipped, **score_examples(candidate, short)},
+            "seconds": time.perf_counter() - started}
+
+
+def _accuracy_text(scores: dict) -> str:
+    return "none scored" if scores["accuracy"] is None else f"{scores['accuracy']:.1%}"
 
 
 def main(argv=None) -> dict:
@@ -212,14 +247,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--context_tokens", type=int, default=DEFAULT_CONTEXT_TOKENS)
     parser.add_argument("--per_task", type=int, default=DEFAULT_PER_TASK)
     parser.add_argument("--seed", type=int, default=None, help="default: the data seed + EVAL_SEED_OFFSET")
+    parser.add_argument("--short_examples", type=int, default=DEFAULT_SHORT_EXAMPLES,
+                        help="held-out short-task rounds to score (0: none)")
     args = parser.parse_args(argv)
-    if args.context_tokens < 1 or args.per_task < 1:
-        parser.error("--context_tokens and --per_task must be >= 1")
-    report = evaluate_model(args.model, args.raw, args.context_tokens, args.per_task, args.seed)
+    if args.context_tokens < 1 or args.per_task < 1 or args.short_examples < 0:
+        parser.error("--context_tokens and --per_task must be >= 1, --short_examples >= 0")
+    report = evaluate_model(args.model, args.raw, args.context_tokens, args.per_task, args.seed, args.short_examples)
     write_json_atomic(args.out, report)
     tasks = ", ".join(f"{t} {c['correct']}/{c['total']}" for t, c in report["per_task"].items())
     print(f"[demo_eval] {args.model}: exact match {report['accuracy']:.1%} ({tasks}) at "
-          f"{report['query_tokens']['min']}-{report['query_tokens']['max']} query tokens -> {args.out}")
+          f"{report['query_tokens']['min']}-{report['query_tokens']['max']} query tokens; short tasks "
+          f"{_accuracy_text(report['short'])} -> {args.out}")
     return report
 
 

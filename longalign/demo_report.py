@@ -1,4 +1,4 @@
-"""The table that ends `make demo`: time per stage, tokens trained, loss, retrieval, needle.
+"""The table that ends `make demo`: time per stage, tokens trained, loss, retrieval, short tasks, needle.
 
     python -m longalign.demo_report --out data/demo --times data/demo/stage_times.tsv
     python -m longalign.demo_report --loss data/demo/model/trainer_state.json   # one line, after training
@@ -73,12 +73,19 @@ def build_summary(out_dir: str | Path, stage_times: list[tuple[str, float]]) -> 
                           "query_tokens": trained["query_tokens"], "examples": len(trained["examples"]),
                           "untrained": untrained["accuracy"], "trained": trained["accuracy"],
                           "untrained_per_task": untrained["per_task"], "trained_per_task": trained["per_task"]},
+            "short": {"mix": trained["short"]["mix"], "examples": len(trained["short"]["examples"]),
+                      "untrained": untrained["short"]["accuracy"], "trained": trained["short"]["accuracy"],
+                      "skipped_seen_in_training": trained["short"]["skipped_seen_in_training"]},
             "needle": {"mean_score": needle["mean_score"], "scored": needle["scored"],
                        "heatmap": str(out_dir / NEEDLE_HEATMAP)}}
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def markdown(summary: dict) -> str:
-    t, r, n = summary["training"], summary["retrieval"], summary["needle"]
+    t, r, n, s = summary["training"], summary["retrieval"], summary["needle"], summary["short"]
     per_task = ", ".join(f"{task} {c['correct']}/{c['total']}" for task, c in r["trained_per_task"].items())
     lines = ["| stage | seconds |", "|---|---|"]
     lines += [f"| {s['stage']} | {s['seconds']:.0f} |" for s in summary["stages"]]
@@ -90,6 +97,8 @@ def markdown(summary: dict) -> str:
               f"| held-out retrieval exact match, untrained -> trained | {r['untrained']:.0%} -> "
               f"**{r['trained']:.0%}** ({per_task}; {r['query_tokens']['min']}-{r['query_tokens']['max']} "
               f"query tokens) |",
+              f"| held-out short tasks exact match, untrained -> trained | {_percent(s['untrained'])} -> "
+              f"**{_percent(s['trained'])}** ({s['examples']} first rounds of mix {s['mix']}) |",
               f"| needle test mean score (1-10), trained | **{n['mean_score']:.1f}** over {n['scored']} prompts |",
               f"| needle heatmap | {n['heatmap']} |",
               f"| load average (1, 5, 15 min) at the end | "

@@ -10,18 +10,26 @@
 #   DEMO_LOG_STEPS=10     log the loss every this many steps
 #   DEMO_LR=...           peak learning rate (cosine decay after DEMO_WARMUP steps)
 #   DEMO_EVAL_PER_TASK=20 held-out retrieval examples per task (needle, key-value)
-#   DEMO_NUM_LONG, DEMO_NUM_SHORT  examples generated (default: longalign/demo_data.py's)
+#   DEMO_EVAL_SHORT=20    held-out short-task rounds scored
+#   DEMO_NUM_LONG, DEMO_NUM_SHORT, DEMO_LONG_WORDS="MIN MAX", DEMO_VOCAB, DEMO_MIX  the demo data
+#                         (longalign/demo_data.py; defaults below, chosen in BENCHMARKS.md section 11)
 #   HAYSTACK=DIR          needle-test essays (*.txt); default: the demo's own held-out filler text
 #   PY=.venv/bin/python
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PY=${PY:-.venv/bin/python}
 OUT=${OUT:-data/demo}
-DEMO_STEPS=${DEMO_STEPS:-700}
+DEMO_STEPS=${DEMO_STEPS:-2600}
 DEMO_LOG_STEPS=${DEMO_LOG_STEPS:-10}
 DEMO_LR=${DEMO_LR:-3e-3}
 DEMO_WARMUP=${DEMO_WARMUP:-20}
 DEMO_EVAL_PER_TASK=${DEMO_EVAL_PER_TASK:-20}
+DEMO_EVAL_SHORT=${DEMO_EVAL_SHORT:-20}
+DEMO_NUM_LONG=${DEMO_NUM_LONG:-1200}
+DEMO_NUM_SHORT=${DEMO_NUM_SHORT:-12000}    # short chats: about half the tokens, where copying is learned
+DEMO_LONG_WORDS=${DEMO_LONG_WORDS:-50 720}  # filler words per long example: ~150 to ~2300 tokens
+DEMO_VOCAB=${DEMO_VOCAB:-384}              # a small BPE: the copy forms within the budget (section 11)
+DEMO_MIX=${DEMO_MIX:-few_words}            # short chats: copy 4-16 distinct words, again, count them
 MAX_LENGTH=2304      # tokens per example and per pack: the longest query (2048) + answer + template
 CONTEXT_TOKENS=2048  # the demo's longest context: held-out retrieval queries are sized to it
 RAW=$OUT/raw
@@ -58,10 +66,9 @@ mkdir -p "$OUT"
 rm -f "$TIMES.tmp"
 
 stage data "1/8 demo data + tokenizer -> $RAW"
-DATA_ARGS=()
-if [ -n "${DEMO_NUM_LONG:-}" ]; then DATA_ARGS+=(--num_long "$DEMO_NUM_LONG"); fi
-if [ -n "${DEMO_NUM_SHORT:-}" ]; then DATA_ARGS+=(--num_short "$DEMO_NUM_SHORT"); fi
-$PY -m longalign.demo_data --out "$RAW" "${DATA_ARGS[@]}"
+read -r LONG_MIN LONG_MAX <<< "$DEMO_LONG_WORDS"
+$PY -m longalign.demo_data --out "$RAW" --num_long "$DEMO_NUM_LONG" --num_short "$DEMO_NUM_SHORT" \
+    --long_words "$LONG_MIN" "$LONG_MAX" --vocab_size "$DEMO_VOCAB" --mix "$DEMO_MIX"
 STATS+=("$RAW/stats.json")
 
 stage pre_tokenize "2/8 pre_tokenize (llama template) -> $DATA"
@@ -81,7 +88,7 @@ STATS+=("$OUT/model_init/stats.json")
 
 stage eval_untrained "5/8 held-out retrieval, untrained model -> $OUT/eval/untrained.json"
 $PY -m longalign.demo_eval --model "$OUT/model_init" --raw "$RAW" --out "$OUT/eval/untrained.json" \
-    --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK"
+    --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK" --short_examples "$DEMO_EVAL_SHORT"
 STATS+=("$OUT/eval/untrained.json")
 
 stage train "6/8 train.py --batch_method pack --pack_loss, $DEMO_STEPS steps on CPU -> $OUT/model"
@@ -98,7 +105,7 @@ echo "[demo] trained model saved to $OUT/model"
 
 stage eval_trained "7/8 held-out retrieval, trained model -> $OUT/eval/trained.json"
 $PY -m longalign.demo_eval --model "$OUT/model" --raw "$RAW" --out "$OUT/eval/trained.json" \
-    --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK"
+    --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK" --short_examples "$DEMO_EVAL_SHORT"
 STATS+=("$OUT/eval/trained.json")
 
 stage needle "8/8 needle test of the trained model (haystack $HAYSTACK) -> $OUT/needle"

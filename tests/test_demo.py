@@ -110,8 +110,9 @@ def test_demo_held_out_retrieval_reports(demo):
         assert report["disjoint"]["overlaps"] == 0 and report["seed"] != report["data_seed"]
         assert set(report["per_task"]) == {"needle", "kv"} and len(report["examples"]) == 4
         assert report["query_tokens"]["max"] <= report["context_tokens"] == 2048
+        assert report["short"]["mix"] == "few_words" and len(report["short"]["examples"]) == 20
     untrained = json.loads((out / "eval/untrained.json").read_text())
-    assert untrained["accuracy"] == 0.0  # a random model copies nothing
+    assert untrained["accuracy"] == untrained["short"]["accuracy"] == 0.0  # a random model copies nothing
 
 
 def test_demo_summary_table(demo):
@@ -123,6 +124,7 @@ def test_demo_summary_table(demo):
     assert summary["training"]["loss_first"] == state["log_history"][0]["loss"]
     table = (out / "summary.md").read_text()
     assert table in stdout and "held-out retrieval exact match" in table and "needle test mean score" in table
+    assert "held-out short tasks exact match" in table and summary["short"]["mix"] == "few_words"
     assert printed(stdout, "[demo] summary:") == [f"{out / 'summary.md'}, {out / 'summary.json'}"]
 
 
@@ -196,6 +198,8 @@ def test_demo_report_tokens_and_table():
                       "load_average": [1.0, 2.0, 3.0], "training": summary,
                       "retrieval": {"untrained": 0.0, "trained": 0.9, "trained_per_task": per_task,
                                     "query_tokens": {"min": 1900, "max": 2048}},
+                      "short": {"mix": "few_words", "examples": 20, "untrained": 0.0, "trained": 0.55},
                       "needle": {"mean_score": 7.5, "scored": 20, "heatmap": "h.png"}})
     assert "| train | 12 |" in table and "0% -> **90%** (needle 9/10" in table and "**7.5**" in table
+    assert "0% -> **55%** (20 first rounds of mix few_words)" in table
     assert "2,000 in 30 steps" in table and "5.000 (step 10) -> 1.000 (step 30)" in table

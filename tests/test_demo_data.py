@@ -90,3 +90,44 @@ def test_short_mixes_cycle_their_topics_and_base_is_the_default():
             assert roles == ["user", "assistant"] * (len(roles) // 2) and roles, name
             assert all(m["content"].strip() for m in row["messages"]), name
     assert _copy_words in SHORT_MIXES["copy2"]
+
+
+def test_copy_few_words_and_items_copy_what_they_were_given():
+    from longalign.demo_data import _copy_few_words, _copy_items
+    for seed in range(20):
+        for topic, fewest in ((_copy_few_words, 4), (_copy_items, 4)):
+            rounds = topic(random.Random(seed))
+            question, answer = rounds[0]
+            assert question == "Copy these words exactly:\n" + answer and rounds[1][1] == answer
+            assert 16 >= len(answer.split()) >= fewest
+            assert rounds[2][1] == f"That was {len(answer.split())} words."
+            assert not any(word.lower() in answer.lower() for word in NEEDLE_TEST_WORDS)
+        assert len(set(_copy_few_words(random.Random(seed))[0][1].split())) == len(
+            _copy_few_words(random.Random(seed))[0][1].split())  # distinct words
+
+
+def test_write_demo_data_takes_a_short_mix(tmp_path):
+    import pytest
+
+    stats = write_demo_data(tmp_path / "raw", seed=3, num_long=2, num_short=10, vocab_size=400, mix="few_words")
+    rows = read_jsonl(tmp_path / "raw" / "sharegpt.jsonl").rows
+    assert stats["short_mix"] == "few_words" and len(rows) == 10
+    assert all(r.rounds[0][0].startswith("Copy these words exactly:\n") for r in rows)
+    with pytest.raises(ValueError, match="unknown short-task mix"):
+        write_demo_data(tmp_path / "raw2", seed=3, num_long=1, num_short=1, vocab_size=400, mix="nope")
+    assert not (tmp_path / "raw2").exists()
+
+
+def test_observed_alphabet_tokenizer_has_only_the_bytes_it_saw(tmp_path):
+    import pytest
+
+    from longalign.tiny_tokenizer import train_tiny_tokenizer
+    texts = ["the quiet river and the green garden"] * 50
+    full = train_tiny_tokenizer(texts, tmp_path / "bytes", vocab_size=300)
+    seen = train_tiny_tokenizer(texts, tmp_path / "observed", vocab_size=300, alphabet="observed")
+    assert len(full) > 256 > len(seen)  # no ids for bytes the corpus never had
+    ids = seen("the river", add_special_tokens=False)["input_ids"]
+    assert seen.decode(ids) == "the river" and seen.unk_token_id not in ids
+    assert seen.unk_token_id in seen("the zebra", add_special_tokens=False)["input_ids"]  # z, b: never seen
+    with pytest.raises(ValueError, match="alphabet must be one of"):
+        train_tiny_tokenizer(texts, tmp_path / "x", alphabet="latin")

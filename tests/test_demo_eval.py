@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from longalign.demo_data import write_demo_data
-from longalign.demo_eval import (RetrievalExample, check_disjoint, evaluate_model, size_window,
-                                 held_out_examples, score_examples, training_texts)
+from longalign.demo_eval import (RetrievalExample, check_disjoint, evaluate_model, held_out_short_examples,
+                                 size_window, held_out_examples, score_examples, training_texts)
 from longalign.generation import Candidate, encode_text
 from longalign.tiny_model import TinyShape, save_tiny_model
 
@@ -52,6 +52,21 @@ def test_disjointness_is_checked_against_every_training_message(raw, tokenizer):
         check_disjoint(examples, texts + [examples[0].query])
 
 
+def test_held_out_short_examples_skip_and_count_training_messages(raw, tokenizer):
+    texts = training_texts(raw)
+    examples, skipped = held_out_short_examples(tokenizer, "few_words", 6, 11, texts)
+    assert skipped == 0 and len(examples) == 6 and {e.task for e in examples} == {"short"}
+    for e in examples:
+        assert e.query == "Copy these words exactly:\n" + e.answer  # few_words: the first round copies
+        assert e.query_tokens == len(encode_text(tokenizer, e.query))
+    assert examples == held_out_short_examples(tokenizer, "few_words", 6, 11, texts)[0]
+    again, skipped = held_out_short_examples(tokenizer, "few_words", 5, 11, texts + [examples[0].answer])
+    assert skipped == 1 and again == examples[1:]  # a round seen in training is skipped and counted
+    first_ten = [e.answer for e in held_out_short_examples(tokenizer, "few_words", 10, 11, texts)[0]]
+    with pytest.raises(ValueError, match="only 0 of 1 held-out short examples"):  # 10 candidates, all seen
+        held_out_short_examples(tokenizer, "few_words", 1, 11, texts + first_ten)
+
+
 class ScriptedCandidate(Candidate):
     """A stand-in for a model under evaluation: replies from a script, settings recorded."""
 
@@ -85,6 +100,8 @@ def test_evaluate_model_end_to_end_on_an_untrained_model(raw, tmp_path):
     assert report["accuracy"] == 0.0 and len(report["examples"]) == 4  # random weights retrieve nothing
     assert report["seed"] != report["data_seed"] == json.loads((raw / "stats.json").read_text())["seed"]
     assert report["disjoint"]["overlaps"] == 0
+    assert report["short"]["mix"] == "base" and len(report["short"]["examples"]) == 20  # the raw data's mix
+    assert report["short"]["accuracy"] == 0.0
     with pytest.raises(ValueError, match="training data's seed"):
         evaluate_model(str(tmp_path / "m"), str(raw), CONTEXT, 1, seed=report["data_seed"])
 
