@@ -267,6 +267,15 @@ def _copy_items(rng: random.Random) -> list[tuple[str, str]]:
             ("How many words was that?", f"That was {len(items)} words.")]
 
 
+def _copy_marked_words(rng: random.Random) -> list[tuple[str, str]]:
+    """`_copy_few_words` with the list between filler passages: copied by finding it, not by place."""
+    words = " ".join(rng.sample(_filler_words(), rng.randint(4, 16)))
+    before, after = (" ".join(filler(rng, rng.randint(0, 60))) for _ in range(2))
+    return [(f"{before}\nWords: {words}\n{after}\nCopy the words exactly.", words),
+            ("Once more.", words),
+            ("How many words was that?", f"That was {len(words.split())} words.")]
+
+
 def _repeat_passage(rng: random.Random) -> list[tuple[str, str]]:
     passage = " ".join(filler(rng, rng.randint(20, 80)))
     return [(f"Repeat this passage word for word:\n{passage}", passage),
@@ -278,7 +287,7 @@ def _repeat_passage(rng: random.Random) -> list[tuple[str, str]]:
 SHORT_TOPICS = (_copy_names, _copy_codes, _repeat, _count, _copy_names, _spell, _copy_codes, _table,
                 _copy_names, _repeat, _chinese)
 SHORT_MIXES = {"base": SHORT_TOPICS, "only_words": (_copy_words,), "few_words": (_copy_few_words,),
-               "few_words_passages": (_copy_few_words, _repeat_passage), "items": (_copy_items,),
+               "few_words_passages": (_copy_few_words, _repeat_passage), "items": (_copy_items,), "marked_words": (_copy_few_words, _copy_marked_words),
                "few_words_base": tuple(t for topic in SHORT_TOPICS for t in (_copy_few_words, topic)),
                "copy2": (_copy_words, _repeat_passage, _copy_words, _copy_names, _count, _copy_words,
                          _repeat_passage, _copy_codes, _table, _copy_words, _spell, _repeat, _chinese),

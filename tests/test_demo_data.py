@@ -93,7 +93,7 @@ def test_short_mixes_cycle_their_topics_and_base_is_the_default():
 
 
 def test_copy_few_words_and_items_copy_what_they_were_given():
-    from longalign.demo_data import _copy_few_words, _copy_items
+    from longalign.demo_data import _copy_few_words, _copy_items, _copy_marked_words
     for seed in range(20):
         for topic, fewest in ((_copy_few_words, 4), (_copy_items, 4)):
             rounds = topic(random.Random(seed))
@@ -102,6 +102,8 @@ def test_copy_few_words_and_items_copy_what_they_were_given():
             assert 16 >= len(answer.split()) >= fewest
             assert rounds[2][1] == f"That was {len(answer.split())} words."
             assert not any(word.lower() in answer.lower() for word in NEEDLE_TEST_WORDS)
+        question, answer = _copy_marked_words(random.Random(seed))[0]
+        assert f"\nWords: {answer}\n" in question and question.endswith("\nCopy the words exactly.")
         assert len(set(_copy_few_words(random.Random(seed))[0][1].split())) == len(
             _copy_few_words(random.Random(seed))[0][1].split())  # distinct words
 
