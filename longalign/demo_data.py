@@ -287,7 +287,8 @@ def _repeat_passage(rng: random.Random) -> list[tuple[str, str]]:
 SHORT_TOPICS = (_copy_names, _copy_codes, _repeat, _count, _copy_names, _spell, _copy_codes, _table,
                 _copy_names, _repeat, _chinese)
 SHORT_MIXES = {"base": SHORT_TOPICS, "only_words": (_copy_words,), "few_words": (_copy_few_words,),
-               "few_words_passages": (_copy_few_words, _repeat_passage), "items": (_copy_items,), "marked_words": (_copy_few_words, _copy_marked_words),
+               "few_words_passages": (_copy_few_words, _repeat_passage), "items": (_copy_items,),
+               "marked_words": (_copy_few_words, _copy_marked_words),
                "few_words_base": tuple(t for topic in SHORT_TOPICS for t in (_copy_few_words, topic)),
                "copy2": (_copy_words, _repeat_passage, _copy_words, _copy_names, _count, _copy_words,
                          _repeat_passage, _copy_codes, _table, _copy_words, _spell, _repeat, _chinese),

@@ -85,7 +85,7 @@ def _percent(value: float | None) -> str:
 
 
 def markdown(summary: dict) -> str:
-    t, r, n, s = summary["training"], summary["retrieval"], summary["needle"], summary["short"]
+    t, r, n, short = summary["training"], summary["retrieval"], summary["needle"], summary["short"]
     per_task = ", ".join(f"{task} {c['correct']}/{c['total']}" for task, c in r["trained_per_task"].items())
     lines = ["| stage | seconds |", "|---|---|"]
     lines += [f"| {s['stage']} | {s['seconds']:.0f} |" for s in summary["stages"]]
@@ -97,8 +97,8 @@ def markdown(summary: dict) -> str:
               f"| held-out retrieval exact match, untrained -> trained | {r['untrained']:.0%} -> "
               f"**{r['trained']:.0%}** ({per_task}; {r['query_tokens']['min']}-{r['query_tokens']['max']} "
               f"query tokens) |",
-              f"| held-out short tasks exact match, untrained -> trained | {_percent(s['untrained'])} -> "
-              f"**{_percent(s['trained'])}** ({s['examples']} first rounds of mix {s['mix']}) |",
+              f"| held-out short tasks exact match, untrained -> trained | {_percent(short['untrained'])} -> "
+              f"**{_percent(short['trained'])}** ({short['examples']} first rounds of mix {short['mix']}) |",
               f"| needle test mean score (1-10), trained | **{n['mean_score']:.1f}** over {n['scored']} prompts |",
               f"| needle heatmap | {n['heatmap']} |",
               f"| load average (1, 5, 15 min) at the end | "

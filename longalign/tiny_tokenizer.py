@@ -5,8 +5,8 @@ text they use. Byte-level BPE encodes any string (Chinese template words include
 it back exactly. Like Llama-2's, it adds BOS at the start of an encoding and has an EOS token.
 
 `alphabet="observed"` starts the BPE from the bytes that occur in `texts` instead of all 256, so
-a small vocabulary holds no ids that never occur (the demo's choice: see longalign/demo_data.py).
-A byte it never saw then encodes as <unk>: such a tokenizer is only for text like its corpus.
+a small vocabulary holds no ids that never occur (bench/demo_sweep.py tries it; the demo keeps all
+256). A byte it never saw then encodes as <unk>: such a tokenizer is only for text like its corpus.
 """
 from __future__ import annotations
 
