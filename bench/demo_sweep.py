@@ -1,13 +1,14 @@
 """Design search for the offline demo: which data mix, tokenizer, model and schedule learn retrieval.
 
-    python bench/demo_sweep.py --configs bench/demo_sweep_configs.json --out sweep.jsonl --parallel 8
+    python bench/demo_sweep.py --configs bench/measured/h200_session7/sweep4_configs.json --out sweep.jsonl --parallel 8
 
 Each config (a JSON object; keys and defaults in `DEFAULTS`) generates its own demo data
 (`longalign.demo_data`, the config's short-task mix and vocabulary), trains a tiny random Llama on
 it with the demo's loss (packs of `max_tokens` tokens, 1/N_k weights, AdamW, cosine) for `tokens`
 training tokens, and every `eval_every` steps scores, by teacher forcing (exact == greedy exact
 match): the held-out retrieval examples of `longalign.demo_eval` at `context` tokens, and the
-needle test's own needle (San Francisco) in the demo's held-out haystack at 4 lengths x 5 depths.
+needle test's own needle and question (San Francisco, read from Needle_test/config-prompt.yaml)
+in the demo's held-out haystack at Needle_test/demo.sh's 4 lengths x 5 depths.
 One JSON line per evaluation goes to --out. This is the loop the demo's settings were chosen with;
 the demo itself trains with train.py (scripts/demo.sh).
 """
@@ -21,6 +22,7 @@ import random
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 DEFAULTS = {"name": "base", "seed": 0, "data_seed": 1234, "vocab": 1024, "alphabet": "bytes", "mix": "base",
             "num_long": 1200, "num_short": 1200, "long_words": [150, 1600],
@@ -28,8 +30,7 @@ DEFAULTS = {"name": "base", "seed": 0, "data_seed": 1234, "vocab": 1024, "alphab
             "attn_bias": False, "rope_theta": 10000.0,
             "lr": 3e-3, "warmup": 20, "tokens": 1_600_000, "max_tokens": 2304, "eval_every": 200,
             "context": 2048, "eval_per_task": 16, "device": "cuda", "threads": 2}
-NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
-NEEDLE_QUESTION = "What is the best thing to do in San Francisco? Here is the most relevant sentence in the context:"
+NEEDLE_CONFIG = Path(__file__).resolve().parents[1] / "Needle_test" / "config-prompt.yaml"
 NEEDLE_LENGTHS = (256, 853, 1450, 2048)
 NEEDLE_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 NEEDLE_BUFFER = 100
@@ -55,6 +56,13 @@ def make_data(cfg: dict, tmp: str):
     return tok, long_rows, short_rows
 
 
+def needle_and_question() -> tuple[str, str]:
+    """The needle test's own needle (with its surrounding newlines) and retrieval question."""
+    from longalign.needle_test.needle import load_config
+    prompt = load_config(NEEDLE_CONFIG)["prompt"]
+    return prompt["needle"], prompt["retrieval_question"]
+
+
 def eval_sets(cfg: dict, tok, enc, training_texts: list[str]) -> tuple[dict, dict]:
     """(rows per evaluation set, disjointness report). A held-out retrieval example or San
     Francisco prompt that overlaps the training messages is an error (`demo_eval.check_disjoint`);
@@ -63,10 +71,11 @@ def eval_sets(cfg: dict, tok, enc, training_texts: list[str]) -> tuple[dict, dic
     from longalign.demo_eval import RetrievalExample, check_disjoint, held_out_examples, held_out_seed
     from longalign.needle_test.needle import haystack_ids, make_prompt, sentence_end_patterns
     examples = held_out_examples(tok, cfg["context"], cfg["eval_per_task"], held_out_seed(cfg["data_seed"]))
+    needle, question = needle_and_question()
     hay = haystack_ids(tok, "\n\n".join(D.generate_haystack(cfg["data_seed"])), max(NEEDLE_LENGTHS))
     ends = sentence_end_patterns(tok)
-    needles = [RetrievalExample("sf_needle", record["prompt"], NEEDLE, record["prompt_tokens"])
-               for record in (make_prompt(tok, hay, f"\n{NEEDLE}\n", NEEDLE_QUESTION, n, d, NEEDLE_BUFFER, ends)
+    needles = [RetrievalExample("sf_needle", record["prompt"], needle.strip(), record["prompt_tokens"])
+               for record in (make_prompt(tok, hay, needle, question, n, d, NEEDLE_BUFFER, ends)
                               for n in NEEDLE_LENGTHS for d in NEEDLE_DEPTHS)]
     disjoint = check_disjoint(examples + needles, training_texts)
     sets = {task: [e for e in examples + needles if e.task == task] for task in (*D.LONG_TASKS, "sf_needle")}

@@ -237,11 +237,15 @@ def _filler_words() -> tuple[str, ...]:
     return tuple(dict.fromkeys(_ADJECTIVES + _NOUNS + _VERBS + _PAST_VERBS + _PREPOSITIONS + _TIMES))
 
 
+def _copy_rounds(question: str, words: str) -> list[tuple[str, str]]:
+    """A copy chat: `question` answered with `words`, then once more, then their count."""
+    return [(question, words), ("Once more.", words),
+            ("How many words was that?", f"That was {len(words.split())} words.")]
+
+
 def _copy_words(rng: random.Random, fewest: int = 8, most: int = 40) -> list[tuple[str, str]]:
     words = " ".join(rng.sample(_filler_words(), rng.randint(fewest, most)))
-    return [(f"Copy these words exactly:\n{words}", words),
-            ("Once more.", words),
-            ("How many words was that?", f"That was {len(words.split())} words.")]
+    return _copy_rounds(f"Copy these words exactly:\n{words}", words)
 
 
 def _copy_few_words(rng: random.Random) -> list[tuple[str, str]]:
@@ -261,19 +265,15 @@ def _copy_items(rng: random.Random) -> list[tuple[str, str]]:
         kind = rng.random()
         items.append(rng.choice(pools[0]) if kind < 0.4 else rng.choice(pools[1]) if kind < 0.6
                      else name(rng, rng.randint(1, 3)) if kind < 0.85 else _code(rng))
-    text = " ".join(items)
-    return [(f"Copy these words exactly:\n{text}", text),
-            ("Once more.", text),
-            ("How many words was that?", f"That was {len(items)} words.")]
+    text = " ".join(items)  # every item is one word
+    return _copy_rounds(f"Copy these words exactly:\n{text}", text)
 
 
 def _copy_marked_words(rng: random.Random) -> list[tuple[str, str]]:
     """`_copy_few_words` with the list between filler passages: copied by finding it, not by place."""
     words = " ".join(rng.sample(_filler_words(), rng.randint(4, 16)))
     before, after = (" ".join(filler(rng, rng.randint(0, 60))) for _ in range(2))
-    return [(f"{before}\nWords: {words}\n{after}\nCopy the words exactly.", words),
-            ("Once more.", words),
-            ("How many words was that?", f"That was {len(words.split())} words.")]
+    return _copy_rounds(f"{before}\nWords: {words}\n{after}\nCopy the words exactly.", words)
 
 
 def _repeat_passage(rng: random.Random) -> list[tuple[str, str]]:

@@ -40,7 +40,7 @@ def test_held_out_retrieval_overlapping_training_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="overlap the training data"):
         sweep.eval_sets(cfg, tok, enc, texts + [f"a document quoting {first.answer} in training"])
     with pytest.raises(ValueError, match="overlap the training data"):
-        sweep.eval_sets(cfg, tok, enc, texts + [sweep.NEEDLE])
+        sweep.eval_sets(cfg, tok, enc, texts + [sweep.needle_and_question()[0].strip()])
 
 
 def test_a_failing_config_is_recorded_and_fails_the_sweep(tmp_path):
