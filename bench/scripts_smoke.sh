@@ -2,6 +2,8 @@
 # Device check (issue 5): the paper's four recipes, unchanged but for the model and the data, under
 # DeepSpeed ZeRO-3 on small random-init models, 20 optimizer steps each.
 #   NUM_GPUS=2 bash bench/scripts_smoke.sh        # logs in $WORK/log_<script>.txt
+#   NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 NUM_GPUS=2 bash bench/scripts_smoke.sh   # the same through
+#       the multi-node launcher form (DeepSpeed --no_ssh, one launcher per node; scripts/_launch.sh)
 # Data: the embedded demo set (pre_tokenize -> sort_and_group --group_size NUM_GPUS). Models: random
 # init, hidden 512, 4 layers (longalign.tiny_model). DS_CONFIG defaults to ZeRO-3 without offload
 # (the offload config needs DeepSpeed's CPU Adam op built).

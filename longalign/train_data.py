@@ -1,12 +1,12 @@
 """The training datasets of train.py: the tokenized dataset (naive) or its sort/ and pack/ (DESIGN.md §1-2)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
 
 from longalign.constants import TOKEN_COLUMNS
+from longalign.parallel_layout import read_layout_stats
 
 
 def load_train_dataset(train_file: str, batch_method: str):
@@ -26,7 +26,4 @@ def load_train_dataset(train_file: str, batch_method: str):
     stats_file = directory / "stats.json"
     if not stats_file.is_file():
         raise FileNotFoundError(f"{stats_file}: missing; the group size of the stored order is read from it")
-    group_size = json.loads(stats_file.read_text()).get("group_size")
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"{stats_file}: group_size must be a positive int, got {group_size!r}")
-    return dataset, group_size
+    return dataset, read_layout_stats(stats_file)["group_size"]

@@ -51,6 +51,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer
 
 from longalign.collators import BATCH_METHODS, COUNT_FIELDS, COUNTS_KEY, check_reduction
+from longalign.parallel_layout import check_data_parallel_layout
 from longalign.sequence_parallel import StoredOrderSampler, gradient_divisor, sequence_parallel_order
 
 logger = logging.getLogger(__name__)
@@ -90,26 +91,6 @@ def resolve_loss_reduction(batch_method: str, pack_loss: bool, loss_reduction: s
     if batch_method == "pack":
         return "sequence" if pack_loss else "pack_mean"
     return "sequence"
-
-
-def check_data_parallel_layout(group_size: int, world_size: int, per_device_batch: int,
-                               sequence_parallel_size: int = 1) -> int:
-    """Micro-steps per group, c = G / (DP b); a clear error unless DP b divides G.
-
-    DP = world_size / sequence_parallel_size: the ranks that train different rows at once.
-    """
-    data_parallel = world_size // sequence_parallel_size
-    rows_per_micro_step = data_parallel * per_device_batch
-    if group_size < 1 or group_size % rows_per_micro_step:
-        ranks = (f"world size {world_size}" if sequence_parallel_size == 1 else
-                 f"data-parallel size {data_parallel} (world size {world_size} / --sequence_parallel_size "
-                 f"{sequence_parallel_size})")
-        raise ValueError(
-            f"the dataset's group_size {group_size} (rows per data-parallel step, from its stats.json) "
-            f"is not a multiple of {ranks} x per-device batch {per_device_batch} = "
-            f"{rows_per_micro_step}: a micro-step would mix rows of different groups. Rebuild with "
-            f"`sort_and_group.py --group_size {rows_per_micro_step}` or change the GPU count / batch size.")
-    return group_size // rows_per_micro_step
 
 
 def loss_denominator(counts: torch.Tensor, reduction: str) -> torch.Tensor:

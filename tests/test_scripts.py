@@ -39,7 +39,8 @@ def stub_bin(tmp_path):
 
 def launch(script: Path, stub_bin: Path, tmp_path: Path, **env_overrides) -> list[str]:
     out = tmp_path / f"{script.stem}.args"
-    env = {**{k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "MODEL", "DATA", "OUT")},
+    env = {**{k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "MODEL", "DATA", "OUT", "HOSTFILE",
+                                                                "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")},
            "PATH": f"{stub_bin}:{os.environ['PATH']}", "ARGS_OUT": str(out), **env_overrides}
     subprocess.run(["bash", str(script)], env=env, check=True, cwd=tmp_path, timeout=60)
     return out.read_text().splitlines()
