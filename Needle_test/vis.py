@@ -31,24 +31,24 @@ def read_results(path: Path) -> dict:
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a results file of Needle_test/eval.py (not JSON: {err}); "
-                         "rerun Needle_test/eval.py") from None
-    problem = None if isinstance(results, dict) and results else "expected a non-empty mapping of prediction ids"
-    for record_id, record in (results.items() if problem is None else ()):
-        problem = _record_problem(record_id, record)
-        if problem:
-            break
+        results, problem = None, f"not JSON: {err}"
+    else:
+        problem = (next(filter(None, (_record_problem(i, r) for i, r in results.items())), None)
+                   if isinstance(results, dict) and results else "expected a non-empty mapping of prediction ids")
     if problem:
         raise ValueError(f"{path}: not a results file of Needle_test/eval.py ({problem}); rerun Needle_test/eval.py")
     return results
 
 
 def _record_problem(record_id: str, record) -> str | None:
+    """What makes one result record unusable (None: nothing); a null score is an unrated prediction."""
     if not isinstance(record, dict):
         return f"{record_id!r} is not a record"
     for key in RESULT_FIELDS:
         value = record.get(key, "missing")
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool)) and not (key == "score" and value is None):
+        if value is None and key == "score":
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             return f"{record_id!r}: {key} is {value!r}, expected a number"
     return None
 

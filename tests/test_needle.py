@@ -404,6 +404,9 @@ BAD_PROMPT_CONFIGS = [  # (change to the prompt config, what the error names)
     (lambda c: c["document_depth"].update(list=[10, 150]), r"document_depth.list: must be >= 0 and <= 100, got 150"),
     (lambda c: c.update(final_context_buffer="40"), r"final_context_buffer: expected int, got str '40'"),
     (lambda c: c.update(tokenizer="gpt2"), r"tokenizer: must be a section \(a mapping\), got str 'gpt2'"),
+    (lambda c: c.pop("context"), r"context: missing \(a list, or min_len, max_len and count\)"),
+    (lambda c: c.update(document_depth={"min_percent": 90, "max_percent": 10, "count": 3}),
+     r"document_depth.min_percent: 90 is above document_depth.max_percent \(10\)"),
 ]
 
 

@@ -105,11 +105,11 @@ def _type_problem(name: str, value, key: Key) -> str | None:
     if is_list and not value:
         return f"{name}: the list is empty (give values, or null)"
     for item in items:
-        if not isinstance(item, _TYPES[base]) or (base != "bool" and isinstance(item, bool)):
+        if not isinstance(item, _TYPES[base]) or (base != "bool" and isinstance(item, bool)):  # YAML true is no 1
             return f"{name}: expected {base}, got {type(item).__name__} {item!r}"
         if key.choices and item not in key.choices:
             return f"{name}: must be one of {', '.join(map(str, key.choices))}, got {item!r}"
-        if base == "str" and key.required and not item.strip():
+        if base == "str" and not item.strip():
             return f"{name}: must not be empty"
         bounds = _bounds(key)
         if any(not holds(item) for _, holds in bounds):
@@ -161,15 +161,21 @@ def _range_problems(config: dict) -> list[str]:
     """Lengths and depths: a non-empty `list`, or min, max and count with min <= max."""
     problems = []
     for section, (low, high) in RANGE_SPECS.items():
+        if section not in config:
+            problems.append(f"{section}: missing (a list, or {low}, {high} and count)")
         spec = config.get(section)
         if not isinstance(spec, dict) or spec.get("list") is not None:
-            continue
+            continue  # not a section: reported by `check`
         missing = [f"{section}.{k}" for k in (low, high, "count") if spec.get(k) is None]
         if missing:
             problems.append(f"{', '.join(missing)}: missing (needed when {section}.list is not given)")
-        elif spec[low] > spec[high]:
+        elif all(_is_number(spec[k]) for k in (low, high)) and spec[low] > spec[high]:
             problems.append(f"{section}.{low}: {spec[low]} is above {section}.{high} ({spec[high]})")
     return problems
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_config(path: str | os.PathLike, schema: dict, provided=()) -> dict:
