@@ -34,9 +34,6 @@ cat > "$OUT/config-eval.yaml" <<YAML
 pred_file: pred/preds.jsonl
 save_dir: results
 scorer: match
-prompt:
-  needle: $NEEDLE
-  retrieval_question: "What is the best thing to do in San Francisco?"
 key_facts: ["eat a sandwich", "Dolores Park", "sunny day"]
 YAML
 $PY Needle_test/prompt.py --config "$OUT/config-prompt.yaml"

@@ -7,8 +7,10 @@
 
 Reads the prompt set that prompt.py wrote (manifest.json). Appends one JSON line per prompt to
 save_file as it finishes, with <save_file>.settings.json beside it (model and its fingerprint,
-tokenizer, chat format, generation parameters, the prompt set's sha256): a rerun under any other
-setting — a regenerated prompt set included — is refused, never mixed. Writes <save_file>.stats.json.
+tokenizer, chat format, generation parameters, the prompt set's sha256, needle and question — eval.py
+scores against these): a rerun under any other setting — a regenerated prompt set included — is
+refused, never mixed. The config is checked first (longalign/needle_test/config.py). Writes
+<save_file>.stats.json (with the local model's position limit and the prompts beyond it, warned).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import sys
 from pathlib import Path
 
 
-from longalign.needle_test.needle import load_config, resolve
-from longalign.needle_test.prompt_set import read_prompt_set
+from longalign.needle_test.config import PRED_SCHEMA, load_config, resolve
+from longalign.needle_test.needle import over_position_limit, position_limit
+from longalign.needle_test.prompt_set import needle_of, read_prompt_set
 from longalign.candidates import add_candidate_arguments, candidate_options, open_candidate, predict_all
 from longalign.generation import GenerationSettings, default_top_p
 from longalign.openai_api import AuthenticationFailed
@@ -54,9 +57,22 @@ def model_defaults(config: dict, served_by_flag: bool) -> dict:
     return section
 
 
+def position_check(candidate, prompts: list[dict], label: str) -> dict:
+    """The local model's position limit and how many prompts exceed it (warned; None: unknown)."""
+    config = getattr(candidate, "config", None)
+    limit = position_limit(config.to_dict()) if config is not None else None
+    over = over_position_limit(prompts, limit)
+    if over:
+        print(f"[pred] WARNING: {len(over)} of {len(prompts)} prompts are longer than {label}'s {limit} "
+              f"positions (e.g. {over[0]}); they are predicted and counted (over_model_max_positions)",
+              file=sys.stderr)
+    return {"model_max_positions": limit, "over_model_max_positions": len(over)}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    config = load_config(args.config)
+    given = {"prompt_dir": args.prompt_dir, "save_file": args.save_file}
+    config = load_config(args.config, PRED_SCHEMA, provided={key for key, value in given.items() if value})
     gen_cfg = config.get("generation", {})
     prompt_dir = Path(args.prompt_dir) if args.prompt_dir else resolve(config, config["prompt_dir"])
     save_file = Path(args.save_file) if args.save_file else resolve(config, config["save_file"])
@@ -69,7 +85,8 @@ def main(argv=None) -> dict:
         temperature=float(gen_cfg.get("temperature", ORIGINAL_TEMPERATURE)),
         seed=int(gen_cfg.get("seed", ORIGINAL_SEED)),
         top_p=float(top_p) if top_p is not None else default_top_p(candidate.chat_format))
-    record = {"suite": SUITE, "prompt_set_sha256": manifest["prompt_set_sha256"], **candidate.settings_record(settings)}
+    record = {"suite": SUITE, "prompt_set_sha256": manifest["prompt_set_sha256"], "needle": needle_of(manifest),
+              **candidate.settings_record(settings)}
     log = PredictionLog(save_file, record, id_field="id",
                         advice="pass another --save_file (or save_file in the config), or move "
                                f"{save_file} and its .settings.json away yourself")
@@ -77,7 +94,8 @@ def main(argv=None) -> dict:
     done, torn = log.load(hashes)
     todo = [(p["id"], p["prompt"], hashes[p["id"]]) for p in prompts if p["id"] not in done]
     stats = {"prompts": len(prompts), "already_done": len(done), "torn_bytes_dropped": torn,
-             "settings_key": log.key, "prompt_set_sha256": manifest["prompt_set_sha256"]}
+             "settings_key": log.key, "prompt_set_sha256": manifest["prompt_set_sha256"],
+             **position_check(candidate, prompts, options.label)}
     print(f"[pred] {options.label}: chat format {candidate.chat_format.name}; {len(done)} of {len(prompts)} "
           f"prompts already predicted; {len(todo)} to go")
     by_id = {p["id"]: p for p in prompts}

@@ -6,7 +6,9 @@
 Replaces <save_dir> as a unit (Needle_test/prompt_set.py): <id>.json per prompt (id =
 len{L}_depth{d}), stats.json and manifest.json (every id with the sha256 of its prompt). A
 save_dir that prompt.py did not write is refused. A tokenizer folder with its own code (ChatGLM)
-loads only with --trust_remote_code (or tokenizer.trust_remote_code: true in the config).
+loads only with --trust_remote_code (or tokenizer.trust_remote_code: true in the config). The config
+is checked first (longalign/needle_test/config.py). Prompts longer than the model's positions (the
+tokenizer folder's config.json) are written, warned about and counted in stats.json.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import sys
 from pathlib import Path
 
 
-from longalign.needle_test.needle import (context_lengths, depth_percents, haystack_ids, load_config,
-                                make_prompt, read_haystack, resolve, sentence_end_patterns)
+from longalign.needle_test.config import PROMPT_SCHEMA, load_config, resolve
+from longalign.needle_test.needle import (context_lengths, depth_percents, haystack_ids, make_prompt,
+                                          over_position_limit, read_haystack, read_position_limit,
+                                          sentence_end_patterns)
 from longalign.needle_test.prompt_set import write_prompt_set
 from longalign.generation import load_tokenizer
 from longalign.prediction_keys import TOKENIZER_FILE_SUFFIXES, directory_fingerprint, resolve_model_dir
@@ -37,12 +41,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    config = load_config(args.config)
+    given = {"save_dir": args.save_dir, "tokenizer.model_name": args.tokenizer}
+    config = load_config(args.config, PROMPT_SCHEMA, provided={key for key, value in given.items() if value})
     haystack_dir = (Path(args.haystack_dir) if args.haystack_dir
                     else resolve(config, config["prompt"].get("haystack_dir")))
     save_dir = Path(args.save_dir) if args.save_dir else resolve(config, config["save_dir"])
     tokenizer_name = args.tokenizer or config["tokenizer"]["model_name"]
-    trust = args.trust_remote_code or bool(config["tokenizer"].get("trust_remote_code", False))
+    trust = args.trust_remote_code or bool(config["tokenizer"].get("trust_remote_code"))
     tokenizer_dir = resolve_model_dir(tokenizer_name, TOKENIZER_FILE_SUFFIXES)
     tokenizer = load_tokenizer(str(tokenizer_dir), trust)
     lengths, depths = context_lengths(config["context"]), depth_percents(config["document_depth"])
@@ -63,6 +68,9 @@ def main(argv=None) -> dict:
             stats["written"] += 1
             stats["needle_without_sentence_end"] += int(not record["needle_at_sentence_end"])
             stats["over_length"] += int(record["prompt_tokens"] > length)
+    limit = read_position_limit(tokenizer_dir)
+    over_limit = over_position_limit(records, limit)
+    stats.update(model_max_positions=limit, over_model_max_positions=len(over_limit))
     made_with = {"needle": needle, "retrieval_question": question, "context_lengths": lengths,
                  "depth_percents": depths, "buffer": buffer, "tokenizer": tokenizer_name,
                  "tokenizer_fingerprint": directory_fingerprint(tokenizer_dir, TOKENIZER_FILE_SUFFIXES)}
@@ -71,6 +79,13 @@ def main(argv=None) -> dict:
     print(f"[prompt] {stats['written']} prompts ({len(lengths)} lengths x {len(depths)} depths) in {save_dir} "
           f"(set {manifest['prompt_set_sha256'][:12]}, replaced as a unit); needle without sentence end: "
           f"{stats['needle_without_sentence_end']}, prompts over their length: {stats['over_length']}")
+    if over_limit:
+        print(f"[prompt] WARNING: {len(over_limit)} prompts are longer than the model's {limit} positions "
+              f"({tokenizer_dir}/config.json), e.g. {over_limit[0]}; they are written and counted in "
+              "stats.json (over_model_max_positions)", file=sys.stderr)
+    elif limit is None:
+        print(f"[prompt] note: {tokenizer_dir} has no config.json stating the model's positions; "
+              "prompt lengths were not checked against the model", file=sys.stderr)
     return stats
 
 

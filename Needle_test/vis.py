@@ -2,6 +2,9 @@
 
     python Needle_test/vis.py [--config Needle_test/config-eval.yaml] [--scorer judge|match]
         [--results FILE] [--out FILE.png] [--title TEXT]
+
+A results file that is not eval.py's (not JSON, records without a numeric length, depth or score)
+is an error naming the file.
 """
 from __future__ import annotations
 
@@ -12,12 +15,42 @@ import sys
 from pathlib import Path
 
 
-from longalign.needle_test.needle import load_config, resolve
+from longalign.needle_test.config import EVAL_SCHEMA, load_config, resolve
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-eval.yaml"
 SCORE_RANGE = (1, 10)
 FIGURE_SIZE = (12, 6)
 DPI = 120
+RESULT_FIELDS = ("context_length", "depth_percent", "score")  # per record; score may be null (unrated)
+
+
+def read_results(path: Path) -> dict:
+    """The per-prediction results eval.py wrote; anything else is an error naming `path`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run Needle_test/eval.py first")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        results, problem = None, f"not JSON: {err}"
+    else:
+        problem = (next(filter(None, (_record_problem(i, r) for i, r in results.items())), None)
+                   if isinstance(results, dict) and results else "expected a non-empty mapping of prediction ids")
+    if problem:
+        raise ValueError(f"{path}: not a results file of Needle_test/eval.py ({problem}); rerun Needle_test/eval.py")
+    return results
+
+
+def _record_problem(record_id: str, record) -> str | None:
+    """What makes one result record unusable (None: nothing); a null score is an unrated prediction."""
+    if not isinstance(record, dict):
+        return f"{record_id!r} is not a record"
+    for key in RESULT_FIELDS:
+        value = record.get(key, "missing")
+        if value is None and key == "score":
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{record_id!r}: {key} is {value!r}, expected a number"
+    return None
 
 
 def score_grid(results: dict):
@@ -72,13 +105,12 @@ def main(argv=None) -> Path:
     p.add_argument("--out", default=None)
     p.add_argument("--title", default="Needle in a haystack")
     args = p.parse_args(argv)
-    config = load_config(args.config)
+    provided = {"save_dir", "pred_file"} if args.results else {"pred_file"}  # vis reads no predictions
+    config = load_config(args.config, EVAL_SCHEMA, provided=provided)
     scorer = args.scorer or config.get("scorer", "judge")
-    save_dir = resolve(config, config["save_dir"])
-    results_path = Path(args.results) if args.results else save_dir / f"results_{scorer}.json"
-    if not results_path.is_file():
-        raise FileNotFoundError(f"{results_path} not found; run Needle_test/eval.py first")
-    results = json.loads(results_path.read_text(encoding="utf-8"))
+    results_path = (Path(args.results) if args.results
+                    else resolve(config, config["save_dir"]) / f"results_{scorer}.json")
+    results = read_results(results_path)
     out = Path(args.out) if args.out else results_path.with_name(f"heatmap_{scorer}.png")
     draw_heatmap(results, out, args.title)
     print(f"[vis] heatmap written to {out}")
@@ -88,5 +120,5 @@ def main(argv=None) -> Path:
 if __name__ == "__main__":
     try:
         main()
-    except FileNotFoundError as err:  # bad input: the message says what to do
+    except (FileNotFoundError, ValueError) as err:  # bad input: the message says what to do
         sys.exit(f"[vis] ERROR: {err}")

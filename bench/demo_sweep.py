@@ -58,8 +58,8 @@ def make_data(cfg: dict, tmp: str):
 
 def needle_and_question() -> tuple[str, str]:
     """The needle test's own needle (with its surrounding newlines) and retrieval question."""
-    from longalign.needle_test.needle import load_config
-    prompt = load_config(NEEDLE_CONFIG)["prompt"]
+    from longalign.needle_test.config import PROMPT_SCHEMA, load_config
+    prompt = load_config(NEEDLE_CONFIG, PROMPT_SCHEMA)["prompt"]
     return prompt["needle"], prompt["retrieval_question"]
 
 

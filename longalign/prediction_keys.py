@@ -28,7 +28,7 @@ import os
 import re
 from pathlib import Path
 
-from longalign.storage import append_jsonl, drop_torn_tail, write_json_atomic
+from longalign.storage import append_jsonl, drop_torn_tail, split_jsonl, write_json_atomic
 
 TOKENIZER_FILE_SUFFIXES = (".json", ".model", ".txt", ".py", ".jinja", ".tiktoken")
 MODEL_FILE_SUFFIXES = TOKENIZER_FILE_SUFFIXES + (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -150,7 +150,7 @@ class PredictionLog:
         if text and not text.endswith("\n"):
             torn = len(text) - (text.rfind("\n") + 1)
             text = text[:len(text) - torn]
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(split_jsonl(text), start=1):
             if line.strip():
                 record_id = self._check_record(line, f"{self.path}:{number}", prompt_hashes)
                 if record_id in done:

@@ -45,6 +45,7 @@ DEFAULT_STAGE = "output"
 _TMP, _OLD = "tmp", "old"  # kinds of leftover siblings: .NAME.tmp-PID@HOST.x / .NAME.old-PID@HOST.x
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 _LISTED_ENTRIES = 5  # entries named in a refusal message
+_RAW_LINE_SEPARATORS = {ord(ch): f"\\u{ord(ch):04x}" for ch in "\u0085\u2028\u2029"}  # see jsonl_line
 
 
 class OutputRefusedError(ValueError):
@@ -300,12 +301,24 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def jsonl_line(record: dict) -> str:
+    """One record as a JSONL line: UTF-8 text kept, the line separators other than newline that JSON
+    leaves raw (U+0085, U+2028, U+2029; `str.splitlines` cuts at them) written as escapes."""
+    return json.dumps(record, ensure_ascii=False).translate(_RAW_LINE_SEPARATORS) + "\n"
+
+
+def split_jsonl(text: str) -> list[str]:
+    """The lines of a JSONL text: split at newline (LF) only (never `str.splitlines`, which also cuts at
+    U+0085, U+2028, U+2029 inside a record's strings). A text ending in LF ends with ""."""
+    return text.split("\n")
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON record as a line and flush it to disk (for resumable outputs)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.write(jsonl_line(record))
         f.flush()
         os.fsync(f.fileno())
 
@@ -334,14 +347,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return records
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = split_jsonl(path.read_text(encoding="utf-8"))
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if i == len(lines) - 1:  # only the last line can be torn by a crash
+            if i == len(lines) - 1:  # only a last line without its LF can be torn by a crash
                 _logger.warning("%s: ignoring a torn last line (a killed run)", path)
                 break
             raise ValueError(f"{path}:{i + 1}: corrupt JSON line") from None

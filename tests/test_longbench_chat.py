@@ -10,10 +10,12 @@ import pytest
 from fake_openai_server import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAIServer
 from LongBench_Chat import check_data, eval as lbc_eval
 from longalign.longbench_chat.lbc_data import OFFICIAL_SHA256, TEMPLATE, DataError, download, load_data
+from longalign.longbench_chat.lbc_run import MAX_NAME_CHARS, model_save_name
 from longalign.longbench_chat.lbc_score import detect_language, judge_messages, select_cases
 from longalign.openai_api import AuthenticationFailed
 from longalign.prediction_keys import PredictionMismatch
 from longalign.storage import read_jsonl
+from test_storage import LINE_SEPARATORS
 from tiny_llama import save_tiny_llama
 
 TEMPLATE_TEXT = ("[Question] {}\n[Reference] {}\n[Answer] {}\nRating: [[{}]]\n[Answer] {}\nRating: [[{}]]\n"
@@ -273,3 +275,44 @@ def test_authentication_error_stops_scoring(tmp_path, tiny_llama_dir, monkeypatc
             run_eval(tmp_path, "--model", tiny_llama_dir, "--stage", "score", "--runs", "6", "--concurrency", "2",
                      "--judge_base_url", server.base_url)
         assert len(server.requests) <= 2  # of 24 judgements
+
+
+@pytest.mark.parametrize("separator", LINE_SEPARATORS)
+def test_a_line_separator_in_answers_and_judge_replies_resumes(tmp_path, monkeypatch, separator):
+    """The audit: an answer or judge reply with U+2028 cut its record in two: the run failed, and every
+    later resume and score of the folder."""
+    write_data(tmp_path / "data")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    answer = f"first line{separator}second line"
+    with FakeOpenAIServer([], default={"status": 200, "content": answer}) as model, \
+            FakeOpenAIServer([], default={"status": 200, "content": f"Fine.{separator}Rating: [[7]]"}) as judge:
+        served = ["--model_base_url", model.base_url, "--model_name", "served", "--judge_base_url", judge.base_url,
+                  "--runs", "1"]
+        run_eval(tmp_path, *served, "--stage", "predict", "--lang", "zh")  # 1 case, then resumed
+        first = run_eval(tmp_path, *served)
+        again = run_eval(tmp_path, *served)
+        asked = (len(model.requests), len(judge.requests))
+    assert (first["predict"]["already_done"], again["predict"]["already_done"]) == (1, N)
+    assert asked == (N, N)  # every answer and judgement read back, none asked twice
+    assert first["score"]["mean_score"] == again["score"]["mean_score"] == 7.0
+    assert [r["response"] for r in read_jsonl(tmp_path / "out" / "predictions.jsonl")] == [answer] * N
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../..", "../../etc/x", "a/../../b", "/abs/path/model", "~", "-",
+                                  "..\\..\\x", "名前", "m" * 300, "org/" + "n" * 300])
+def test_folder_names_from_model_names_stay_one_folder(name):
+    """The audit: --model_name .. wrote the default output folder outside outputs/longbench_chat/."""
+    folder = model_save_name(name)
+    assert folder not in (".", "..") and "/" not in folder and "\\" not in folder
+    assert folder[0] not in ".-" and len(folder) <= MAX_NAME_CHARS
+    assert model_save_name("org/" + "n" * 300) != model_save_name("org/" + "n" * 299)  # a long name keeps a hash
+
+
+def test_default_output_folder_of_a_dotted_model_name_is_under_the_root(tmp_path, monkeypatch):
+    write_data(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    with FakeOpenAIServer([], default={"status": 200, "content": "ok"}) as model:
+        stats = run_eval(tmp_path, "--model_base_url", model.base_url, "--model_name", "..", "--stage", "predict",
+                         "--lang", "zh", out=None)["predict"]
+    (written,) = tmp_path.rglob("predictions.jsonl")
+    assert written.parent == tmp_path / "outputs" / "longbench_chat" / "model" / stats["settings_key"][:12]

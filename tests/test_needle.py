@@ -1,6 +1,7 @@
 """Needle_test/: exact context lengths, depth and sentence-boundary placement with two different
 tokenizers, prompt sets replaced as a unit, keyed and resumable pred, match scorer, judge on a loopback
 server (malformed replies, timeouts, a refused key), heatmap PNG."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import yaml
 
 from fake_openai_server import FakeOpenAIServer
 from Needle_test import eval as needle_eval, pred as needle_pred, prompt as needle_prompt, vis as needle_vis
+from longalign.needle_test.config import EVAL_SCHEMA, PRED_SCHEMA, PROMPT_SCHEMA, NeedleConfigError, load_config
 from longalign.needle_test.needle import (build_context, context_lengths, depth_percents, encode, haystack_ids,
                                 read_haystack, sentence_end_patterns)
 from longalign.needle_test.prompt_set import PromptSetError
@@ -17,7 +19,9 @@ from longalign.generation import RemoteCodeRequired
 from longalign.openai_api import AuthenticationFailed
 from longalign.prediction_keys import PredictionLog, PredictionMismatch, prompt_sha256
 from longalign.storage import OUTPUT_MARKER, read_jsonl
-from tiny_llama import save_tiny_llama
+from longalign.tiny_model import save_tiny_model
+from test_storage import LINE_SEPARATORS
+from tiny_llama import TEST_SHAPE, save_tiny_llama
 
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -239,23 +243,23 @@ def test_match_scorer_on_known_answers():
 
 
 SETTINGS = {"suite": "needle", "prompt_set_sha256": "ab" * 32, "chat_format": {"name": "llama"},
-            "candidate": {"kind": "local", "model": "/models/test"}}
+            "candidate": {"kind": "local", "model": "/models/test"},
+            "needle": {"needle": NEEDLE, "retrieval_question": QUESTION}}
 
 
-def write_predictions(path, answers, duplicate=None):
+def write_predictions(path, answers, duplicate=None, settings=SETTINGS):
     """Predictions as pred.py writes them (settings beside them), optionally one id twice."""
-    log = PredictionLog(path, SETTINGS, id_field="id", advice="test")
+    log = PredictionLog(path, settings, id_field="id", advice="test")
     items = list(answers.items()) + ([duplicate] if duplicate else [])
     for (length, depth), answer in items:
         log.append(f"len{length}_depth{depth:.2f}", prompt_sha256(answer), {
             "context_length": length, "depth_percent": depth, "response": answer})
 
 
-def eval_config(tmp_path, scorer, **judge):
+def eval_config(tmp_path, scorer, key_facts=FACTS, **judge):
     return write_config(tmp_path / "config-eval.yaml", {
         "pred_file": "pred/preds.jsonl", "save_dir": "results", "scorer": scorer,
-        "judge": {"model_name": "judge-x", "concurrency": 2, "backoff_s": 0, **judge},
-        "prompt": {"needle": NEEDLE, "retrieval_question": QUESTION}, "key_facts": FACTS})
+        "judge": {"model_name": "judge-x", "concurrency": 2, "backoff_s": 0, **judge}, "key_facts": key_facts})
 
 
 ANSWERS = {(100, 0.0): "ANS-A eat a sandwich in Dolores Park on a sunny day", (100, 50.0): "ANS-B Dolores Park",
@@ -316,3 +320,163 @@ def test_eval_judge_timeout_flag_and_refused_key(tmp_path, monkeypatch):
             needle_eval.main(["--config", eval_config(tmp_path, "judge", concurrency=1),
                               "--save_dir", str(tmp_path / "other"), "--judge_base_url", server.base_url])
         assert len(server.requests) == 1
+
+
+OTHER_NEEDLE = "\nThe secret word is pineapple.\n"
+OTHER_QUESTION = "What is the secret word?"
+
+
+def test_eval_scores_against_the_needle_the_prompts_were_built_with(tmp_path, tiny_tokenizer_dir, tiny_llama_dir,
+                                                                    haystack_dir, monkeypatch):
+    """The audit: eval.py judged against config-eval.yaml's needle, not the prompt set's: correct
+    answers about another needle scored, exit 0."""
+    config = yaml.safe_load(Path(prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,), (50,))).read_text())
+    config["prompt"].update(needle=OTHER_NEEDLE, retrieval_question=OTHER_QUESTION)
+    needle_prompt.main(["--config", write_config(tmp_path / "config-prompt.yaml", config)])
+    needle_pred.main(["--config", pred_config(tmp_path, tiny_llama_dir)])
+    settings = json.loads((tmp_path / "pred" / "preds.jsonl.settings.json").read_text())["settings"]
+    assert settings["needle"] == {"needle": OTHER_NEEDLE, "retrieval_question": OTHER_QUESTION}
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAIServer([], default={"status": 200, "content": "[[4]]"}) as server:
+        summary = needle_eval.main(["--config", eval_config(tmp_path, "judge"), "--judge_base_url", server.base_url])
+        asked = server.requests[0]["messages"][-1]["content"]
+    assert "pineapple" in asked and "Dolores" not in asked and OTHER_QUESTION in asked
+    assert (summary["needle"], summary["retrieval_question"]) == (OTHER_NEEDLE, OTHER_QUESTION)
+    # a config that names another needle (the old config-eval.yaml's) is refused, naming both
+    body = yaml.safe_load(Path(eval_config(tmp_path, "judge")).read_text())
+    body["prompt"] = {"needle": NEEDLE, "retrieval_question": QUESTION}
+    with pytest.raises(ValueError, match=r"config-eval.yaml: prompt.needle is .*Dolores.*made with .*pineapple"):
+        needle_eval.main(["--config", write_config(tmp_path / "config-eval.yaml", body)])
+    with pytest.raises(ValueError, match=r"key_facts: \['eat a sandwich'.* do not occur in the needle .*pineapple"):
+        needle_eval.main(["--config", eval_config(tmp_path, "match")])
+    assert needle_eval.main(["--config", eval_config(tmp_path, "match", key_facts=["pineapple"])])["scored"] == 1
+
+
+def test_predictions_of_an_older_pred_are_scored_only_with_their_prompt_set(tmp_path, tiny_tokenizer_dir,
+                                                                            haystack_dir):
+    needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,), (50,))])
+    manifest = json.loads((tmp_path / "prompts" / "manifest.json").read_text())
+    old = {key: value for key, value in SETTINGS.items() if key != "needle"}
+    write_predictions(tmp_path / "pred" / "preds.jsonl", ANSWERS, settings=old)
+    with pytest.raises(ValueError, match="does not record the needle.*--prompt_dir"):
+        needle_eval.main(["--config", eval_config(tmp_path, "match")])
+    with pytest.raises(ValueError, match="prompt set in .*prompts .* is not theirs"):
+        needle_eval.main(["--config", eval_config(tmp_path, "match"), "--prompt_dir", str(tmp_path / "prompts")])
+    write_predictions(tmp_path / "pred2" / "preds.jsonl", ANSWERS,
+                      settings={**old, "prompt_set_sha256": manifest["prompt_set_sha256"]})
+    summary = needle_eval.main(["--config", eval_config(tmp_path, "match"), "--prompt_dir", str(tmp_path / "prompts"),
+                                "--pred_file", str(tmp_path / "pred2" / "preds.jsonl")])
+    assert summary["needle"] == NEEDLE and summary["mean_score"] == pytest.approx((10 + 4 + 1 + 7) / 4)
+
+
+@pytest.mark.parametrize("separator", LINE_SEPARATORS)
+def test_a_line_separator_in_answers_and_judge_replies_resumes(tmp_path, tiny_tokenizer_dir, haystack_dir,
+                                                               monkeypatch, separator):
+    """The audit: an answer with U+2028 cut its record in two: every later pred, eval failed."""
+    needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,), (0, 50))])
+    config = write_config(tmp_path / "config-pred.yaml", {
+        "model": {"model_name": "served"}, "generation": {"max_new_tokens": 3}, "prompt_dir": "prompts",
+        "save_file": "pred/preds.jsonl"})
+    answer = f"Eat a sandwich{separator}in Dolores Park on a sunny day"
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    with FakeOpenAIServer([], default={"status": 200, "content": answer}) as model, \
+            FakeOpenAIServer([], default={"status": 200, "content": f"Accurate.{separator}[[9]]"}) as judge:
+        served = ["--config", config, "--model_base_url", model.base_url]
+        assert needle_pred.main(served)["predicted_now"] == 2
+        again = needle_pred.main(served)
+        judged = [needle_eval.main(["--config", eval_config(tmp_path, "judge"), "--judge_base_url", judge.base_url])
+                  for _ in range(2)]
+        asked = (len(model.requests), len(judge.requests))
+    assert (again["already_done"], again["predicted_now"], asked) == (2, 0, (2, 2))  # nothing asked twice
+    assert [s["mean_score"] for s in judged] == [9.0, 9.0]
+    assert {r["response"] for r in read_jsonl(tmp_path / "pred" / "preds.jsonl")} == {answer}
+    assert needle_eval.main(["--config", eval_config(tmp_path, "match")])["mean_score"] == 10.0
+
+
+BAD_PROMPT_CONFIGS = [  # (change to the prompt config, what the error names)
+    (lambda c: c["document_depth"].update(interval_typ="sigmoid"),
+     r"document_depth.interval_typ: unknown key \(did you mean interval_type\?\)"),
+    (lambda c: c["prompt"].pop("needle"), r"prompt.needle: missing"),
+    (lambda c: c["context"].update(list=1000), r"context.list: expected a list of int values, got int 1000"),
+    (lambda c: c.update(context={"min_len": 100, "max_len": 200, "count": 0}), r"context.count: must be >= 1, got 0"),
+    (lambda c: c.update(context={"min_len": 100, "list": None}),
+     r"context.max_len, context.count: missing \(needed when context.list is not given\)"),
+    (lambda c: c["document_depth"].update(list=[10, 150]), r"document_depth.list: must be >= 0 and <= 100, got 150"),
+    (lambda c: c.update(final_context_buffer="40"), r"final_context_buffer: expected int, got str '40'"),
+    (lambda c: c.update(tokenizer="gpt2"), r"tokenizer: must be a section \(a mapping\), got str 'gpt2'"),
+    (lambda c: c.pop("context"), r"context: missing \(a list, or min_len, max_len and count\)"),
+    (lambda c: c.update(document_depth={"min_percent": 90, "max_percent": 10, "count": 3}),
+     r"document_depth.min_percent: 90 is above document_depth.max_percent \(10\)"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_PROMPT_CONFIGS)
+def test_prompt_config_errors_name_the_file_and_key(tmp_path, tiny_tokenizer_dir, haystack_dir, change, message):
+    """The audit: a typo was ignored (depths fell back to linear); a missing key, a scalar for a list or
+    count 0 gave tracebacks or `max() arg is an empty sequence`."""
+    config = yaml.safe_load(Path(prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir)).read_text())
+    change(config)
+    path = write_config(tmp_path / "config-prompt.yaml", config)
+    with pytest.raises(NeedleConfigError, match=message) as err:
+        needle_prompt.main(["--config", path])
+    assert str(err.value).startswith(f"{path}: ")
+    assert not (tmp_path / "prompts").exists()
+
+
+def test_pred_and_eval_config_errors_name_the_file_and_key(tmp_path, tiny_llama_dir):
+    pred = yaml.safe_load(Path(pred_config(tmp_path, tiny_llama_dir)).read_text())
+    pred["generation"].update(temperature="hot", max_new_token=5)
+    pred["model"]["chat_format"] = "vicuna"
+    path = write_config(tmp_path / "config-pred.yaml", pred)
+    with pytest.raises(NeedleConfigError, match=r"3 problem\(s\)") as err:
+        needle_pred.main(["--config", path])
+    for part in (f"{path}: ", "model.chat_format: must be one of auto, chatglm, llama, chat_template, got 'vicuna'",
+                 "generation.max_new_token: unknown key (did you mean max_new_tokens?)",
+                 "generation.temperature: expected number, got str 'hot'"):
+        assert part in str(err.value), part
+    del pred["save_file"], pred["generation"]["temperature"], pred["generation"]["max_new_token"], pred["model"]["chat_format"]
+    with pytest.raises(NeedleConfigError, match="save_file: missing"):
+        needle_pred.main(["--config", write_config(tmp_path / "config-pred.yaml", pred)])
+    body = yaml.safe_load(Path(eval_config(tmp_path, "exact", concurrency=0)).read_text())
+    body["key_facts"] = "Dolores Park"
+    path = write_config(tmp_path / "config-eval.yaml", body)
+    for main in (needle_eval.main, needle_vis.main):
+        with pytest.raises(NeedleConfigError) as err:
+            main(["--config", path])
+        for part in (f"{path}: ", "scorer: must be one of judge, match, got 'exact'",
+                     "judge.concurrency: must be >= 1, got 0", "key_facts: expected a list of str values"):
+            assert part in str(err.value), part
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{not json", "not JSON"), ("[1, 2]", "expected a non-empty mapping"),
+    ('{"len100_depth0.00": {"context_length": 100, "depth_percent": 0}}', "score is 'missing'"),
+    ('{"len100_depth0.00": {"context_length": "100", "depth_percent": 0, "score": 5}}', "context_length is '100'")])
+def test_vis_names_a_corrupt_results_file(tmp_path, content, problem):
+    results = tmp_path / "results_match.json"
+    results.write_text(content)
+    with pytest.raises(ValueError, match=f"{results}: not a results file of Needle_test/eval.py .*{problem}"):
+        needle_vis.main(["--config", eval_config(tmp_path, "match"), "--results", str(results)])
+
+
+def test_prompts_longer_than_the_model_are_warned_and_counted(tmp_path, tiny_tokenizer_dir, haystack_dir, capsys):
+    """The audit: prompts beyond max_position_embeddings were generated without a word."""
+    shape = dataclasses.replace(TEST_SHAPE, max_positions=256)
+    model = save_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "short_model", shape)["out"]
+    stats = needle_prompt.main(["--config", prompt_config(tmp_path, model, haystack_dir, (200, 300), (50,))])
+    assert (stats["model_max_positions"], stats["over_model_max_positions"]) == (256, 1)
+    assert json.loads((tmp_path / "prompts" / "stats.json").read_text())["over_model_max_positions"] == 1
+    assert "WARNING: 1 prompts are longer than the model's 256 positions" in capsys.readouterr().err
+    pred = needle_pred.main(["--config", pred_config(tmp_path, model), "--max_new_tokens", "1"])
+    assert (pred["model_max_positions"], pred["over_model_max_positions"]) == (256, 1)
+    assert "WARNING: 1 of 2 prompts are longer than" in capsys.readouterr().err
+    stats = needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (300,), (50,))])
+    assert (stats["model_max_positions"], stats["over_model_max_positions"]) == (None, 0)  # a tokenizer alone
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid():
+    folder = Path(needle_prompt.__file__).parent
+    for name, schema in (("config-prompt.yaml", PROMPT_SCHEMA), ("config-pred.yaml", PRED_SCHEMA),
+                         ("config-eval.yaml", EVAL_SCHEMA)):
+        assert load_config(folder / name, schema)["_dir"] == str(folder)

@@ -1,6 +1,7 @@
 """Checkpoints train.py saves load anywhere: 2 packed steps per family, then a process that cannot
 import this repository loads them with transformers' Auto classes and gets the same logits and
-the training prompt from the tokenizer's chat template."""
+the training prompt from the tokenizer's chat template; the README's loading snippet, run there,
+gives exactly the training ids (BOS once)."""
 import json
 import subprocess
 import sys
@@ -12,13 +13,16 @@ import torch
 from longalign.modeling.loading import load_training_model
 from longalign.templates import build_prompt
 from longalign.tiny_model import TinyShape, save_tiny_model
-from longalign.tokenization import special_token_frame
+from longalign.constants import IGNORE_INDEX
+from longalign.tokenization import ConversationTokenizer, special_token_frame
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=256)
 PROBE_IDS = [[5, 17, 42, 99, 7, 300, 12, 64, 3, 201, 33]]
 HISTORY = [("What is the key?", "The key is 42.")]
 QUERY = "And the lock?"
+ANSWER = "The lock is open."
+README_SECTION = "## Checkpoints that load anywhere"
 
 # Run with `python -I` (no cwd, no PYTHONPATH) in an empty folder; the finder below makes any
 # import of this repository's package fail, even through its editable install.
@@ -40,6 +44,11 @@ with torch.no_grad():
 messages = json.loads(sys.argv[4])
 prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 repo = sys.argv[5]
+snippet = {}
+exec(sys.argv[6], snippet)  # the README's snippet, on this folder and these messages
+once = snippet["inputs"]["input_ids"][0].tolist()
+twice = tokenizer(prompt)["input_ids"]  # what the README warns against
+text_once = tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 def from_repo(module):  # a file of the repository, not of the environment's site-packages
     path = str(getattr(module, "__file__", "") or "")
@@ -47,8 +56,31 @@ def from_repo(module):  # a file of the repository, not of the environment's sit
 
 leaked = sorted(n for n, m in sys.modules.items() if n.startswith("longalign") or from_repo(m))
 torch.save({"logits": logits, "prompt": prompt, "class": type(model).__name__,
-            "module": type(model).__module__, "leaked": leaked}, out)
+            "module": type(model).__module__, "leaked": leaked, "snippet_ids": once, "twice": twice,
+            "text_once": text_once, "answer": snippet["answer"]}, out)
 '''
+
+
+def readme_snippet(folder: Path, messages: list[dict]) -> str:
+    """The README's loading snippet, its `folder = ` and `messages = ` lines set to these."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = text[text.index(README_SECTION):].split("```python\n", 1)[1].split("```", 1)[0]
+    lines = block.splitlines()
+    assigned = {"folder": repr(str(folder)), "messages": repr(messages)}
+    for i, line in enumerate(lines):
+        name = line.split(" = ", 1)[0]
+        if name in assigned:
+            lines[i] = f"{name} = {assigned.pop(name)}"
+    assert not assigned, f"the README snippet no longer assigns {sorted(assigned)}"
+    return "\n".join(lines)
+
+
+def training_prompt_ids(tokenizer, family: str) -> list[int]:
+    """The ids training reads before the last answer of HISTORY + (QUERY, ANSWER)."""
+    [encoded] = ConversationTokenizer(tokenizer, family).encode_batch([HISTORY + [(QUERY, ANSWER)]])
+    labels = encoded.labels
+    last_reply = max(i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX)
+    return encoded.ids[:last_reply]
 
 
 def _pack_dataset(path: Path, vocab: int) -> None:
@@ -91,7 +123,7 @@ def test_trained_checkpoint_loads_without_this_repository(family, tiny_tokenizer
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
            "HOME": str(tmp_path)}
     loaded = subprocess.run([sys.executable, "-I", "-c", ISOLATED_LOADER, str(out), str(tmp_path / "isolated.pt"),
-                             json.dumps(PROBE_IDS), json.dumps(messages), str(REPO)],
+                             json.dumps(PROBE_IDS), json.dumps(messages), str(REPO), readme_snippet(out, messages)],
                             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-4000:]
     isolated = torch.load(tmp_path / "isolated.pt")
@@ -108,3 +140,8 @@ def test_trained_checkpoint_loads_without_this_repository(family, tiny_tokenizer
     prefix_ids, _ = special_token_frame(tiny_tokenizer)
     prefix = "".join(tiny_tokenizer.convert_ids_to_tokens(prefix_ids))
     assert isolated["prompt"] == prefix + build_prompt(family, HISTORY, QUERY)
+    # the README's snippet tokenizes once: the training ids, the special prefix (BOS) once
+    assert isolated["snippet_ids"] == isolated["text_once"] == training_prompt_ids(tiny_tokenizer, family)
+    assert prefix_ids and isolated["snippet_ids"][:len(prefix_ids)] == prefix_ids
+    assert isolated["snippet_ids"].count(prefix_ids[0]) == 1 and isolated["twice"].count(prefix_ids[0]) == 2
+    assert isinstance(isolated["answer"], str)

@@ -1,5 +1,6 @@
 """Atomic outputs: complete or absent, readable like any file the user creates, and never in place
 of something the stage did not write."""
+import json
 import os
 import socket
 import stat
@@ -7,8 +8,11 @@ import subprocess
 
 import pytest
 
-from longalign.storage import (OUTPUT_MARKER, OutputRefusedError, atomic_dir, check_output_dir,
-                               clean_leftovers, data_files_digest, write_json_atomic)
+from longalign.storage import (OUTPUT_MARKER, OutputRefusedError, append_jsonl, atomic_dir, check_output_dir,
+                               clean_leftovers, data_files_digest, read_jsonl, write_json_atomic)
+
+# every line separator `str.splitlines` knows that `json.dumps(ensure_ascii=False)` writes raw
+LINE_SEPARATORS = ["\u0085", "\u2028", "\u2029"]
 
 
 def test_outputs_get_the_umask_mode_not_the_temp_files_private_one(tmp_path):
@@ -125,3 +129,25 @@ def test_data_files_digest_follows_the_bytes(tmp_path):
     assert data_files_digest(tmp_path) == first
     (tmp_path / "data-0.arrow").write_bytes(b"abd")
     assert data_files_digest(tmp_path) != first
+
+
+@pytest.mark.parametrize("separator", LINE_SEPARATORS)
+def test_a_line_separator_in_a_record_stays_inside_it(tmp_path, separator):
+    """The audit: a model answer with U+2028 was cut in two by splitlines(); every resume then failed."""
+    path = tmp_path / "log.jsonl"
+    records = [{"id": 1, "text": f"one{separator}two"}, {"id": 2, "text": f"{separator}中文{separator}"}]
+    for record in records:
+        append_jsonl(path, record)
+    assert read_jsonl(path) == records
+    assert path.read_bytes().count(b"\n") == 2 and separator not in path.read_text(encoding="utf-8")
+    # a file an older version wrote with the separators raw reads too
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert separator in raw.read_text(encoding="utf-8") and read_jsonl(raw) == records
+    append_jsonl(raw, {"id": 3})
+    assert [r["id"] for r in read_jsonl(raw)] == [1, 2, 3]
+
+
+def test_those_are_all_the_separators_json_leaves_raw():
+    splitting = [chr(i) for i in range(0x110000) if len(f"a{chr(i)}b".splitlines()) > 1]
+    assert [ch for ch in splitting if ch in json.dumps(ch, ensure_ascii=False)] == LINE_SEPARATORS

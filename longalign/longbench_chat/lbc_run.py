@@ -7,6 +7,7 @@ The summary is labelled from the stored settings, never from this run's flags al
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -22,11 +23,19 @@ from longalign.storage import write_bytes_atomic, write_json_atomic
 SUITE = "longbench_chat"
 PREDICTIONS = "predictions.jsonl"
 KEY_CHARS_IN_NAMES = 12
+MAX_NAME_CHARS = 100  # well under the 255 bytes a file name may have
+DEFAULT_NAME = "model"  # a name with nothing usable in it
 
 
 def model_save_name(model: str) -> str:
-    """A file-name-safe name for a model path, hub id or served model name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", str(model).strip("/")) or "model"
+    """One folder name for a model path, hub id or served model name: letters, digits, `.`, `_`, `-`
+    only (path separators and anything else become `--`), never starting or ending with `.` or `-`
+    (so never `.` or `..`), at most MAX_NAME_CHARS (a longer name keeps its start and a hash of the whole)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "--", str(model)).strip(".-") or DEFAULT_NAME
+    if len(name) > MAX_NAME_CHARS:
+        digest = hashlib.sha256(str(model).encode("utf-8")).hexdigest()[:KEY_CHARS_IN_NAMES]
+        name = f"{name[:MAX_NAME_CHARS - len(digest) - 2].rstrip('.-')}--{digest}"
+    return name
 
 
 def prediction_settings(candidate: Candidate, settings: GenerationSettings) -> dict:

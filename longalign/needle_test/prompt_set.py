@@ -72,3 +72,9 @@ def read_prompt_set(prompt_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
             raise PromptSetError(f"{path}: does not match {MANIFEST} (edited after prompt.py wrote it?)")
         records.append(record)
     return manifest, records
+
+
+def needle_of(manifest: dict) -> dict:
+    """The needle and retrieval question a prompt set was built with (from its manifest)."""
+    made_with = manifest.get("config") or {}
+    return {"needle": made_with.get("needle"), "retrieval_question": made_with.get("retrieval_question")}
