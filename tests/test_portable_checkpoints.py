@@ -19,6 +19,7 @@ SHAPE = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max
 PROBE_IDS = [[5, 17, 42, 99, 7, 300, 12, 64, 3, 201, 33]]
 HISTORY = [("What is the key?", "The key is 42.")]
 QUERY = "And the lock?"
+SYSTEM = "You answer in one sentence."
 
 # Run with `python -I` (no cwd, no PYTHONPATH) in an empty folder; the finder below makes any
 # import of this repository's package fail, even through its editable install.
@@ -86,7 +87,8 @@ def test_trained_checkpoint_loads_without_this_repository(family, tiny_tokenizer
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    messages = [{"role": r, "content": c} for q, a in HISTORY for r, c in (("user", q), ("assistant", a))]
+    messages = [{"role": "system", "content": SYSTEM}]
+    messages += [{"role": r, "content": c} for q, a in HISTORY for r, c in (("user", q), ("assistant", a))]
     messages.append({"role": "user", "content": QUERY})
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
            "HOME": str(tmp_path)}
@@ -107,4 +109,4 @@ def test_trained_checkpoint_loads_without_this_repository(family, tiny_tokenizer
 
     prefix_ids, _ = special_token_frame(tiny_tokenizer)
     prefix = "".join(tiny_tokenizer.convert_ids_to_tokens(prefix_ids))
-    assert isolated["prompt"] == prefix + build_prompt(family, HISTORY, QUERY)
+    assert isolated["prompt"] == prefix + build_prompt(family, HISTORY, QUERY, SYSTEM)
