@@ -6,6 +6,10 @@ takes the first N long examples (LongAlign-10k: data/raw/long.jsonl, or the HF d
 THUDM/LongAlign-10k when that file is missing) plus all short ones (data/raw/sharegpt.jsonl),
 formats them with the model's chat template and writes input_ids/labels (int32, unpadded) with
 stats.json and invalid_rows.jsonl to --output_dir (default data/<model>/<datanum>).
+
+--long and --short take JSONL, a JSON array or parquet (gzip'd or not), or a Hugging Face
+dataset (org/name[:split], or a local dataset folder), with rows in the messages format or the
+ShareGPT format, system turns included (data/README.md).
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--datanum", default="10k", help="first N long examples: 0k, 5k, 10k, any Nk or integer")
     parser.add_argument("--tokenizer", default=None, help="path or hub id (default: the released LongAlign model)")
     parser.add_argument("--long", default=None,
-                        help="long data JSONL (default data/raw/long.jsonl; if that is missing, the HF dataset)")
-    parser.add_argument("--short", default=DEFAULT_SHORT_JSONL, help="short (ShareGPT) data JSONL")
+                        help="long data: a JSONL / JSON / parquet file (.gz too) or a dataset org/name[:split] "
+                             "(default data/raw/long.jsonl; if that is missing, the HF dataset)")
+    parser.add_argument("--short", default=DEFAULT_SHORT_JSONL,
+                        help="short data (ShareGPT): a file or dataset, as --long; not the same data as --long")
     parser.add_argument("--max_length", type=int, default=DEFAULT_MAX_LENGTH)
     parser.add_argument("--truncate", choices=TRUNCATION_MODES, default="right",
                         help="over-long examples: keep the head (right), the first 2 tokens + tail (left), or skip")

@@ -18,17 +18,36 @@ writes them. Per family, with i the round number:
 ChatGLM's "\\n\\n答：" is the assistant header: written before each assistant message and, at the
 end, only with `add_generation_prompt=True`. Llama-2's "[/INST]" closes the user turn (as in
 Meta's own template). Assistant messages are stripped of edge whitespace (`| trim`), as
-`longalign.templates.reply_text` strips replies in the training text. Roles must alternate
-user/assistant starting with user; a system message is an error (the LongAlign formats have none).
+`longalign.templates.reply_text` strips replies in the training text. A system message may open
+the conversation and is written as `longalign.templates` writes it (llama: `<<SYS>>\\n...\\n<</SYS>>\\n\\n`
+inside the first [INST]; chatglm: `<|system|>` + "\\n" + the text before round 1); after it, roles
+must alternate user/assistant starting with user, and a system message anywhere else is an error.
 """
 from __future__ import annotations
 
 from longalign.constants import MODEL_FAMILIES
+from longalign.templates import (CHATGLM_SYSTEM_HEADER, CHATGLM_SYSTEM_TOKEN, LLAMA_SYSTEM_CLOSE,
+                                 LLAMA_SYSTEM_OPEN)
 from longalign.tokenization import special_token_frame
 
+
+def _literal(text: str) -> str:
+    """`text` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# An opening system message is taken out of the turns (`system`); the turns then alternate.
+_SPLIT_SYSTEM = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = none %}{% set turns = messages %}{% endif %}"
+)
 _ROLE_CHECK = (
+    "{% if message['role'] == 'system' %}"
+    "{{ raise_exception('a system message may only open the conversation') }}"
+    "{% endif %}"
     "{% if message['role'] not in ['user', 'assistant'] %}"
-    "{{ raise_exception('LongAlign chat formats have only user and assistant turns, got ' + message['role']) }}"
+    "{{ raise_exception('LongAlign chat formats have only system, user and assistant turns, got ' + message['role']) }}"
     "{% endif %}"
     "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('roles must alternate user/assistant/user/... starting with user') }}"
@@ -39,12 +58,19 @@ _BODIES = {
     "llama": (
         "{% if message['role'] == 'user' %}"
         "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
-        "{{ '[INST]' + message['content'] + '[/INST]' }}"
+        "{{ '[INST]' }}"
+        "{% if loop.first and system is not none %}"
+        "{{ " + _literal(LLAMA_SYSTEM_OPEN) + " + system + " + _literal(LLAMA_SYSTEM_CLOSE) + " }}"
+        "{% endif %}"
+        "{{ message['content'] + '[/INST]' }}"
         "{% else %}{{ message['content'] | trim }}{% endif %}"
     ),
     "chatglm": (
         "{% if message['role'] == 'user' %}"
         "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+        "{% if loop.first and system is not none %}"
+        "{{ " + _literal(CHATGLM_SYSTEM_TOKEN + CHATGLM_SYSTEM_HEADER) + " + system }}"
+        "{% endif %}"
         "{{ '[Round ' + (loop.index0 // 2 + 1) | string + ']\\n\\n问：' + message['content'] }}"
         "{% else %}{{ '\\n\\n答：' + message['content'] | trim }}{% endif %}"
     ),
@@ -59,9 +85,8 @@ def jinja_chat_template(family: str, prefix: str) -> str:
     """The template of `family`; `prefix` is written literally before the first round."""
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {MODEL_FAMILIES}")
-    literal = prefix.replace("\\", "\\\\").replace("'", "\\'")
-    return ("{{ '" + literal + "' }}"
-            "{% for message in messages %}" + _ROLE_CHECK + _BODIES[family] + "{% endfor %}"
+    return ("{{ " + _literal(prefix) + " }}" + _SPLIT_SYSTEM
+            + "{% for message in turns %}" + _ROLE_CHECK + _BODIES[family] + "{% endfor %}"
             + _GENERATION_PROMPT[family])
 
 

@@ -2,14 +2,18 @@
 
 Output (DESIGN.md §1) at `output_dir`, written through `longalign.storage.atomic_dir`:
 - the `datasets` Arrow files (`save_to_disk`): columns input_ids, labels — int32, unpadded;
-- `stats.json`: per source, rows read / kept (written, truncated ones included) / truncated /
-  skipped_too_long / skipped_invalid (by kind) / skipped_no_target, token totals, a length
-  histogram, and what labelling met: `empty_replies_masked` (replies with nothing but
-  whitespace / zero-width characters, masked with their EOS target), `reply_edges_stripped`
-  (replies whose edge whitespace was removed), `ids_differ_from_whole_text` (rows whose segment
-  ids differ from tokenizing the whole text: a merge crossed a reply boundary; see
-  tokenization.py); plus on-disk bytes per token and throughput;
-- `invalid_rows.jsonl`: one line per bad input row (source, file, line number, kind, reason).
+- `stats.json`: per source, what was read (`container`: jsonl / json_array / parquet / hf_dataset,
+  `compression`, `rows_by_format`: messages / sharegpt / none, `system_prompts`), rows read /
+  kept (written, truncated ones included) / truncated / skipped_too_long / skipped_invalid (by
+  kind) / skipped_no_target, token totals, a length histogram, rows cut to the text budget
+  before tokenizing (`rows_cut_before_tokenizing`, `chars_cut_before_tokenizing`:
+  longalign.text_budget; their `tokens_before_truncation` count the cut text), and what
+  labelling met: `empty_replies_masked` (replies with nothing but whitespace / zero-width
+  characters, masked with their EOS target), `reply_edges_stripped` (replies whose edge
+  whitespace was removed), `ids_differ_from_whole_text` (rows whose segment ids differ from
+  tokenizing the whole text: a merge crossed a reply boundary; see tokenization.py); plus
+  on-disk bytes per token and throughput;
+- `invalid_rows.jsonl`: one line per bad input row (source, file, line or row number, kind, reason).
 Per source: rows_read == kept + skipped_too_long + skipped_invalid + skipped_no_target.
 """
 from __future__ import annotations
@@ -23,25 +27,27 @@ from pathlib import Path
 import numpy as np
 
 from longalign.constants import DEFAULT_LONG_JSONL, LONGALIGN_HF_DATASET, TOKEN_COLUMNS
-from longalign.conversations import Conversation, InvalidRow, SourceRows, read_jsonl, read_rows
+from longalign.conversations import Conversation, InvalidRow, SourceRows
+from longalign.input_files import (DATA_HELP, SourceSpec, check_usable, parse_source, read_source,
+                                   row_format_counts)
 from longalign.storage import atomic_dir, check_output_dir, write_json_atomic
-from longalign.templates import reply_text
+from longalign.templates import reply_text, system_segments
 from longalign.tokenization import (KEPT, SKIPPED_NO_TARGET, SKIPPED_TOO_LONG, TRUNCATED,
-                                    ConversationTokenizer, TokenizedExample, load_tokenizer,
+                                    ConversationTokenizer, TokenizedExample, control_token_id, load_tokenizer,
                                     tokenize_all)
 
 STAGE = "pre_tokenize"  # the writer named in the output folder's marker (longalign.storage)
 INVALID_REPORT = "invalid_rows.jsonl"
 STATS_FILE = "stats.json"
-DATA_HELP = "see data/README.md for how to obtain LongAlign-10k and ShareGPT in the messages format"
 
 
 @dataclass
 class PretokenizeConfig:
     family: str
     tokenizer: str
-    long_path: str | None  # None: DEFAULT_LONG_JSONL, or the HF dataset when that file is missing
-    short_path: str
+    long_path: str | None  # file or dataset (longalign.input_files); None: DEFAULT_LONG_JSONL, or the
+    # HF dataset when that file is missing
+    short_path: str  # file or dataset
     datanum: int  # first N long rows; all short rows
     max_length: int
     truncate: str
@@ -55,36 +61,26 @@ class PretokenizeConfig:
 
 
 # ---- inputs -------------------------------------------------------------------------------
-def _load_hf_long(limit: int, strict: bool) -> SourceRows:
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(LONGALIGN_HF_DATASET, split="train")
-    except Exception as err:  # re-raised with the context a user needs (offline, no cache...)
-        raise RuntimeError(
-            f"{DEFAULT_LONG_JSONL} does not exist, and loading the HF dataset {LONGALIGN_HF_DATASET} "
-            f"failed ({type(err).__name__}: {err}). Offline? Download it where there is internet "
-            f"and put it at {DEFAULT_LONG_JSONL} or pass --long PATH; {DATA_HELP}") from err
-    total = len(dataset)
-    selected = dataset.select(range(min(limit, total)))
-    return read_rows(iter(selected), origin=f"hf:{LONGALIGN_HF_DATASET}", total=total, strict=strict)
+HF_LONG_HINT = (f"{DEFAULT_LONG_JSONL} does not exist, so the HF dataset {LONGALIGN_HF_DATASET} was loaded. "
+                f"Offline? Download it where there is internet and put it at {DEFAULT_LONG_JSONL} or pass "
+                f"--long PATH; {DATA_HELP}")
 
 
-def load_long(path: str | None, limit: int, strict: bool) -> SourceRows:
-    if path is None:  # only the default path falls back to the hub: a typo must not download 10k rows
-        if not Path(DEFAULT_LONG_JSONL).exists():
-            if limit == 0:  # --datanum 0k: nothing to take, nothing to download
-                return SourceRows(origin=f"hf:{LONGALIGN_HF_DATASET} (not loaded: --datanum 0)")
-            return _load_hf_long(limit, strict)
-        path = DEFAULT_LONG_JSONL
-    return read_jsonl(_existing(path, "long"), limit=limit, strict=strict)
+def long_spec(path: str | None) -> SourceSpec:
+    """What --long names: the value given, else DEFAULT_LONG_JSONL, else the HF dataset."""
+    if path is not None:  # only the default path falls back to the hub: a typo must not download 10k rows
+        return parse_source(path, "long")
+    if Path(DEFAULT_LONG_JSONL).exists():
+        return parse_source(DEFAULT_LONG_JSONL, "long")
+    return SourceSpec(LONGALIGN_HF_DATASET, "dataset", LONGALIGN_HF_DATASET)
 
 
-def _existing(path: str, what: str) -> str:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{what} data file not found: {path}; {DATA_HELP} "
-                                "(or run `python -m longalign.demo_data --out DIR` for demo data)")
-    return path
+def check_distinct_sources(long: SourceSpec | None, short: SourceSpec) -> None:
+    """The same data as --long and --short would be used twice, every row doubled: refuse."""
+    if long is not None and long.identity() == short.identity():
+        raise ValueError(f"--long {long.value} and --short {short.value} name the same data "
+                         f"({short.identity()[1]}): every row would be used twice; pass it to one of them (and "
+                         "an empty file, or other data, to the other)")
 
 
 # ---- stats --------------------------------------------------------------------------------
@@ -99,6 +95,10 @@ class SourceStats:
     origin: str
     requested: int | None
     available: int | None
+    container: str | None = None
+    compression: str | None = None
+    rows_by_format: dict = dataclasses.field(default_factory=dict)
+    system_prompts: int = 0
     rows_read: int = 0
     blank_lines: int = 0
     byte_order_marks_removed: int = 0
@@ -112,6 +112,8 @@ class SourceStats:
     reply_edges_stripped: int = 0
     empty_replies_masked: int = 0
     ids_differ_from_whole_text: int = 0
+    rows_cut_before_tokenizing: int = 0
+    chars_cut_before_tokenizing: int = 0
     tokens: int = 0
     target_tokens: int = 0
     tokens_before_truncation: int = 0
@@ -124,6 +126,12 @@ class SourceStats:
         out["length_histogram"] = dict(by_low_end)
         return out
 
+    @classmethod
+    def of_source(cls, source: SourceRows, requested: int | None) -> SourceStats:
+        return cls(source.origin, requested, source.available, source.container, source.compression,
+                   row_format_counts(source), rows_read=len(source.rows), blank_lines=source.blank_lines,
+                   byte_order_marks_removed=int(source.byte_order_mark))
+
     def add_invalid(self, row: InvalidRow) -> None:
         self.skipped_invalid += 1
         self.skipped_invalid_by_kind[row.kind] = self.skipped_invalid_by_kind.get(row.kind, 0) + 1
@@ -132,11 +140,14 @@ class SourceStats:
         self.dropped_trailing_user_turns += int(conversation.dropped_trailing_user)
         self.zero_width_chars_removed += conversation.zero_width_removed
         self.reply_edges_stripped += sum(reply != reply_text(reply) for _, reply in conversation.rounds)
+        self.system_prompts += int(conversation.system is not None)
 
     def add_example(self, example: TokenizedExample) -> None:
         self.tokens_before_truncation += example.length_before_truncation
         self.empty_replies_masked += example.empty_replies
         self.ids_differ_from_whole_text += int(example.differs_from_whole_text)
+        self.rows_cut_before_tokenizing += int(example.cut_chars > 0)
+        self.chars_cut_before_tokenizing += example.cut_chars
         if example.status == SKIPPED_TOO_LONG:
             self.skipped_too_long += 1
             return
@@ -155,8 +166,8 @@ class SourceStats:
 
 def _total(per_source: dict[str, SourceStats]) -> dict:
     keys = ("rows_read", "kept", "truncated", "skipped_too_long", "skipped_invalid", "skipped_no_target",
-            "empty_replies_masked", "reply_edges_stripped", "ids_differ_from_whole_text",
-            "tokens", "target_tokens", "tokens_before_truncation")
+            "empty_replies_masked", "reply_edges_stripped", "ids_differ_from_whole_text", "system_prompts",
+            "rows_cut_before_tokenizing", "tokens", "target_tokens", "tokens_before_truncation")
     return {key: sum(getattr(stats, key) for stats in per_source.values()) for key in keys}
 
 
@@ -202,27 +213,47 @@ def _check_config(config: PretokenizeConfig) -> None:
 
 
 def _read_sources(config: PretokenizeConfig) -> dict[str, SourceRows]:
-    # Short data is checked first so a missing file fails before a (possibly long) hub download.
-    short = read_jsonl(_existing(config.short_path, "short"), strict=config.strict)
-    long = load_long(config.long_path, config.datanum, config.strict)
-    return {"long": long, "short": short}
+    # Short data is checked and read first so a bad file fails before a (possibly long) hub download.
+    short = parse_source(config.short_path, "short")
+    long = long_spec(config.long_path)
+    check_distinct_sources(long if config.datanum else None, short)
+    sources = {"short": read_source(short, strict=config.strict)}
+    if config.datanum == 0 and long.kind == "dataset":  # 0k: nothing to take, nothing to download
+        sources["long"] = SourceRows(origin=f"hf:{long.path} (not loaded: --datanum 0)")
+    else:
+        sources["long"] = read_source(long, config.datanum, config.strict,
+                                      HF_LONG_HINT if config.long_path is None else "")
+    for name, flag in (("long", "--long"), ("short", "--short")):
+        check_usable(sources[name], flag)
+    return {"long": sources["long"], "short": sources["short"]}
 
 
 def _split_rows(sources: dict[str, SourceRows], requested: dict, stats: dict, report: list):
     """Count invalid rows; return (source name, conversation) for every valid row, in order."""
     tagged = []
     for name, source in sources.items():
-        stats[name] = SourceStats(source.origin, requested[name], source.available,
-                                  rows_read=len(source.rows), blank_lines=source.blank_lines,
-                                  byte_order_marks_removed=int(source.byte_order_mark))
+        stats[name] = SourceStats.of_source(source, requested[name])
         for row in source.rows:
             if isinstance(row, InvalidRow):
                 stats[name].add_invalid(row)
-                report.append(row.to_report(name, source.origin))
+                report.append(row.to_report(name, source.origin, source.unit))
             else:
                 stats[name].add_conversation(row)
                 tagged.append((name, row))
     return tagged
+
+
+def check_system_prompts(encoder: ConversationTokenizer, tagged: list, sources: dict[str, SourceRows]) -> None:
+    """Refuse, before tokenizing, system turns the family writes with a token the tokenizer lacks."""
+    first = next(((name, c) for name, c in tagged if c.system is not None), None)
+    if first is None:
+        return
+    for segment in system_segments(encoder.family, first[1].system):
+        try:
+            control_token_id(encoder.tokenizer, segment.text)
+        except ValueError as err:
+            raise ValueError(f"{sources[first[0]].where(first[1].line)} has a system turn, which the "
+                             f"{encoder.family} format writes with {segment.text!r}: {err}") from None
 
 
 def shuffle_rows(tagged: list, seed: int | None) -> list:
@@ -241,7 +272,8 @@ def _tokenize(config: PretokenizeConfig, tagged: list, stats: dict) -> list:
 
     conversations = [conversation.rounds for _, conversation in tagged]
     batches = tokenize_all(conversations, config.tokenizer, config.family, config.max_length,
-                           config.truncate, config.num_proc, config.batch_size, config.trust_remote_code)
+                           config.truncate, config.num_proc, config.batch_size, config.trust_remote_code,
+                           systems=[conversation.system for _, conversation in tagged])
     record_batches, position = [], 0
     total = -(-len(conversations) // config.batch_size)
     for examples in tqdm(batches, total=total, desc="pre_tokenize", unit="batch"):
@@ -296,6 +328,10 @@ def _check_max_length_fits_template(encoder: ConversationTokenizer, config: Pret
                          f"--truncate {config.truncate} no example could keep a target")
 
 
+def _number(report_row: dict) -> str:
+    return f"line {report_row['line']}" if "line" in report_row else f"row {report_row['row']}"
+
+
 class NothingToWriteError(ValueError):
     """No example survived: a dataset without rows is not written. `stats`: what was counted."""
 
@@ -309,7 +345,7 @@ def _check_something_kept(per_source: dict, report: list) -> None:
     total = _total(per_source)
     if total["kept"]:
         return
-    first_bad = f"; first invalid row: {report[0]['origin']}:{report[0]['line']} ({report[0]['kind']})" \
+    first_bad = f"; first invalid row: {report[0]['origin']} {_number(report[0])} ({report[0]['kind']})" \
         if report else ""
     counts = {k: v for k, v in total.items() if k.startswith("skipped") or k == "rows_read"}
     raise NothingToWriteError(f"no example to write ({counts}{first_bad}); nothing was written: check the "
@@ -327,6 +363,7 @@ def run_pretokenize(config: PretokenizeConfig) -> dict:
     sources = _read_sources(config)
     per_source, report = {}, []
     tagged = _split_rows(sources, {"long": config.datanum, "short": None}, per_source, report)
+    check_system_prompts(encoder, tagged, sources)
     tagged = shuffle_rows(tagged, config.shuffle_seed)
     tokenize_started = time.perf_counter()
     record_batches = _tokenize(config, tagged, per_source)

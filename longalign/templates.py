@@ -9,6 +9,18 @@ with, per round i (1-based),
     chatglm: "[Round {i}]\\n\\n问：{user}\\n\\n答：{assistant}"
     llama:   "[INST]{user}[/INST]{assistant}"
 
+An optional system prompt (a `system` turn opening the conversation; never a target) is written
+the way each family's chat format writes one:
+
+    chatglm: "<|system|>" "\\n{system}" before round 1 -- ChatGLM3's system role: its `<|system|>`
+             role token (a control token, see CONTROL), then "\\n" + the text, as ChatGLM3's
+             `build_chat_input` builds a system turn;
+    llama:   "[INST]<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user}[/INST]" -- Llama-2's system block
+             inside the first [INST], with this format's spacing (no space around [INST]/[/INST],
+             as every other round is written).
+
+Without a system prompt the text is exactly what it was before system turns were supported.
+
 Decisions (README "Differences from the original code"):
 - Round separator: "\\n\\n" for both families, the released models' chat format (ChatGLM's
   `build_prompt`, LongAlign's Llama prompt). The original training code lost it: under
@@ -33,12 +45,17 @@ from typing import Sequence
 from longalign.constants import MODEL_FAMILIES
 
 ROUND_SEPARATOR = "\n\n"
+LLAMA_SYSTEM_OPEN, LLAMA_SYSTEM_CLOSE = "<<SYS>>\n", "\n<</SYS>>\n\n"  # Llama-2's B_SYS, E_SYS
+CHATGLM_SYSTEM_TOKEN = "<|system|>"  # ChatGLM3's system role token
+CHATGLM_SYSTEM_HEADER = "\n"  # ChatGLM3 writes "<|system|>" + "\n" + the system text
 
 # What the loss does with the tokens of a segment.
 PROMPT = "prompt"  # no token is a target
 REPLY = "reply"  # every token is a target (the assistant's answer)
 CLOSE = "close"  # text after a reply; its first position carries the EOS target closing that reply
-SEGMENT_KINDS = (PROMPT, REPLY, CLOSE)
+CONTROL = "control"  # a control token named by its text (ChatGLM3's "<|system|>"): one id, never text,
+# never a target; only at the start of a conversation
+SEGMENT_KINDS = (PROMPT, REPLY, CLOSE, CONTROL)
 
 
 @dataclass(frozen=True)
@@ -59,24 +76,49 @@ def reply_text(assistant: str) -> str:
     return assistant.strip()
 
 
-def round_prompt(family: str, round_index: int, user: str) -> str:
-    """The text of round `round_index` (1-based) up to where the assistant's answer starts."""
+def round_prompt(family: str, round_index: int, user: str, system: str | None = None) -> str:
+    """The text of round `round_index` (1-based) up to where the assistant's answer starts;
+    `system` (round 1 only): the llama system block inside the first [INST] (chatglm writes its
+    system turn before round 1 instead: `system_segments`)."""
     check_family(family)
     if round_index < 1:
         raise ValueError(f"round_index is 1-based, got {round_index}")
+    if system is not None and round_index != 1:
+        raise ValueError(f"a system prompt belongs to round 1, not round {round_index}")
     if family == "chatglm":
         return f"[Round {round_index}]\n\n问：{user}\n\n答："
+    if system is not None:
+        user = LLAMA_SYSTEM_OPEN + system + LLAMA_SYSTEM_CLOSE + user
     return f"[INST]{user}[/INST]"
 
 
-def build_prompt(family: str, history: Sequence[tuple[str, str]], query: str) -> str:
-    """The text the model sees before its answer to `query`, after the rounds in `history`."""
-    done = "".join(segment.text for segment in conversation_segments(family, history))
-    separator = ROUND_SEPARATOR if history else ""
-    return done + separator + round_prompt(family, len(history) + 1, query)
+def system_segments(family: str, system: str | None) -> list[Segment]:
+    """What comes before round 1's prompt for a system prompt: chatglm's role token and its header
+    (the system text itself joins round 1's PROMPT segment, see conversation_segments)."""
+    check_family(family)
+    if system is None or family != "chatglm":
+        return []
+    return [Segment(CHATGLM_SYSTEM_TOKEN, CONTROL)]
 
 
-def conversation_segments(family: str, rounds: Sequence[tuple[str, str]]) -> list[Segment]:
+def _first_prompt(family: str, user: str, system: str | None) -> str:
+    if system is not None and family == "chatglm":
+        return CHATGLM_SYSTEM_HEADER + system + round_prompt(family, 1, user)
+    return round_prompt(family, 1, user, system)
+
+
+def build_prompt(family: str, history: Sequence[tuple[str, str]], query: str, system: str | None = None) -> str:
+    """The text the model sees before its answer to `query`, after the rounds in `history`
+    (a CONTROL segment is written as its token's text, as a chat template writes it)."""
+    if not history:
+        return "".join(segment.text for segment in system_segments(family, system)) + \
+            _first_prompt(family, query, system)
+    done = "".join(segment.text for segment in conversation_segments(family, history, system))
+    return done + ROUND_SEPARATOR + round_prompt(family, len(history) + 1, query)
+
+
+def conversation_segments(family: str, rounds: Sequence[tuple[str, str]],
+                          system: str | None = None) -> list[Segment]:
     """Cut the training text of `rounds` into PROMPT / REPLY / CLOSE segments.
 
     After an intermediate reply, the separator and the next round's prompt form one CLOSE
@@ -86,19 +128,22 @@ def conversation_segments(family: str, rounds: Sequence[tuple[str, str]]) -> lis
 
         [("q1", " a1 "), ("q2", "a2")], llama ->
         PROMPT "[INST]q1[/INST]" | REPLY "a1" | CLOSE "\\n\\n[INST]q2[/INST]" | REPLY "a2"
+        [("q1", "a1")], chatglm, system "s" ->
+        CONTROL "<|system|>" | PROMPT "\\ns[Round 1]\\n\\n问：q1\\n\\n答：" | REPLY "a1"
+
+    A conversation without rounds has no segments (its system prompt alone has nothing to learn).
     """
     check_family(family)
-    segments: list[Segment] = []
+    segments: list[Segment] = list(system_segments(family, system)) if rounds else []
     for index, (user, assistant) in enumerate(rounds, start=1):
-        prompt = round_prompt(family, index, user)
         if index == 1:
-            segments.append(Segment(prompt, PROMPT))
+            segments.append(Segment(_first_prompt(family, user, system), PROMPT))
         else:
-            segments.append(Segment(ROUND_SEPARATOR + prompt, CLOSE))
+            segments.append(Segment(ROUND_SEPARATOR + round_prompt(family, index, user), CLOSE))
         segments.append(Segment(reply_text(assistant), REPLY))
     return segments
 
 
-def conversation_text(family: str, rounds: Sequence[tuple[str, str]]) -> str:
+def conversation_text(family: str, rounds: Sequence[tuple[str, str]], system: str | None = None) -> str:
     """The whole training text of `rounds` (without EOS, which is a token id)."""
-    return "".join(segment.text for segment in conversation_segments(family, rounds))
+    return "".join(segment.text for segment in conversation_segments(family, rounds, system))

@@ -24,6 +24,11 @@ the model learns to stop after every answer of a multi-round chat. An empty repl
 after stripping whitespace and zero-width characters) is masked, EOS target included, and
 counted (`empty_replies_masked`); a row left with no target is skipped and counted. Everything
 else is IGNORE_INDEX. All texts of a batch of conversations go through one batched encode.
+
+System prompts (`longalign.templates`) are prompt text, never targets; ChatGLM3's `<|system|>`
+role token is a CONTROL segment, written as its id (a tokenizer without that token is refused).
+Over-long rows are cut to a text budget before tokenizing (`longalign.text_budget`), so memory
+per row is bounded by --max_length while the kept ids stay those of the whole text.
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from longalign.constants import IGNORE_INDEX, LEFT_TRUNCATION_KEEP_HEAD, TRUNCATION_MODES, ZERO_WIDTH_CHARS
-from longalign.templates import CLOSE, PROMPT, REPLY, conversation_segments, reply_text
+from longalign.templates import CLOSE, CONTROL, PROMPT, REPLY, Segment, conversation_segments, reply_text
+from longalign.text_budget import cut_segments, text_budget
 from longalign.text_encoder import TextEncoder
 
 _PROBE_TEXT = "a"  # any short text: only the special tokens wrapped around it matter
@@ -59,6 +65,7 @@ class TokenizedExample:
     num_targets: int
     empty_replies: int = 0
     differs_from_whole_text: bool = False
+    cut_chars: int = 0  # characters not tokenized (longalign.text_budget)
 
 
 REMOTE_CODE_FILES = ("tokenizer_config.json", "config.json")  # where an `auto_map` names custom classes
@@ -128,6 +135,18 @@ class EncodedConversation:
     labels: list[int]
     empty_replies: int = 0  # replies masked because they are empty (see is_empty_reply)
     differs_from_whole_text: bool = False  # segment ids != ids of the whole text (module docstring)
+    segment_lengths: tuple = ()  # ids per segment (a CONTROL segment: 1), prefix and EOS excluded
+    cut_chars: int = 0  # characters left out before tokenizing (longalign.text_budget)
+
+
+def control_token_id(tokenizer, token: str) -> int:
+    """The id of control token `token` (e.g. ChatGLM3's "<|system|>"); ValueError if it has none."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(token_id) != token:
+        raise ValueError(f"the tokenizer has no {token!r} token, which this chat format writes a system turn "
+                         "with (ChatGLM3's tokenizer has it); use a tokenizer that has it, or data without "
+                         "system turns")
+    return int(token_id)
 
 
 class ConversationTokenizer:
@@ -144,37 +163,55 @@ class ConversationTokenizer:
             raise ValueError(f"the tokenizer appends special tokens {suffix}; only none or EOS is supported")
         self.encoder = TextEncoder(tokenizer)
 
-    def encode_batch(self, conversations: Sequence[Sequence[tuple[str, str]]]) -> list[EncodedConversation]:
-        """Untruncated ids and labels of each conversation (one batched encode for all texts)."""
-        per_conversation = [conversation_segments(self.family, rounds) for rounds in conversations]
-        firsts = [segments[0].text for segments in per_conversation if segments]
-        wholes = ["".join(segment.text for segment in segments) for segments in per_conversation if segments]
-        rests = [segment.text for segments in per_conversation for segment in segments[1:]]
+    def encode_batch(self, conversations: Sequence[Sequence[tuple[str, str]]],
+                     systems: Sequence[str | None] | None = None) -> list[EncodedConversation]:
+        """Untruncated ids and labels of each conversation (one batched encode for all texts);
+        `systems`: each conversation's system prompt or None (default: none)."""
+        systems = systems if systems is not None else [None] * len(conversations)
+        return self.encode_segments([conversation_segments(self.family, rounds, system)
+                                     for rounds, system in zip(conversations, systems, strict=True)])
+
+    def _split_control(self, segments: Sequence[Segment]) -> tuple[list[int], list[Segment]]:
+        """(ids of the leading CONTROL segments, the text segments after them)."""
+        count = next((i for i, segment in enumerate(segments) if segment.kind != CONTROL), len(segments))
+        if any(segment.kind == CONTROL for segment in segments[count:]):
+            raise ValueError("a control token segment may only open a conversation")
+        return [control_token_id(self.tokenizer, segment.text) for segment in segments[:count]], list(segments[count:])
+
+    def encode_segments(self, per_conversation: Sequence[Sequence[Segment]],
+                        compare_whole: bool = True) -> list[EncodedConversation]:
+        """Ids and labels of each segment list; `compare_whole`: also encode each whole text and
+        flag rows whose segment ids differ from it (module docstring)."""
+        split = [self._split_control(segments) for segments in per_conversation]
+        firsts = [texts[0].text for _, texts in split if texts]
+        wholes = ["".join(segment.text for segment in texts) for _, texts in split if texts] if compare_whole else []
+        rests = [segment.text for _, texts in split for segment in texts[1:]]
         plain = iter(self.encoder.encode(firsts + wholes))
         first_ids = [next(plain) for _ in firsts]
         whole_ids = list(plain)
         rest_ids = iter(self.encoder.encode(rests, continuation=True))
         results, with_text = [], iter(range(len(firsts)))
-        for rounds, segments in zip(conversations, per_conversation):
-            if not segments:  # a conversation without rounds has no target
+        for control_ids, texts in split:
+            if not texts:  # a conversation without rounds has no target
                 results.append(EncodedConversation(list(self.prefix), [IGNORE_INDEX] * len(self.prefix)))
                 continue
             index = next(with_text)
-            pieces = [first_ids[index]] + [next(rest_ids) for _ in segments[1:]]
-            result = self._label(segments, pieces)
-            text_ids = result.ids[len(self.prefix):-1]
-            result.differs_from_whole_text = text_ids != whole_ids[index]
+            pieces = [first_ids[index]] + [next(rest_ids) for _ in texts[1:]]
+            result = self._label(control_ids, texts, pieces)
+            if compare_whole:
+                result.differs_from_whole_text = result.ids[len(self.prefix) + len(control_ids):-1] != whole_ids[index]
             results.append(result)
         return results
 
-    def _label(self, segments, pieces: list[list[int]]) -> EncodedConversation:
+    def _label(self, control_ids: list[int], segments, pieces: list[list[int]]) -> EncodedConversation:
         """Concatenate the segments' ids; targets: reply tokens, and EOS after each reply.
 
         [PROMPT "[INST]q[/INST]", REPLY "ab", CLOSE "\\n\\n[INST]r[/INST]", REPLY ""] ->
             ids    = prefix  q-tokens  a     b     \\n-token ... r-tokens  EOS
             labels = X       X ...     a     b     EOS        X ...         X   (empty reply: masked)
         """
-        ids, labels = list(self.prefix), [IGNORE_INDEX] * len(self.prefix)
+        ids = list(self.prefix) + control_ids
+        labels = [IGNORE_INDEX] * len(ids)
         closing, empty = IGNORE_INDEX, 0  # the target of the position right after the last reply
         for segment, tokens in zip(segments, pieces):
             if segment.kind not in (PROMPT, REPLY, CLOSE):
@@ -194,7 +231,40 @@ class ConversationTokenizer:
             closing = IGNORE_INDEX
         ids.append(self.eos_id)  # EOS closes the last reply
         labels.append(closing)
-        return EncodedConversation(ids, labels, empty)
+        lengths = (1,) * len(control_ids) + tuple(len(tokens) for tokens in pieces)
+        return EncodedConversation(ids, labels, empty, segment_lengths=lengths)
+
+
+def _encode_cut(encoder: ConversationTokenizer, segments: list[Segment], max_length: int,
+                mode: str) -> EncodedConversation:
+    """Encode an over-long conversation cut to the text budget, doubled until the kept ids lie
+    inside the cut text with the safety margin (longalign.text_budget); the whole text if it fits."""
+    scale = 1
+    while True:
+        budget = text_budget(max_length, mode, scale)
+        cut = cut_segments(segments, budget)
+        if cut is None:
+            return encoder.encode_segments([segments])[0]
+        [encoded] = encoder.encode_segments([cut.segments], compare_whole=False)
+        head = len(encoder.prefix) + sum(encoded.segment_lengths[:cut.head_count])
+        tail = sum(encoded.segment_lengths[cut.head_count:]) + 1  # + EOS
+        if budget.holds(head, tail):
+            encoded.cut_chars = cut.cut_chars
+            return encoded
+        scale *= 2
+
+
+def encode_within_budget(encoder: ConversationTokenizer, conversations: Sequence[Sequence[tuple[str, str]]],
+                         systems: Sequence[str | None], max_length: int, mode: str) -> list[EncodedConversation]:
+    """`encoder.encode_batch`, with over-long conversations cut first (longalign.text_budget)."""
+    per_conversation = [conversation_segments(encoder.family, rounds, system)
+                        for rounds, system in zip(conversations, systems, strict=True)]
+    budget = text_budget(max_length, mode)
+    over = {i for i, segments in enumerate(per_conversation) if cut_segments(segments, budget) is not None}
+    within = [i for i in range(len(per_conversation)) if i not in over]
+    results = dict(zip(within, encoder.encode_segments([per_conversation[i] for i in within])))
+    results.update({i: _encode_cut(encoder, per_conversation[i], max_length, mode) for i in sorted(over)})
+    return [results[i] for i in range(len(per_conversation))]
 
 
 def truncate(ids: list[int], labels: list[int], max_length: int, mode: str) -> tuple[list[int], list[int], str]:
@@ -217,7 +287,8 @@ def truncate(ids: list[int], labels: list[int], max_length: int, mode: str) -> t
 def finish_example(encoded: EncodedConversation, max_length: int, mode: str) -> TokenizedExample:
     """Truncate, drop examples without a target, and convert to int32 arrays."""
     original = len(encoded.ids)
-    found = dict(empty_replies=encoded.empty_replies, differs_from_whole_text=encoded.differs_from_whole_text)
+    found = dict(empty_replies=encoded.empty_replies, differs_from_whole_text=encoded.differs_from_whole_text,
+                 cut_chars=encoded.cut_chars)
     ids, labels, status = truncate(encoded.ids, encoded.labels, max_length, mode)
     if status == SKIPPED_TOO_LONG:
         return TokenizedExample(status, None, None, original, 0, **found)
@@ -244,9 +315,12 @@ def _init_pool_worker(*init_args) -> None:
     _init_worker(*init_args)
 
 
-def _work(batch: Sequence[Sequence[tuple[str, str]]]) -> list[TokenizedExample]:
+def _work(batch: Sequence[tuple[str | None, Sequence[tuple[str, str]]]]) -> list[TokenizedExample]:
+    """Tokenize a batch of (system prompt or None, rounds)."""
     encoder, max_length, mode = _WORKER["encoder"], _WORKER["max_length"], _WORKER["mode"]
-    return [finish_example(encoded, max_length, mode) for encoded in encoder.encode_batch(batch)]
+    systems, conversations = [system for system, _ in batch], [rounds for _, rounds in batch]
+    encoded = encode_within_budget(encoder, conversations, systems, max_length, mode)
+    return [finish_example(e, max_length, mode) for e in encoded]
 
 
 def _batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
@@ -256,10 +330,14 @@ def _batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
 
 def tokenize_all(conversations: Sequence[Sequence[tuple[str, str]]], tokenizer_path: str, family: str,
                  max_length: int, mode: str, num_proc: int = 1, batch_size: int = 64,
-                 trust_remote_code: bool = False) -> Iterable[list[TokenizedExample]]:
-    """Yield, batch by batch and in input order, the TokenizedExample of every conversation."""
+                 trust_remote_code: bool = False,
+                 systems: Sequence[str | None] | None = None) -> Iterable[list[TokenizedExample]]:
+    """Yield, batch by batch and in input order, the TokenizedExample of every conversation
+    (`systems`: each one's system prompt or None; default none)."""
     if num_proc < 1:
         raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+    systems = systems if systems is not None else [None] * len(conversations)
+    conversations = list(zip(systems, conversations, strict=True))
     init_args = (tokenizer_path, family, max_length, mode, trust_remote_code)
     if num_proc == 1:
         _init_worker(*init_args)

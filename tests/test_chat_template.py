@@ -8,15 +8,19 @@ from transformers import PreTrainedTokenizerFast
 from longalign.chat_template import attach_chat_template, jinja_chat_template
 from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
-from longalign.templates import build_prompt
+from longalign.templates import build_prompt, conversation_text
 
 ROUNDS = [("What is the key?", "  The key is 42.\n"), ("问：钥匙在哪里？", "在桌子上。\n\n第二段"),
           ("Quote: '[INST]' and \\n and {{ braces }}", "It's fine.")]
 
 
-def messages(history, query=None):
-    out = [{"role": r, "content": c} for q, a in history for r, c in (("user", q), ("assistant", a))]
+def messages(history, query=None, system=None):
+    out = [{"role": "system", "content": system}] if system is not None else []
+    out += [{"role": r, "content": c} for q, a in history for r, c in (("user", q), ("assistant", a))]
     return out + ([{"role": "user", "content": query}] if query is not None else [])
+
+
+SYSTEM = "You are LongAlign. Quote: '<<SYS>>' \\n {{ x }}\nSecond line."
 
 
 @pytest.fixture
@@ -51,11 +55,13 @@ def test_chatglm_answer_header_is_the_generation_prompt(tokenizer):
     assert plain == "[gMASK]sop[Round 1]\n\n问：hi" and with_prompt == plain + "\n\n答："
 
 
-@pytest.mark.parametrize("bad", [[{"role": "system", "content": "x"}, {"role": "user", "content": "y"}],
+@pytest.mark.parametrize("bad", [[{"role": "tool", "content": "x"}, {"role": "user", "content": "y"}],
                                  [{"role": "assistant", "content": "x"}],
-                                 [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]])
+                                 [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}],
+                                 [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}],
+                                 [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}]])
 def test_other_roles_and_orders_are_errors(bad, tokenizer):
-    with pytest.raises(Exception, match="LongAlign chat formats|alternate"):
+    with pytest.raises(Exception, match="LongAlign chat formats|alternate|only open"):
         tokenizer.apply_chat_template(bad, chat_template=jinja_chat_template("llama", ""), tokenize=False)
 
 
@@ -94,3 +100,17 @@ def test_assistant_edge_whitespace_is_stripped_like_the_training_text(family, to
     text = tokenizer.apply_chat_template(messages(rounds), chat_template=template, tokenize=False)
     assert text == build_prompt(family, rounds[:1], rounds[1][0]) + "a2"
     assert " q1 " in text and "\n  a1" not in text
+
+
+@pytest.mark.parametrize("family", ["llama", "chatglm"])
+@pytest.mark.parametrize("n_history", [0, 1, 2])
+def test_system_message_renders_as_the_training_text_writes_it(family, n_history, tokenizer):
+    template = jinja_chat_template(family, prefix="<s>")
+    history, query = ROUNDS[:n_history], ROUNDS[n_history][0]
+    text = tokenizer.apply_chat_template(messages(history, query, SYSTEM), chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    assert text == "<s>" + build_prompt(family, history, query, SYSTEM)
+    finished = tokenizer.apply_chat_template(messages(ROUNDS, system=SYSTEM), chat_template=template, tokenize=False)
+    assert finished == "<s>" + conversation_text(family, ROUNDS, SYSTEM)
+    expected_block = {"llama": "[INST]<<SYS>>\n" + SYSTEM + "\n<</SYS>>\n\n", "chatglm": "<|system|>\n" + SYSTEM}
+    assert text.startswith("<s>" + expected_block[family])

@@ -40,12 +40,14 @@ def case(request, llama2_tokenizer, chatglm3_tokenizer, tiny_tokenizer):
     return family, tiny_tokenizer, [tiny_tokenizer.convert_tokens_to_ids("<s>")]
 
 
-def training_text(family, rounds):
-    """The template written out literally (rounds joined by \\n\\n, replies stripped)."""
+def training_text(family, rounds, lead=""):
+    """The template written out literally (rounds joined by \\n\\n, replies stripped); `lead`:
+    text in front of the first round."""
     if family == "llama":
         parts = [f"[INST]{user}[/INST]{reply.strip()}" for user, reply in rounds]
     else:
         parts = [f"[Round {i}]\n\n问：{user}\n\n答：{reply.strip()}" for i, (user, reply) in enumerate(rounds, 1)]
+    parts[0] = lead + parts[0]
     return "\n\n".join(parts), parts
 
 
@@ -53,9 +55,9 @@ def encode_text(tokenizer, text):
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
-def expected(tokenizer, family, prefix, rounds, empty=()):
+def expected(tokenizer, family, prefix, rounds, empty=(), lead=""):
     """(ids, labels) from the rules in the module docstring; `empty`: indices of masked rounds."""
-    text, parts = training_text(family, rounds)
+    text, parts = training_text(family, rounds, lead)
     whole = encode_text(tokenizer, text)
     eos = tokenizer.eos_token_id
     ids = prefix + whole + [eos]
@@ -73,8 +75,8 @@ def expected(tokenizer, family, prefix, rounds, empty=()):
     return ids, labels
 
 
-def encode(tokenizer, family, rounds):
-    [encoded] = ConversationTokenizer(tokenizer, family).encode_batch([rounds])
+def encode(tokenizer, family, rounds, system=None):
+    [encoded] = ConversationTokenizer(tokenizer, family).encode_batch([rounds], [system])
     return encoded
 
 
@@ -179,3 +181,24 @@ def test_no_stray_sentencepiece_prefix_before_the_separator(llama2_tokenizer):
     separator = pieces.index("<0x0A>")
     assert pieces[separator - 1] == "." and pieces[separator:separator + 3] == ["<0x0A>", "<0x0A>", "["]
     assert "\u2581" not in pieces[separator - 2:separator + 3]
+
+
+SYSTEM = "You are helpful. 你好 </s> <|user|>"
+
+
+def test_system_prompt_is_prompt_text_in_the_family_format(case):
+    """llama: the <<SYS>> block inside the first [INST]; chatglm: the <|system|> token id after the
+    prefix, then "\\n" + the system text before [Round 1]. Never a target."""
+    family, tokenizer, prefix = case
+    if family == "chatglm" and "<|system|>" not in tokenizer.get_vocab():
+        with pytest.raises(ValueError, match=r"no '<\|system\|>' token"):
+            encode(tokenizer, family, MULTI_TURN, SYSTEM)
+        return
+    encoded = encode(tokenizer, family, MULTI_TURN, SYSTEM)
+    if family == "llama":
+        block = [(f"<<SYS>>\n{SYSTEM}\n<</SYS>>\n\n{MULTI_TURN[0][0]}", MULTI_TURN[0][1])] + MULTI_TURN[1:]
+        want = expected(tokenizer, family, prefix, block)
+    else:
+        want = expected(tokenizer, family, prefix + [tokenizer.commands["<|system|>"]], MULTI_TURN, lead=f"\n{SYSTEM}")
+    assert (encoded.ids, encoded.labels) == want
+    assert encoded.labels.count(tokenizer.eos_token_id) == len(MULTI_TURN)  # replies only

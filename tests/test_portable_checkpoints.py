@@ -23,6 +23,7 @@ HISTORY = [("What is the key?", "The key is 42.")]
 QUERY = "And the lock?"
 ANSWER = "The lock is open."
 README_SECTION = "## Checkpoints that load anywhere"
+SYSTEM = "You answer in one sentence."
 
 # Run with `python -I` (no cwd, no PYTHONPATH) in an empty folder; the finder below makes any
 # import of this repository's package fail, even through its editable install.
@@ -76,8 +77,8 @@ def readme_snippet(folder: Path, messages: list[dict]) -> str:
 
 
 def training_prompt_ids(tokenizer, family: str) -> list[int]:
-    """The ids training reads before the last answer of HISTORY + (QUERY, ANSWER)."""
-    [encoded] = ConversationTokenizer(tokenizer, family).encode_batch([HISTORY + [(QUERY, ANSWER)]])
+    """The ids training reads before the last answer of SYSTEM + HISTORY + (QUERY, ANSWER)."""
+    [encoded] = ConversationTokenizer(tokenizer, family).encode_batch([HISTORY + [(QUERY, ANSWER)]], [SYSTEM])
     labels = encoded.labels
     last_reply = max(i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX)
     return encoded.ids[:last_reply]
@@ -118,7 +119,8 @@ def test_trained_checkpoint_loads_without_this_repository(family, tiny_tokenizer
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    messages = [{"role": r, "content": c} for q, a in HISTORY for r, c in (("user", q), ("assistant", a))]
+    messages = [{"role": "system", "content": SYSTEM}]
+    messages += [{"role": r, "content": c} for q, a in HISTORY for r, c in (("user", q), ("assistant", a))]
     messages.append({"role": "user", "content": QUERY})
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
            "HOME": str(tmp_path)}
@@ -139,7 +141,7 @@ def test_trained_checkpoint_loads_without_this_repository(family, tiny_tokenizer
 
     prefix_ids, _ = special_token_frame(tiny_tokenizer)
     prefix = "".join(tiny_tokenizer.convert_ids_to_tokens(prefix_ids))
-    assert isolated["prompt"] == prefix + build_prompt(family, HISTORY, QUERY)
+    assert isolated["prompt"] == prefix + build_prompt(family, HISTORY, QUERY, SYSTEM)
     # the README's snippet tokenizes once: the training ids, the special prefix (BOS) once
     assert isolated["snippet_ids"] == isolated["text_once"] == training_prompt_ids(tiny_tokenizer, family)
     assert prefix_ids and isolated["snippet_ids"][:len(prefix_ids)] == prefix_ids

@@ -213,7 +213,7 @@ BAD_ROWS = [
     {"conversation": []},                                                # 3 missing messages
     {"messages": [{"role": "assistant", "content": "x"}]},               # 4 wrong role order
     {"messages": [{"role": "user", "content": ["x"]}]},                  # 5 non-string content
-    {"messages": [{"role": "system", "content": "x"}]},                  # 6 unknown role
+    {"messages": [{"role": "tool", "content": "x"}]},                    # 6 unknown role
     messages("also", "fine"),                                            # 7
 ]
 EXPECTED_BAD = {2: "malformed_json", 3: "missing_messages", 4: "wrong_role_order",

@@ -1,7 +1,7 @@
 """Chat templates (DESIGN.md §7): exact strings and agreement between training text and prompts."""
 import pytest
 
-from longalign.templates import (CLOSE, PROMPT, REPLY, build_prompt, conversation_segments,
+from longalign.templates import (CLOSE, CONTROL, PROMPT, REPLY, build_prompt, conversation_segments,
                                  conversation_text, round_prompt)
 
 ROUNDS = [("Hi", "Hello!"), ("What is 2+2?", "4"), ("Thanks", "You're welcome.")]
@@ -55,3 +55,28 @@ def test_unknown_family_is_an_error():
 def test_round_index_is_one_based():
     with pytest.raises(ValueError, match="1-based"):
         round_prompt("chatglm", 0, "hi")
+
+
+def test_llama_system_prompt_is_a_sys_block_inside_the_first_inst():
+    expected = "[INST]<<SYS>>\nBe brief.\n<</SYS>>\n\nHi[/INST]Hello!\n\n[INST]What is 2+2?[/INST]"
+    assert build_prompt("llama", ROUNDS[:1], "What is 2+2?", system="Be brief.") == expected
+    assert conversation_text("llama", ROUNDS[:1], "Be brief.") == expected.split("\n\n[INST]What")[0]
+
+
+def test_chatglm_system_prompt_is_its_role_token_and_header_before_round_one():
+    expected = "<|system|>\nBe brief.[Round 1]\n\n问：Hi\n\n答："
+    assert build_prompt("chatglm", [], "Hi", system="Be brief.") == expected
+    segments = conversation_segments("chatglm", ROUNDS[:2], "Be brief.")
+    assert [s.kind for s in segments] == [CONTROL, PROMPT, REPLY, CLOSE, REPLY]
+    assert (segments[0].text, segments[1].text) == ("<|system|>", "\nBe brief.[Round 1]\n\n问：Hi\n\n答：")
+
+
+@pytest.mark.parametrize("family", ["chatglm", "llama"])
+def test_system_prompt_is_never_a_reply_and_absent_means_unchanged(family):
+    with_system = conversation_segments(family, ROUNDS, "SYSTEM TEXT")
+    assert not any("SYSTEM TEXT" in s.text for s in with_system if s.kind != PROMPT)
+    assert conversation_segments(family, ROUNDS, None) == conversation_segments(family, ROUNDS)
+    assert conversation_text(family, ROUNDS, "S") == build_prompt(family, ROUNDS[:-1], ROUNDS[-1][0], "S") + \
+        ROUNDS[-1][1]
+    with pytest.raises(ValueError, match="round 1"):
+        round_prompt(family, 2, "q", system="S")
