@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from faults_support import REPO, kill_at, run_cli
 from longalign import fault_points
 from longalign.divergence import DivergenceGuard, TrainingDiverged, check_nan_policy
+from longalign.constants import IGNORE_INDEX
+from longalign.validation import DatasetValidationError
 from sort_and_group import sort_and_group
 from test_train import VOCAB, argv_for, make_model_dir, make_sequences
 from train import main as train_main
@@ -193,3 +195,15 @@ def test_nan_weights_are_never_saved_as_a_checkpoint_or_final_model():
         guard.on_step_end(TrainingArguments("unused", use_cpu=True), state, control, model=model)
     with pytest.raises(TrainingDiverged, match="the final model: the weights hold NaN/inf"):
         guard.check_weights(model, "step 7: the final model")
+
+
+# ---- a dataset without any target ------------------------------------------------------------------------
+def test_train_refuses_a_dataset_without_any_target_naming_its_folder(setup, tmp_path):
+    _, model, _ = setup
+    no_targets = tmp_path / "no_targets"
+    ids = [s for s, _ in make_sequences(4)]
+    datasets.Dataset.from_dict({"input_ids": ids, "labels": [[IGNORE_INDEX] * len(s) for s in ids]}).save_to_disk(
+        str(no_targets))
+    with pytest.raises(DatasetValidationError, match=rf"{no_targets}: no row has a target token"):
+        train_main(argv_for(model, str(no_targets), str(tmp_path / "out"), "naive", "--max_steps", "1"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
