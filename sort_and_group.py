@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from longalign.arguments import non_negative_int
 from longalign.constants import DEFAULT_GROUP_SIZE, DEFAULT_MAX_LENGTH, PACK_STRATEGIES
 from longalign.fault_points import BETWEEN_SORT_AND_PACK, fault_point
 from longalign.packing import build_pack_table, pack_stats, plan_packs
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sort_remainder", choices=SORT_REMAINDER_POLICIES, default="repeat",
                         help="incomplete last sorted group: repeat its members (default) or drop the "
                              "longest N mod group_size sequences as the original does")
-    parser.add_argument("--seed", type=int, default=42, help="shuffles the order of groups")
+    parser.add_argument("--seed", type=non_negative_int, default=42, help="shuffles the order of groups")
     parser.add_argument("--too_long", choices=TOO_LONG_POLICIES, default="truncate",
                         help="what to do with a sequence longer than --max_length")
     parser.add_argument("--repeat_small_dataset", action="store_true",

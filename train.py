@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from longalign.arguments import check_seed
 from longalign.chat_template import attach_chat_template
 from longalign.collators import BATCH_METHODS, LOSS_REDUCTIONS, build_collator, with_row_index
 from longalign.divergence import NAN_POLICIES, SKIPPED_LOG_KEY, check_nan_policy
@@ -116,6 +117,8 @@ def parse_args(argv=None) -> tuple[LongAlignArguments, TrainingArguments]:
         raise ValueError("--remove_unused_columns must stay False: the collators select the columns")
     args.loss_reduction = resolve_loss_reduction(args.batch_method, args.pack_loss, args.loss_reduction)
     check_nan_policy(args.nan_policy, training_args.deepspeed, training_args.fp16)
+    check_seed("--seed", training_args.seed)
+    check_seed("--data_seed", training_args.data_seed)
     speed_request(args)  # conflicting speed flags fail here, before any loading
     sp = args.sequence_parallel_size
     data_parallel = check_sequence_parallel_layout(sp, training_args.world_size, training_args.per_device_train_batch_size,

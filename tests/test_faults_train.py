@@ -207,3 +207,11 @@ def test_train_refuses_a_dataset_without_any_target_naming_its_folder(setup, tmp
     with pytest.raises(DatasetValidationError, match=rf"{no_targets}: no row has a target token"):
         train_main(argv_for(model, str(no_targets), str(tmp_path / "out"), "naive", "--max_steps", "1"))
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--data_seed"])
+def test_a_negative_seed_is_refused_naming_its_flag(setup, tmp_path, flag):
+    _, model, base = setup
+    with pytest.raises(ValueError, match=rf"{flag} must be an integer in \[0, 2\*\*32\), got -1"):
+        train_main(argv_for(model, str(base), str(tmp_path / "out"), "naive", flag, "-1"))
+    assert not (tmp_path / "out").exists()
