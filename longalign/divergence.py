@@ -1,7 +1,7 @@
 """Non-finite training steps: stopped (default) or skipped on request, never hidden, never saved.
 
 Every optimizer step checks, on all ranks together, the loss of each of its micro-steps and the
-gradient norm (before the optimizer runs):
+norm of the step's whole gradient (before it is clipped and before the optimizer runs):
 - `--nan_policy stop` (default): a non-finite loss or gradient norm raises `TrainingDiverged`
   naming the step and the values, before the optimizer step (under DeepSpeed, whose engine steps
   inside the backward pass: right after it); the run exits non-zero, nothing more is saved (the

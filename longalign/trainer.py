@@ -188,6 +188,7 @@ class LongAlignTrainer(Trainer):
         self._micro_step_denominators: list[torch.Tensor] = []  # loss_denominator="micro_step": D_m * GA
         self._window_counts = torch.zeros(len(COUNT_FIELDS), dtype=torch.float64)
         self._window_start, self._window_step0 = None, 0
+        self._unclipped_grad_norm = None  # set by the last micro-step of each optimizer step
         self.divergence = DivergenceGuard(nan_policy, self._step_grad_norm, self.args.device)
         self.add_callback(self.divergence)  # after DefaultFlowCallback: it sees should_save
 
@@ -276,6 +277,8 @@ class LongAlignTrainer(Trainer):
         self.accelerator.backward(loss, **kwargs)
         logged = loss.detach() * (self.args.world_size / self.gradient_divisor)  # what HF logs: module docstring
         self.divergence.record_loss(logged)
+        if self.accelerator.sync_gradients and not (self.is_deepspeed_enabled or self.args.fp16):
+            self._unclipped_grad_norm = local_gradient_norm(model)  # the step's whole gradient, before HF clips it
         return logged
 
     def _step_grad_norm(self, model) -> float | None:
@@ -285,7 +288,8 @@ class LongAlignTrainer(Trainer):
         if self.is_deepspeed_enabled:
             norm = self.model_wrapped.get_global_grad_norm()
             return None if norm is None else float(norm)
-        return local_gradient_norm(model)
+        norm, self._unclipped_grad_norm = self._unclipped_grad_norm, None
+        return norm
 
     # ---- logs ----
     def log(self, logs, start_time=None):
