@@ -20,6 +20,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from longalign.arguments import non_negative_int
     from longalign.constants import (DEFAULT_MAX_LENGTH, DEFAULT_SHORT_JSONL, MODEL_FAMILIES,
                                      TRUNCATION_MODES)
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(never an unrelated folder, a file, or a folder holding the inputs)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="allow a tokenizer that ships Python code (ChatGLM3's); read that code first")
-    parser.add_argument("--shuffle_seed", type=int, default=None,
+    parser.add_argument("--shuffle_seed", type=non_negative_int, default=None,
                         help="write the rows (long and short mixed) in a random order with this seed, as the "
                              "original does unseeded; default: input order, long rows then short")
     return parser

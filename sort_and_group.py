@@ -7,6 +7,8 @@ reads the pre_tokenize.py dataset at --train_file and writes, each with a stats.
 - <train_file>/pack: packs of <= --max_length tokens with 1/N_k loss weights and cu_seqlens.
 Formats: DESIGN.md §2. Policies (too long, empty, no targets, incomplete last group, fewer
 sequences than --group_size): longalign/token_sequences.py, longalign/sorting.py, longalign/packing.py.
+Refused, nothing written: an input that is itself a sort/ or pack/ output, or sequences none of
+which keeps a target token (e.g. --max_length 1).
 Both outputs are written complete first, then swapped in one right after the other; both
 stats.json carry the same `pair_id`, so a run killed between the two swaps leaves a pair that
 train.py refuses (re-run this script to repair it). Replacing outputs: longalign/storage.py.
@@ -19,17 +21,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
+from longalign.arguments import non_negative_int
 from longalign.constants import DEFAULT_GROUP_SIZE, DEFAULT_MAX_LENGTH, PACK_STRATEGIES
 from longalign.fault_points import BETWEEN_SORT_AND_PACK, fault_point
 from longalign.packing import build_pack_table, pack_stats, plan_packs
 from longalign.sorting import (SORT_REMAINDER_POLICIES, build_sort_table, check_enough_sequences,
                                check_group_size, plan_sort, sort_stats)
 from longalign.storage import atomic_dir, check_output_dir, data_files_digest
-from longalign.token_sequences import (TOO_LONG_POLICIES, format_stats_table, load_token_table,
-                                       prepare_sequences, write_table)
+from longalign.token_sequences import (TOO_LONG_POLICIES, check_has_targets, check_not_grouped_output,
+                                       format_stats_table, load_token_table, prepare_sequences,
+                                       write_table)
 
 STAGE = "sort_and_group"  # the writer named in the output folders' markers (longalign.storage)
 OUTPUTS = ("sort", "pack")
@@ -49,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sort_remainder", choices=SORT_REMAINDER_POLICIES, default="repeat",
                         help="incomplete last sorted group: repeat its members (default) or drop the "
                              "longest N mod group_size sequences as the original does")
-    parser.add_argument("--seed", type=int, default=42, help="shuffles the order of groups")
+    parser.add_argument("--seed", type=non_negative_int, default=42, help="shuffles the order of groups")
     parser.add_argument("--too_long", choices=TOO_LONG_POLICIES, default="truncate",
                         help="what to do with a sequence longer than --max_length")
     parser.add_argument("--repeat_small_dataset", action="store_true",
@@ -89,7 +94,9 @@ def sort_and_group(train_file, group_size: int, max_length: int, pack_strategy: 
         check_output_dir(Path(train_file) / name, STAGE, overwrite, [train_file])
     started = time.perf_counter()
     table = load_token_table(train_file)
+    check_not_grouped_output(train_file, table, STAGE)
     sequences, input_counts = prepare_sequences(table, max_length, too_long)
+    check_has_targets(sequences, input_counts, train_file, max_length)
     check_enough_sequences(len(sequences.lengths), group_size, repeat_small_dataset)
     settings = {"seed": seed, "max_length": max_length, "group_size": group_size,
                 "pack_strategy": pack_strategy, "too_long": too_long, "sort_remainder": sort_remainder}
@@ -116,6 +123,12 @@ def main(argv=None) -> None:
                              args.sort_remainder)
     print(format_stats_table(f"sort -> {Path(args.train_file) / 'sort'}", summary["sort"]))
     print(format_stats_table(f"pack -> {Path(args.train_file) / 'pack'}", summary["pack"]))
+    without = summary["sort"]["sequences_without_targets"]
+    if without:
+        print(f"warning: {without} of {summary['sort']['sequences']} sequences have no target token "
+              f"({summary['sort']['truncated_lost_all_targets']} lost all to truncation at --max_length "
+              f"{args.max_length}): kept with zero loss weight (sequences_without_targets in stats.json)",
+              file=sys.stderr)
     print(f"done in {summary['seconds']:.1f} s")
 
 

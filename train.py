@@ -12,6 +12,8 @@ family's transformers class with LongAlign's packed attention and weighted loss
 transformers; ChatGLM: with its remote code, `trust_remote_code=True`), its tokenizer carrying
 the training chat template. Data order, loss normalisation and logs: longalign/trainer.py;
 batches and loss weights: longalign/collators.py. Every standard TrainingArguments flag applies.
+A non-finite loss or gradient norm stops the run naming the step, and NaN/inf weights are never
+saved (--nan_policy skip: such steps are skipped, counted; longalign/divergence.py).
 
 Speed (longalign/performance.py), logged in one line at start: on CUDA, without flags, the
 recompute policy is the fastest whose predicted peak memory fits the GPU (replacing
@@ -23,13 +25,16 @@ loss as N = 1 (longalign/sequence_parallel.py; sort_and_group.py --group_size W 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from longalign.arguments import check_seed
 from longalign.chat_template import attach_chat_template
 from longalign.collators import BATCH_METHODS, LOSS_REDUCTIONS, build_collator, with_row_index
+from longalign.divergence import NAN_POLICIES, SKIPPED_LOG_KEY, check_nan_policy
 from longalign.modeling.checkpoints import SelfDescribingCheckpoints, make_self_describing
 from longalign.modeling.loading import load_training_model, load_training_tokenizer, model_family, pad_token_id
 from longalign.performance import (SpeedRequest, SpeedSettings, apply_speed_settings, longest_row_tokens,
@@ -88,6 +93,10 @@ class LongAlignArguments:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow the tokenizer folder's own Python code to run (ChatGLM3's tokenizer is remote code); "
                 "the model always loads through this package's code"})
+    nan_policy: str = field(default="stop", metadata={
+        "choices": list(NAN_POLICIES),
+        "help": "a non-finite loss or gradient norm: stop the run naming the step (default), or skip that "
+                "batch's optimizer step, counted as nonfinite_steps_skipped in the logs (longalign/divergence.py)"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "a fresh run into a used --output_dir moves the previous run into <output_dir>/replaced-<time>/ "
                 "(nothing is deleted; longalign/run_state.py)"})
@@ -95,8 +104,9 @@ class LongAlignArguments:
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((LongAlignArguments, TrainingArguments))
-    # Columns are chosen by our collators (num_sequences etc. are not forward arguments).
-    parser.set_defaults(report_to="none", remove_unused_columns=False)
+    # Columns are chosen by our collators (num_sequences etc. are not forward arguments). A non-finite
+    # loss is logged as it is, not as the mean of earlier losses (longalign/divergence.py).
+    parser.set_defaults(report_to="none", remove_unused_columns=False, logging_nan_inf_filter=False)
     return parser
 
 
@@ -106,6 +116,9 @@ def parse_args(argv=None) -> tuple[LongAlignArguments, TrainingArguments]:
     if training_args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: the collators select the columns")
     args.loss_reduction = resolve_loss_reduction(args.batch_method, args.pack_loss, args.loss_reduction)
+    check_nan_policy(args.nan_policy, training_args.deepspeed, training_args.fp16)
+    check_seed("--seed", training_args.seed)
+    check_seed("--data_seed", training_args.data_seed)
     speed_request(args)  # conflicting speed flags fail here, before any loading
     sp = args.sequence_parallel_size
     data_parallel = check_sequence_parallel_layout(sp, training_args.world_size, training_args.per_device_train_batch_size,
@@ -173,7 +186,7 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
                                processing_class=tokenizer, callbacks=callbacks, batch_method=args.batch_method,
                                loss_reduction=args.loss_reduction, group_size=group_size,
                                peak_tflops=args.peak_tflops, loss_denominator=args.loss_denominator,
-                               sequence_parallel_size=sp)
+                               sequence_parallel_size=sp, nan_policy=args.nan_policy)
     trainer.longalign_args, trainer.model_family, trainer.speed_settings = args, family, speed
     return trainer
 
@@ -187,11 +200,15 @@ def main(argv=None) -> LongAlignTrainer:
               f"sequence_parallel_size={args.sequence_parallel_size}", flush=True)
         print(trainer.speed_settings.log_line(), flush=True)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.divergence.check_weights(trainer.model, f"step {trainer.state.global_step}: the final model")
     trainer.save_model(trainer.args.output_dir)  # HF format (ZeRO-3: gathered 16-bit weights)
     trainer.save_state()
     if trainer.is_world_process_zero():
         make_self_describing(trainer.args.output_dir, trainer.model_family)
         print(f"model saved to {trainer.args.output_dir}", flush=True)
+        if trainer.divergence.skipped:
+            print(f"warning: {trainer.divergence.skipped} optimizer steps skipped for a non-finite loss or gradient "
+                  f"norm (--nan_policy skip; {SKIPPED_LOG_KEY} in trainer_state.json)", file=sys.stderr, flush=True)
     close_process_group()
     return trainer
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from longalign.chat_formats import AUTO, CHATGLM, ChatFormat, render_prompt, resolve_chat_format
+from longalign.json_files import check_json_files
 from longalign.prediction_keys import directory_fingerprint, resolve_model_dir
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def prepare_prompt(query: str, chat_format: ChatFormat, tokenizer, max_length: i
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_json_files(path)  # a broken tokenizer.json / tokenizer_config.json is named
     return _remote_code_guard(path, lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 

@@ -10,7 +10,10 @@ Policies (each counted in the returned `counts`, never applied silently):
   `skip` leaves it out, `error` stops before anything is written;
 - an empty sequence (0 tokens) carries nothing to train on and is left out;
 - a sequence without target tokens (all labels IGNORE_INDEX, possibly after truncation) is kept
-  with zero loss weight, so nothing is lost and no 1/N_k divides by zero.
+  with zero loss weight, so nothing is lost and no 1/N_k divides by zero (counted:
+  `sequences_without_targets`, `truncated_lost_all_targets`; sort_and_group.py warns);
+- no sequence with a target at all (`check_has_targets`, e.g. --max_length 1): an error, nothing
+  written.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from longalign.constants import IGNORE_INDEX, TOKEN_COLUMNS
-from longalign.storage import write_json_atomic
+from longalign.storage import OUTPUT_MARKER, read_output_marker, write_json_atomic
 
 TOO_LONG_POLICIES = ("truncate", "skip", "error")
 
@@ -116,6 +119,33 @@ def load_token_table(path: str | Path) -> pa.Table:
     return table
 
 
+def grouped_output_reasons(path: str | Path, table: pa.Table, stage: str) -> list[str]:
+    """Why the dataset at `path` is itself a sorted/packed output of `stage` (empty: it is not)."""
+    path = Path(path)
+    reasons = []
+    if "cu_seqlens" in table.column_names:
+        reasons.append("its rows carry cu_seqlens (each row is a pack of sequences)")
+    if (read_output_marker(path) or {}).get("stage") == stage:
+        reasons.append(f"its {OUTPUT_MARKER} names {stage} as its writer")
+    try:
+        stats = json.loads((path / "stats.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stats = None
+    if isinstance(stats, dict) and "pair_id" in stats:
+        reasons.append(f"its stats.json has the pair_id {stage} writes")
+    return reasons
+
+
+def check_not_grouped_output(path: str | Path, table: pa.Table, stage: str) -> None:
+    """Refuse a sort/ or pack/ output as input: its packs would be re-packed as single sequences
+    (attention and 1/N_k crossing sequence boundaries), written into a nested sort/ and pack/."""
+    reasons = grouped_output_reasons(path, table, stage)
+    if reasons:
+        raise ValueError(f"--train_file {path} is a {stage} output ({'; '.join(reasons)}): sorting or packing it "
+                         "again would treat each pack as one sequence. Give the pre_tokenize.py dataset it was "
+                         f"made from (--train_file {Path(path).parent}); nothing written")
+
+
 def check_has_rows(path: Path) -> None:
     """An empty dataset has no Arrow file, and datasets' load_from_disk fails on it with an IndexError."""
     try:
@@ -204,6 +234,15 @@ def prepare_sequences(table: pa.Table, max_length: int, too_long: str) -> tuple[
     counts.update(sequences=int(rows.size), tokens=int(sequences.lengths.sum()),
                   sequences_without_targets=int((sequences.num_targets == 0).sum()))
     return sequences, counts
+
+
+def check_has_targets(sequences: TokenSequences, counts: dict, where: str | Path, max_length: int) -> None:
+    """Refuse sequences none of which keeps a target token: an output with nothing to train on."""
+    if int(sequences.num_targets.sum()) == 0:
+        raise ValueError(
+            f"--train_file {where}: none of the {counts['sequences']} sequences keeps a target token with "
+            f"--max_length {max_length} ({counts['truncated_lost_all_targets']} lost all their targets to "
+            "truncation): nothing to train on, nothing written. Use a --max_length that keeps the replies")
 
 
 def write_table(table: pa.Table, folder: str | Path, stats: dict) -> None:

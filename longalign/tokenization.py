@@ -42,6 +42,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from longalign.constants import IGNORE_INDEX, LEFT_TRUNCATION_KEEP_HEAD, TRUNCATION_MODES, ZERO_WIDTH_CHARS
+from longalign.json_files import check_json_files
 from longalign.templates import CLOSE, CONTROL, PROMPT, REPLY, Segment, conversation_segments, reply_text
 from longalign.text_budget import cut_segments, text_budget
 from longalign.text_encoder import TextEncoder
@@ -91,9 +92,11 @@ def _remote_code_classes(path_or_id: str) -> tuple[str, dict] | None:
 
 def load_tokenizer(path_or_id: str, trust_remote_code: bool = False):
     """AutoTokenizer.from_pretrained; a tokenizer that ships Python code loads only with
-    `trust_remote_code` (--trust_remote_code): ChatGLM3's does, byte-level BPE folders do not."""
+    `trust_remote_code` (--trust_remote_code): ChatGLM3's does, byte-level BPE folders do not.
+    A local folder's JSON files are parsed first: a broken one is an error naming it."""
     from transformers import AutoTokenizer
 
+    check_json_files(path_or_id)  # a broken file is named, not a bare JSONDecodeError
     remote = None if trust_remote_code else _remote_code_classes(path_or_id)
     if remote is not None:
         raise ValueError(f"tokenizer {path_or_id!r} ships its own Python code ({remote[0]} has auto_map "

@@ -33,6 +33,9 @@ Rows past the last whole multiple of W b are dropped with a warning, so every ra
 number of micro-steps (sort_and_group.py completes groups, so none are dropped when W b | G).
 Naive: HF's seeded random sampler.
 
+Non-finite loss / gradient norm / weights: stopped, or skipped with --nan_policy skip, counted
+(longalign/divergence.py; `nan_policy`).
+
 Throughput logs (per optimizer step, averaged over the logging window, all ranks):
 step_sequences, step_tokens (real, unpadded), tokens_per_s, and
     mfu = [6 N T + 6 n_layers d sum_k L_k^2] / (seconds * W * peak)
@@ -51,6 +54,7 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer
 
 from longalign.collators import BATCH_METHODS, COUNT_FIELDS, COUNTS_KEY, check_reduction
+from longalign.divergence import SKIPPED_LOG_KEY, DivergenceGuard, local_gradient_norm
 from longalign.parallel_layout import check_data_parallel_layout
 from longalign.sequence_parallel import StoredOrderSampler, gradient_divisor, sequence_parallel_order
 
@@ -133,7 +137,7 @@ class LongAlignTrainer(Trainer):
 
     def __init__(self, *args, batch_method: str, loss_reduction: str, group_size: int | None = None,
                  peak_tflops: float = DEFAULT_PEAK_TFLOPS, loss_denominator: str = "step",
-                 sequence_parallel_size: int = 1, **kwargs):
+                 sequence_parallel_size: int = 1, nan_policy: str = "stop", **kwargs):
         super().__init__(*args, **kwargs)
         check_reduction(loss_reduction)
         if loss_denominator not in LOSS_DENOMINATORS:
@@ -165,6 +169,9 @@ class LongAlignTrainer(Trainer):
         self._micro_step_denominators: list[torch.Tensor] = []  # loss_denominator="micro_step": D_m * GA
         self._window_counts = torch.zeros(len(COUNT_FIELDS), dtype=torch.float64)
         self._window_start, self._window_step0 = None, 0
+        self._unclipped_grad_norm = None  # set by the last micro-step of each optimizer step
+        self.divergence = DivergenceGuard(nan_policy, self._step_grad_norm, self.args.device)
+        self.add_callback(self.divergence)  # after DefaultFlowCallback: it sees should_save
 
     # ---- data order ----
     def _get_train_sampler(self, train_dataset=None):
@@ -249,7 +256,21 @@ class LongAlignTrainer(Trainer):
         if self.is_deepspeed_enabled:  # DeepSpeed would otherwise divide by its GA steps
             kwargs["scale_wrt_gas"] = False
         self.accelerator.backward(loss, **kwargs)
-        return loss.detach() * (self.args.world_size / self.gradient_divisor)  # what HF logs: module docstring
+        logged = loss.detach() * (self.args.world_size / self.gradient_divisor)  # what HF logs: module docstring
+        self.divergence.record_loss(logged)
+        if self.accelerator.sync_gradients and not (self.is_deepspeed_enabled or self.args.fp16):
+            self._unclipped_grad_norm = local_gradient_norm(model)  # the step's whole gradient, before HF clips it
+        return logged
+
+    def _step_grad_norm(self, model) -> float | None:
+        """The step's gradient norm for the divergence check; None under fp16 (the loss scaler's)."""
+        if self.args.fp16:
+            return None
+        if self.is_deepspeed_enabled:
+            norm = self.model_wrapped.get_global_grad_norm()
+            return None if norm is None else float(norm)
+        norm, self._unclipped_grad_norm = self._unclipped_grad_norm, None
+        return norm
 
     # ---- logs ----
     def log(self, logs, start_time=None):
@@ -266,4 +287,6 @@ class LongAlignTrainer(Trainer):
             logs["mfu"] = flops / (seconds * self.accelerator.num_processes * self.peak_flops)
             self._window_counts.zero_()
             self._window_start = None
+        if self.divergence.policy == "skip":
+            logs[SKIPPED_LOG_KEY] = self.divergence.skipped
         super().log(logs, start_time)

@@ -11,6 +11,7 @@ built, as "row 0" of that batch. Checked for every row (DESIGN.md §1-2):
 - pack rows, `loss_weights` (when stored): as long as labels, 1/N_k on the targets of sequence k
   (relative tolerance WEIGHT_RTOL) and 0 elsewhere.
 A `cu_seqlens` collapsed to [0, T] therefore fails on `num_sequences` / the weights.
+A dataset without any target (e.g. sort_and_group.py --max_length 1) is refused: nothing to train on.
 
 `check_sort_pack_pair` refuses sort/ and pack/ written by different sort_and_group.py runs.
 Rows are read in slices of ROWS_PER_SLICE, so temporaries stay a few bytes per token of a slice.
@@ -117,10 +118,16 @@ def _check_cu_seqlens(part: _Slice, batch: pa.RecordBatch, where: str) -> tuple[
     return np.repeat(part.token_starts[:-1], sequences_per_row) + cu[is_start], sequences_per_row
 
 
-def _check_pack_weights(part: _Slice, batch: pa.RecordBatch, where: str, seq_starts: np.ndarray,
-                        sequences_per_row: np.ndarray) -> None:
+def _target_mask(part: _Slice, seq_starts: np.ndarray) -> np.ndarray:
+    """The positions the loss uses: labels != IGNORE_INDEX, a sequence's first label never predicted
+    (longalign.collators.target_mask)."""
     targets = part.labels != IGNORE_INDEX
-    targets[seq_starts] = False  # a sequence's first label is never predicted
+    targets[seq_starts] = False
+    return targets
+
+
+def _check_pack_weights(part: _Slice, batch: pa.RecordBatch, where: str, seq_starts: np.ndarray,
+                        sequences_per_row: np.ndarray, targets: np.ndarray) -> None:
     per_sequence = np.add.reduceat(targets, seq_starts, dtype=np.int64)
     seq_row_starts = np.concatenate([[0], np.cumsum(sequences_per_row)[:-1]])
     rows = part.first_row + np.arange(len(part.lengths))
@@ -162,7 +169,7 @@ def validate_training_dataset(dataset, vocab_size: int, pack: bool, where: str,
                               max_length: int | None = None) -> dict:
     """Check every row (module docstring); raise DatasetValidationError naming the first bad row.
 
-    `dataset`: a datasets.Dataset or a pyarrow Table. Returns {"rows", "tokens"}.
+    `dataset`: a datasets.Dataset or a pyarrow Table. Returns {"rows", "tokens", "targets"}.
     """
     table = _table_of(dataset)
     needed = list(TOKEN_COLUMNS) + (["cu_seqlens"] if pack else [])
@@ -173,15 +180,24 @@ def validate_training_dataset(dataset, vocab_size: int, pack: bool, where: str,
     if table.num_rows == 0:
         raise DatasetValidationError(f"{where}: the dataset has no rows")
     columns = needed + [name for name in ("num_sequences", "loss_weights") if pack and name in table.column_names]
-    tokens, first_row = 0, 0
+    tokens, targets, first_row = 0, 0, 0
     for batch in table.select(columns).to_batches(max_chunksize=ROWS_PER_SLICE):
         part = _token_slice(batch, first_row, where, vocab_size, max_length)
         if pack:
             seq_starts, sequences_per_row = _check_cu_seqlens(part, batch, where)
-            _check_pack_weights(part, batch, where, seq_starts, sequences_per_row)
+            mask = _target_mask(part, seq_starts)
+            _check_pack_weights(part, batch, where, seq_starts, sequences_per_row, mask)
+        else:
+            mask = _target_mask(part, part.token_starts[:-1])
         tokens += int(part.lengths.sum())
+        targets += int(mask.sum())
         first_row += batch.num_rows
-    return {"rows": first_row, "tokens": tokens}
+    if targets == 0:
+        raise DatasetValidationError(
+            f"{where}: no row has a target token (every label the loss would use is {IGNORE_INDEX}): training "
+            "would run at loss 0 and save an unchanged model. Rebuild the dataset (pre_tokenize.py / "
+            "sort_and_group.py with a --max_length that keeps the replies)")
+    return {"rows": first_row, "tokens": tokens, "targets": targets}
 
 
 def check_sort_pack_pair(train_file: str | Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 from faults_support import (REPO, kill_at, messages, no_write_permission_prefix, run_cli, snapshot,
                             write_jsonl)
 from longalign import fault_points
+from longalign.json_files import BrokenJsonFileError
 from longalign.storage import OUTPUT_MARKER, clean_leftovers
 from longalign.validation import DatasetValidationError, check_sort_pack_pair
 
@@ -295,3 +296,43 @@ def test_outputs_carry_the_marker_and_still_load(dataset_dir):
     marker = json.loads((dataset_dir / OUTPUT_MARKER).read_text())
     assert marker["stage"] == "pre_tokenize" and "stats.json" in marker["entries"]
     assert datasets.load_from_disk(str(dataset_dir)).num_rows == 7
+
+
+# ---- errors that name the file or flag at fault (issue 25) ---------------------------------------------
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_broken_tokenizer_file_is_named_by_every_stage(tmp_path, tiny_tokenizer_dir, raw, name):
+    import pre_tokenize as pre_tokenize_script
+    from longalign import generation, tokenization
+
+    folder = shutil.copytree(tiny_tokenizer_dir, tmp_path / "tokenizer")
+    text = (folder / name).read_text(encoding="utf-8")
+    (folder / name).write_text(text[:len(text) // 2], encoding="utf-8")  # a truncated copy / download
+    message = rf"{folder / name}: not valid JSON \(.* at line \d+ column \d+\)"
+    for load in (tokenization.load_tokenizer, generation.load_tokenizer):  # training / evaluation stages
+        with pytest.raises(BrokenJsonFileError, match=message):
+            load(str(folder))
+    with pytest.raises(BrokenJsonFileError, match=message):
+        pre_tokenize_script.main(["--model", "llama", "--tokenizer", str(folder), "--long", str(raw["long"]),
+                                  "--short", str(raw["short"]), "--num_proc", "1", "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_broken_checkpoint_config_is_named(tmp_path):
+    from longalign.modeling.loading import model_family
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama",', encoding="utf-8")
+    with pytest.raises(BrokenJsonFileError, match=rf"{tmp_path / 'config.json'}: not valid JSON"):
+        model_family(tmp_path)
+
+
+@pytest.mark.parametrize("script, flag", [("pre_tokenize", "--shuffle_seed"), ("sort_and_group", "--seed")])
+def test_a_negative_seed_is_refused_naming_its_flag(capsys, tmp_path, dataset_dir, script, flag):
+    import importlib
+
+    argv = {"pre_tokenize": ["--model", "llama", "--output_dir", str(tmp_path / "o")],
+            "sort_and_group": ["--train_file", str(dataset_dir)]}[script]
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(script).main([*argv, flag, "-1"])
+    assert stopped.value.code == 2
+    assert f"argument {flag}: expected an integer >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (dataset_dir / "sort").exists()

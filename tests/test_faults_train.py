@@ -1,18 +1,29 @@
 """Issue 15, training stage: train.py (a subprocess, as a user runs it) on a tiny ChatGLM, with
 resumes from incomplete checkpoints or on other data, used output folders, a corrupt pack row and
 a sort/pack pair from two sort_and_group.py runs. Items 4, 5, 7, 8 of the issue; the exact-resume
-case the audit found sound stays in test_train.py (test_resume_continues_at_the_next_batch)."""
+case the audit found sound stays in test_train.py (test_resume_continues_at_the_next_batch).
+Issue 25: a diverging run (a learning rate that blows up) stops naming the step, or skips and
+counts its steps on request, and never saves NaN weights."""
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
 import datasets
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from faults_support import REPO, kill_at, run_cli
 from longalign import fault_points
+from longalign.divergence import DivergenceGuard, TrainingDiverged, check_nan_policy
+from longalign.constants import IGNORE_INDEX
+from longalign.validation import DatasetValidationError
 from sort_and_group import sort_and_group
 from test_train import VOCAB, argv_for, make_model_dir, make_sequences
+from train import main as train_main
+from training_models import tiny_llama
 
 SAVE = ["--save_strategy", "steps", "--save_steps", "2"]
 
@@ -127,3 +138,80 @@ def test_8_train_refuses_a_sort_pack_pair_left_by_a_killed_sort_and_group(setup,
                                                      "--max_steps", "1")])
         assert done.returncode != 0 and "come from different sort_and_group.py runs" in done.stderr, method
         assert not (tmp_path / method).exists()
+
+
+# ---- a diverging run (issue 25 item 2) ------------------------------------------------------------------
+DIVERGING = ["--learning_rate", "1e30"]  # the second step's update makes every activation overflow
+
+
+def test_a_diverging_run_exits_nonzero_naming_the_step_and_saves_no_final_model(setup, tmp_path):
+    _, model, _ = setup
+    data, out = fresh_data(setup, tmp_path), tmp_path / "out"
+    done = train(model, data, out, "--max_steps", "6", *SAVE, *DIVERGING)
+    found = re.search(r"TrainingDiverged: step (\d+): loss nan", done.stderr)
+    assert done.returncode != 0 and found, done.stderr[-3000:]
+    step = int(found.group(1))
+    assert f"the last checkpoint is {out / 'checkpoint-2'}" in done.stderr and step in (3, 4)
+    assert steps_saved(out) == ["checkpoint-2"] and not (out / "model.safetensors").exists()
+    saved = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(value).all() for value in saved.values())
+
+
+def test_nan_policy_skip_skips_and_counts_each_step_and_logs_its_loss_as_nan(setup, tmp_path):
+    _, model, _ = setup
+    data, out = fresh_data(setup, tmp_path), tmp_path / "out"
+    trainer = train_main(argv_for(model, str(data), str(out), "pack", "--pack_loss", "--max_steps", "5",
+                                  *DIVERGING, "--nan_policy", "skip"))
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    skipped = [entry["step"] for entry in logs if not math.isfinite(entry["loss"])]
+    assert skipped and all(math.isnan(entry["loss"]) for entry in logs if entry["step"] in skipped)  # never 0
+    assert [entry["nonfinite_steps_skipped"] for entry in logs] == [sum(s <= e["step"] for s in skipped) for e in logs]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["log_history"][-1]["nonfinite_steps_skipped"] == len(skipped) == trainer.divergence.skipped
+    saved = load_file(out / "model.safetensors")  # the weights the skipped steps left alone: finite
+    assert all(torch.isfinite(value).all() for value in saved.values())
+
+
+@pytest.mark.parametrize("deepspeed, fp16, message", [("ds.json", False, "--deepspeed"), (None, True, "--fp16")])
+def test_nan_policy_skip_is_refused_where_a_step_cannot_be_skipped(deepspeed, fp16, message):
+    check_nan_policy("stop", deepspeed, fp16)
+    with pytest.raises(ValueError, match=f"--nan_policy skip is not available with {message}"):
+        check_nan_policy("skip", deepspeed, fp16)
+
+
+def test_nan_weights_are_never_saved_as_a_checkpoint_or_final_model():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    model = tiny_llama()
+    guard = DivergenceGuard("stop", lambda m: 0.0, "cpu")
+    state, control = TrainerState(global_step=7), TrainerControl()
+    guard.on_step_end(TrainingArguments("unused", use_cpu=True), state, control, model=model)  # finite: no error
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    guard.on_step_end(TrainingArguments("unused", use_cpu=True), state, control, model=model)  # no save this step
+    control.should_save = True
+    with pytest.raises(TrainingDiverged, match=r"step 7: checkpoint-7: the weights hold NaN/inf "
+                                               r"\(model\.layers\.1\.mlp\.up_proj\.weight\); not saved"):
+        guard.on_step_end(TrainingArguments("unused", use_cpu=True), state, control, model=model)
+    with pytest.raises(TrainingDiverged, match="the final model: the weights hold NaN/inf"):
+        guard.check_weights(model, "step 7: the final model")
+
+
+# ---- a dataset without any target ------------------------------------------------------------------------
+def test_train_refuses_a_dataset_without_any_target_naming_its_folder(setup, tmp_path):
+    _, model, _ = setup
+    no_targets = tmp_path / "no_targets"
+    ids = [s for s, _ in make_sequences(4)]
+    datasets.Dataset.from_dict({"input_ids": ids, "labels": [[IGNORE_INDEX] * len(s) for s in ids]}).save_to_disk(
+        str(no_targets))
+    with pytest.raises(DatasetValidationError, match=rf"{no_targets}: no row has a target token"):
+        train_main(argv_for(model, str(no_targets), str(tmp_path / "out"), "naive", "--max_steps", "1"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--data_seed"])
+def test_a_negative_seed_is_refused_naming_its_flag(setup, tmp_path, flag):
+    _, model, base = setup
+    with pytest.raises(ValueError, match=rf"{flag} must be an integer in \[0, 2\*\*32\), got -1"):
+        train_main(argv_for(model, str(base), str(tmp_path / "out"), "naive", flag, "-1"))
+    assert not (tmp_path / "out").exists()

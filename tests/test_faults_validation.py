@@ -104,3 +104,16 @@ def test_missing_columns_and_an_empty_dataset_are_refused(pack_rows):
         validate_training_dataset(datasets.Dataset.from_list(pack_rows).remove_columns("cu_seqlens"), VOCAB, True, "p")
     with pytest.raises(DatasetValidationError, match="no rows"):
         validate_training_dataset(datasets.Dataset.from_list(pack_rows).select([]), VOCAB, True, "p")
+
+
+def test_a_dataset_without_any_target_is_refused_naming_it(pack_rows):
+    checked = validate_training_dataset(datasets.Dataset.from_list(pack_rows), VOCAB, True, "pack")
+    assert checked["targets"] > 0
+    plain = [{"input_ids": r["input_ids"], "labels": [X] * len(r["labels"])} for r in pack_rows]
+    with pytest.raises(DatasetValidationError, match=r"data/sort: no row has a target token"):
+        validate_training_dataset(datasets.Dataset.from_list(plain), VOCAB, False, "data/sort")
+    # labels only on each sequence's first token: the model never predicts them, so no target either
+    firsts = [{**r, "labels": [r["input_ids"][i] if i in r["cu_seqlens"][:-1] else X for i in range(len(r["labels"]))],
+               "loss_weights": [0.0] * len(r["labels"]), "num_sequences": 0} for r in pack_rows]
+    with pytest.raises(DatasetValidationError, match=r"data/pack: no row has a target token"):
+        validate_training_dataset(datasets.Dataset.from_list(firsts), VOCAB, True, "data/pack")

@@ -334,3 +334,45 @@ def test_cli_original_flags(train_file):
         "greedy_original", 1, 2)
     assert pack["original_dropped_last_pack_sequences"] == 2
     assert (sort["sort_remainder"], sort["rows"], sort["dropped_rows_incomplete_last_group"]) == ("drop", 6, 0)
+
+
+# ---- refusals: no target left, an output given as input ------------------------------------------------
+def test_no_target_left_after_truncation_is_an_error_and_writes_nothing(train_file):
+    with pytest.raises(ValueError, match=rf"--train_file {train_file}: none of the 6 sequences keeps a target "
+                                         r"token with --max_length 1 \(6 lost all their targets"):
+        sort_and_group(train_file, 1, 1, "bfd", 0, "truncate")
+    assert not (train_file / "sort").exists() and not (train_file / "pack").exists()
+
+
+def test_sequences_without_targets_are_kept_counted_and_warned(train_file, capsys):
+    import sort_and_group as script
+
+    script.main(["--train_file", str(train_file), "--group_size", "1", "--max_length", "3"])
+    stats = json.loads((train_file / "pack" / "stats.json").read_text())
+    assert stats["sequences"] == 6 and stats["sequences_without_targets"] == 3  # s1, s2 truncated; s3 had none
+    assert "warning: 3 of 6 sequences have no target token (2 lost all to truncation at --max_length 3)" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output", ["sort", "pack"])
+def test_a_sort_or_pack_output_given_as_input_is_refused_naming_the_folder(train_file, output):
+    run(train_file)
+    nested = train_file / output
+    with pytest.raises(ValueError, match=rf"--train_file {nested} is a sort_and_group output \(.*"
+                                         r"\.longalign_output\.json names sort_and_group"):
+        run(nested)
+    assert not (nested / "sort").exists() and not (nested / "pack").exists()
+
+
+def test_packs_or_a_sort_stats_json_without_the_marker_are_refused_too(train_file, tmp_path):
+    run(train_file)
+    packs = tmp_path / "packs"  # rows with cu_seqlens, written by hand (no marker, no stats.json)
+    datasets.load_from_disk(str(train_file / "pack")).save_to_disk(str(packs))
+    with pytest.raises(ValueError, match=r"is a sort_and_group output \(its rows carry cu_seqlens"):
+        run(packs)
+    older = tmp_path / "older_sort"  # a sort output of a version that wrote no marker
+    datasets.load_from_disk(str(train_file / "sort")).save_to_disk(str(older))
+    (older / "stats.json").write_text((train_file / "sort" / "stats.json").read_text())
+    with pytest.raises(ValueError, match=r"is a sort_and_group output \(its stats.json has the pair_id"):
+        run(older)
+    assert not any((folder / name).exists() for folder in (packs, older) for name in ("sort", "pack"))

@@ -19,12 +19,12 @@ An explicit `rope_ratio` argument overrides both (and a disagreement with the ch
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 
 from longalign.constants import MODEL_FAMILIES
+from longalign.json_files import read_json_file
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
 from longalign.modeling.weighted_lm import TRAINING_CLASSES
 from longalign.tokenization import load_tokenizer
@@ -40,7 +40,7 @@ def read_config(model_path: str | Path) -> dict:
     config_file = Path(model_path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{model_path}: no config.json (download the checkpoint to a local folder first)")
-    return json.loads(config_file.read_text(encoding="utf-8"))
+    return read_json_file(config_file)
 
 
 def model_family(model_path: str | Path) -> str:
