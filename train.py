@@ -39,6 +39,7 @@ from longalign.modeling.checkpoints import SelfDescribingCheckpoints, make_self_
 from longalign.modeling.loading import load_training_model, load_training_tokenizer, model_family, pad_token_id
 from longalign.performance import (SpeedRequest, SpeedSettings, apply_speed_settings, longest_row_tokens,
                                    training_speed_settings)
+from longalign.progress import PROGRESS_STYLES, use_progress_style
 from longalign.run_state import fingerprint_callback, start_run
 from longalign.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,
                                          check_sequence_parallel_layout, expose_head_geometry, parallelism_config)
@@ -97,6 +98,10 @@ class LongAlignArguments:
         "choices": list(NAN_POLICIES),
         "help": "a non-finite loss or gradient norm: stop the run naming the step (default), or skip that "
                 "batch's optimizer step, counted as nonfinite_steps_skipped in the logs (longalign/divergence.py)"})
+    progress: str = field(default="logs", metadata={
+        "choices": list(PROGRESS_STYLES),
+        "help": "logs: transformers' progress output (a printed dict per log); bar: one progress bar with "
+                "the latest loss in it (longalign/progress.py); the logs still reach trainer_state.json"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "a fresh run into a used --output_dir moves the previous run into <output_dir>/replaced-<time>/ "
                 "(nothing is deleted; longalign/run_state.py)"})
@@ -187,6 +192,7 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
                                loss_reduction=args.loss_reduction, group_size=group_size,
                                peak_tflops=args.peak_tflops, loss_denominator=args.loss_denominator,
                                sequence_parallel_size=sp, nan_policy=args.nan_policy)
+    use_progress_style(trainer, args.progress)
     trainer.longalign_args, trainer.model_family, trainer.speed_settings = args, family, speed
     return trainer
 

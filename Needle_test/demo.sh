@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Needle test of a (tiny) model end to end, offline: prompts -> predictions -> match scores -> heatmap.
 #   bash Needle_test/demo.sh MODEL_DIR [OUT_DIR]
-# HAYSTACK (default ../shared/data/haystack, else Needle_test/PaulGrahamEssays) holds the *.txt essays.
+# HAYSTACK (default ../shared/data/haystack, else Needle_test/PaulGrahamEssays) holds the *.txt essays;
+# MAX_NEW_TOKENS (default 64) bounds each answer (the needle is about 20 words).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -26,7 +27,7 @@ save_dir: prompts
 YAML
 cat > "$OUT/config-pred.yaml" <<YAML
 model: {model: "$MODEL", chat_format: null, dtype: auto}
-generation: {max_new_tokens: 32, temperature: 0.1, seed: 42}
+generation: {max_new_tokens: ${MAX_NEW_TOKENS:-64}, temperature: 0.1, seed: 42}
 prompt_dir: prompts
 save_file: pred/preds.jsonl
 YAML

@@ -64,7 +64,8 @@ def make_judge(config: dict, args, save_dir: Path) -> Judge:
 def score_with_judge(judge: Judge, config: dict, predictions: list[dict], reference: dict) -> dict:
     jobs, ids = [], {}
     for p in predictions:
-        messages = judge_messages(reference["needle"], reference["retrieval_question"], p["response"])
+        question = config.get("judge", {}).get("question") or reference["retrieval_question"]
+        messages = judge_messages(reference["needle"], question, p["response"])
         key = judge_key(p["id"], messages, judge.model)
         ids[key] = p["id"]
         jobs.append((key, messages))

@@ -68,6 +68,7 @@ def eval_sets(cfg: dict, tok, enc, training_texts: list[str]) -> tuple[dict, dic
     Francisco prompt that overlaps the training messages is an error (`demo_eval.check_disjoint`);
     held-out short chats seen in training are counted (the formulaic ones can recur)."""
     from longalign import demo_data as D
+    from longalign.demo.tasks import LONG_TASKS
     from longalign.demo_eval import RetrievalExample, check_disjoint, held_out_examples, held_out_seed
     from longalign.needle_test.needle import haystack_ids, make_prompt, sentence_end_patterns
     examples = held_out_examples(tok, cfg["context"], cfg["eval_per_task"], held_out_seed(cfg["data_seed"]))
@@ -78,7 +79,7 @@ def eval_sets(cfg: dict, tok, enc, training_texts: list[str]) -> tuple[dict, dic
                for record in (make_prompt(tok, hay, needle, question, n, d, NEEDLE_BUFFER, ends)
                               for n in NEEDLE_LENGTHS for d in NEEDLE_DEPTHS)]
     disjoint = check_disjoint(examples + needles, training_texts)
-    sets = {task: [e for e in examples + needles if e.task == task] for task in (*D.LONG_TASKS, "sf_needle")}
+    sets = {task: [e for e in examples + needles if e.task == task] for task in (*LONG_TASKS, "sf_needle")}
     sets = {task: [(c.ids, c.labels) for c in enc.encode_batch([[(e.query, e.answer)] for e in rows])]
             for task, rows in sets.items()}
     short = [D.rounds_of(r) for r in D.generate_short(random.Random(held_out_seed(cfg["data_seed"])),

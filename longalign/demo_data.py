@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 from pathlib import Path
 
+from longalign.demo.tasks import DEFAULT_LONG_WORDS, generate_long, messages_row
+from longalign.demo.words import (ACTIVITY_ADJECTIVES, ACTIVITY_OBJECTS, ACTIVITY_SECOND, ACTIVITY_VERBS,
+                                  ADJECTIVES, CHINESE_NUMERAL_REPLY, NOUNS, PAST_VERBS, PLACE_WORDS, PREPOSITIONS,
+                                  TIMES, VERBS, WEATHER, code, essay, filler, name, sentence)
 from longalign.storage import atomic_dir, write_json_atomic
 from longalign.templates import conversation_text
 
@@ -41,142 +44,11 @@ DEFAULT_NUM_LONG = 1200
 DEFAULT_NUM_SHORT = 1200
 DEFAULT_VOCAB_SIZE = 1024
 DEFAULT_MIX = "base"  # the short-task mix (SHORT_MIXES); scripts/demo.sh picks its own
-DEFAULT_LONG_WORDS = (150, 1600)  # filler words per long example (log-uniform): ~200 to ~2000 tokens
 HAYSTACK_FILES = 4
 HAYSTACK_WORDS = 3000  # per haystack file
 MULTI_TURN_FRACTION = 0.5  # share of short chats with 2-3 rounds
 ZERO_WIDTH_FRACTION = 0.05  # share of short replies carrying a U+200B, as scraped ShareGPT does
 ZERO_WIDTH_SPACE = "\u200b"
-KV_MIN_FACTS, KV_MAX_FACTS = 2, 6  # key-value facts per document (one is asked)
-NEEDLE_QUESTION = "What is the best thing to do in {place}? Here is the most relevant sentence in the context:"
-KV_QUESTION = "What is the {kind} of {key}?"
-
-_ADJECTIVES = ("quiet", "bright", "ancient", "small", "green", "heavy", "gentle", "distant", "golden",
-               "silent", "rapid", "hidden", "narrow", "warm", "curious", "steady", "broken", "open",
-               "old", "young", "cold", "wide", "dark", "early", "late", "simple", "strange", "careful")
-_NOUNS = ("river", "village", "engine", "garden", "library", "mountain", "teacher", "market", "window",
-          "harbor", "forest", "bridge", "painter", "station", "lantern", "orchard", "valley", "tower",
-          "school", "letter", "kitchen", "island", "farmer", "road", "castle", "boat", "story", "field",
-          "museum", "doctor", "clock", "garage", "meadow", "theater", "baker", "temple", "shop", "lake")
-_VERBS = ("watches", "follows", "reaches", "crosses", "builds", "remembers", "carries", "finds",
-          "leaves", "visits", "guards", "paints", "measures", "opens", "describes", "repairs",
-          "notices", "studies", "cleans", "counts", "draws", "moves")
-_PAST_VERBS = ("saw", "built", "found", "left", "visited", "painted", "opened", "described", "repaired",
-               "studied", "cleaned", "counted", "drew", "moved", "carried", "remembered")
-_PREPOSITIONS = ("near", "behind", "across", "under", "beyond", "beside", "above", "inside", "around")
-_TIMES = ("morning", "evening", "night", "winter", "summer", "spring", "autumn", "afternoon")
-_CONNECTIVES = ("Later", "Meanwhile", "After that", "Of course", "In the end", "Every year", "Sometimes")
-# Needle words: none of them occurs in the filler, so the needle stands out as the test's does.
-_ACTIVITY_VERBS = ("walk along", "swim in", "read beside", "climb", "sketch", "explore", "row across",
-                   "photograph", "picnic near", "listen to", "cycle around", "sail past")
-_ACTIVITY_ADJECTIVES = ("famous", "tall", "crowded", "peaceful", "colorful", "wooden", "enormous", "tiny")
-_ACTIVITY_OBJECTS = ("lighthouse", "waterfall", "canal", "pier", "cathedral", "vineyard", "aquarium",
-                     "fountain", "observatory", "zoo", "carousel", "glacier")
-_ACTIVITY_SECOND = ("drink cocoa", "buy pretzels", "watch the ferries", "play chess", "fly a kite",
-                    "feed the pigeons", "hear the choir", "ride a tram", "eat noodles", "taste cheese")
-_PLACE_WORDS = ("Plaza", "Pier", "Heights", "Bay", "Gardens", "Bazaar", "Quay", "Pavilion")
-_WEATHER = ("windy", "rainy", "foggy", "snowy", "calm", "cloudy", "misty", "frosty")
-_DAYS = ("day", "weekend", "holiday", "Sunday", "Friday")
-_KV_QUESTION_KINDS = ("access code", "locker number", "room number", "ticket number")
-_SYLLABLES = ("ka", "lo", "mir", "va", "ten", "ros", "ul", "zen", "tor", "bri", "an", "dus", "el", "fin",
-              "gar", "ho", "jun", "pel", "qui", "wex", "yor", "cas", "ni", "mo", "tre", "sil")
-_CHINESE_NUMERAL_REPLY = "{a}加{b}等于{c}。"
-
-
-def name(rng: random.Random, syllables: int = 2) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(syllables)).capitalize()
-
-
-def _code(rng: random.Random) -> str:
-    return str(rng.randint(10000, 99999))
-
-
-# ---- filler text ---------------------------------------------------------------------------
-def _sentence(rng: random.Random) -> str:
-    a, n, c = rng.choice, rng.choice(_NOUNS), rng.random()
-    if c < 0.4:
-        return f"The {a(_ADJECTIVES)} {n} {a(_VERBS)} the {a(_ADJECTIVES)} {a(_NOUNS)} {a(_PREPOSITIONS)} the {a(_NOUNS)}."
-    if c < 0.6:
-        return f"{name(rng)} {a(_PAST_VERBS)} {rng.randint(2, 40)} old {n}s {a(_PREPOSITIONS)} the {a(_NOUNS)}."
-    if c < 0.8:
-        return f"{a(_CONNECTIVES)}, the {n} was {a(_ADJECTIVES)} in the {a(_TIMES)}."
-    return f"In the {a(_TIMES)} the {a(_NOUNS)} {a(_VERBS)} a {a(_ADJECTIVES)} {n}, and nobody {a(_PAST_VERBS)} it."
-
-
-def filler(rng: random.Random, words: int) -> list[str]:
-    """Sentences of about `words` words in total (a sentence has about 10)."""
-    return [_sentence(rng) for _ in range(max(1, words // 10))]
-
-
-def essay(rng: random.Random, words: int) -> str:
-    """Filler sentences in paragraphs of 3-8 sentences."""
-    sentences, paragraphs = filler(rng, words), []
-    while sentences:
-        size = rng.randint(3, 8)
-        paragraphs.append(" ".join(sentences[:size]))
-        sentences = sentences[size:]
-    return "\n\n".join(paragraphs)
-
-
-def _insert(rng: random.Random, sentences: list[str], facts: list[str]) -> str:
-    """Put each fact at a random position of the filler (each on its own line) and join."""
-    sentences = list(sentences)
-    for fact in facts:
-        sentences.insert(rng.randint(0, len(sentences)), f"\n{fact}\n")
-    return " ".join(sentences).replace(" \n", "\n").replace("\n ", "\n")
-
-
-def _long_words(rng: random.Random, words_range: tuple[int, int]) -> int:
-    low, high = words_range  # log-uniform: as many short as long documents per octave
-    return int(math.exp(rng.uniform(math.log(low), math.log(high))))
-
-
-# ---- long tasks: long input, short answer ----------------------------------------------------
-def place(rng: random.Random) -> str:
-    """A made-up place: 'Kalomir', 'Port Tenros', 'Zenva Bay'."""
-    kind = rng.random()
-    if kind < 0.4:
-        return name(rng, rng.randint(2, 3))
-    if kind < 0.7:
-        return f"{name(rng)} {rng.choice(_PLACE_WORDS)}"
-    return f"{name(rng)} {name(rng)}"
-
-
-def activity(rng: random.Random) -> str:
-    """'sketch the famous pier and eat noodles in Mirva Plaza on a foggy weekend', shorter forms."""
-    first = f"{rng.choice(_ACTIVITY_VERBS)} the {rng.choice(_ACTIVITY_ADJECTIVES)} {rng.choice(_ACTIVITY_OBJECTS)}"
-    if rng.random() < 0.3:
-        return first
-    second = f"{rng.choice(_ACTIVITY_SECOND)} in {name(rng)} {rng.choice(_PLACE_WORDS)}"
-    if rng.random() < 0.4:
-        return f"{first} and {second}"
-    return f"{first} and {second} on a {rng.choice(_WEATHER)} {rng.choice(_DAYS)}"
-
-
-def needle_sentence(where: str, what: str) -> str:
-    return f"The best thing to do in {where} is {what}."
-
-
-def needle_retrieval(rng: random.Random, words: int) -> tuple[str, str]:
-    """A document with one needle at a random depth; the answer is the needle."""
-    where = place(rng)
-    needle = needle_sentence(where, activity(rng))
-    document = _insert(rng, filler(rng, words), [needle])
-    return f"{document}\n{NEEDLE_QUESTION.format(place=where)}", needle
-
-
-def kv_retrieval(rng: random.Random, words: int) -> tuple[str, str]:
-    """Facts "The access code of Kalomir is 51234." for a few names, scattered in the filler; the
-    question asks for one of them and the answer is that fact (the name must be matched)."""
-    kind = rng.choice(_KV_QUESTION_KINDS)
-    names = list(dict.fromkeys(name(rng, rng.randint(2, 3)) for _ in range(rng.randint(KV_MIN_FACTS, KV_MAX_FACTS))))
-    facts = [f"The {kind} of {who} is {_code(rng)}." for who in names]
-    asked = rng.randrange(len(names))
-    document = _insert(rng, filler(rng, words), facts)
-    return f"{document}\n{KV_QUESTION.format(kind=kind, key=names[asked])}", facts[asked]
-
-
-LONG_TASKS = {"needle": needle_retrieval, "kv": kv_retrieval}
 
 
 # ---- short tasks: short input, long answer ---------------------------------------------------
@@ -198,7 +70,7 @@ def _table(rng: random.Random) -> list[tuple[str, str]]:
 
 
 def _spell(rng: random.Random) -> list[tuple[str, str]]:
-    words = rng.sample(_NOUNS + _ADJECTIVES, rng.randint(4, 8))
+    words = rng.sample(NOUNS + ADJECTIVES, rng.randint(4, 8))
     spelled = "\n".join(f"{w}: {'-'.join(w)}" for w in words)
     return [(f"Spell these words letter by letter: {', '.join(words)}.", spelled),
             ("Sort them alphabetically.", ", ".join(sorted(words)) + "."),
@@ -206,9 +78,9 @@ def _spell(rng: random.Random) -> list[tuple[str, str]]:
 
 
 def _repeat(rng: random.Random) -> list[tuple[str, str]]:
-    sentence, times = _sentence(rng), rng.randint(3, 5)
-    return [(f"Repeat this sentence {times} times: {sentence}", " ".join([sentence] * times)),
-            ("Once more, in capitals.", sentence.upper()),
+    said, times = sentence(rng), rng.randint(3, 5)
+    return [(f"Repeat this sentence {times} times: {said}", " ".join([said] * times)),
+            ("Once more, in capitals.", said.upper()),
             ("Good.", "Thank you.")]
 
 
@@ -220,7 +92,7 @@ def _copy_names(rng: random.Random) -> list[tuple[str, str]]:
 
 
 def _copy_codes(rng: random.Random) -> list[tuple[str, str]]:
-    codes = [_code(rng) for _ in range(rng.randint(5, 12))]
+    codes = [code(rng) for _ in range(rng.randint(5, 12))]
     return [(f"Copy these codes: {', '.join(codes)}.", ", ".join(codes) + "."),
             ("Again, one per line.", "\n".join(codes)),
             ("Which code came last?", f"The last code was {codes[-1]}.")]
@@ -228,13 +100,13 @@ def _copy_codes(rng: random.Random) -> list[tuple[str, str]]:
 
 def _chinese(rng: random.Random) -> list[tuple[str, str]]:
     a, b = rng.randint(1, 50), rng.randint(1, 50)
-    return [(f"{a}加{b}等于多少？请写出过程。", f"{a}加{b}：先算个位，再算十位。" + _CHINESE_NUMERAL_REPLY.format(a=a, b=b, c=a + b)),
+    return [(f"{a}加{b}等于多少？请写出过程。", f"{a}加{b}：先算个位，再算十位。" + CHINESE_NUMERAL_REPLY.format(a=a, b=b, c=a + b)),
             ("请用英文回答同样的问题。", f"{a} plus {b} equals {a + b}."),
             ("谢谢！", "不客气。")]
 
 
 def _filler_words() -> tuple[str, ...]:
-    return tuple(dict.fromkeys(_ADJECTIVES + _NOUNS + _VERBS + _PAST_VERBS + _PREPOSITIONS + _TIMES))
+    return tuple(dict.fromkeys(ADJECTIVES + NOUNS + VERBS + PAST_VERBS + PREPOSITIONS + TIMES))
 
 
 def _copy_rounds(question: str, words: str) -> list[tuple[str, str]]:
@@ -253,7 +125,7 @@ def _copy_few_words(rng: random.Random) -> list[tuple[str, str]]:
 
 
 def _activity_words() -> tuple[str, ...]:
-    phrases = _ACTIVITY_VERBS + _ACTIVITY_ADJECTIVES + _ACTIVITY_OBJECTS + _ACTIVITY_SECOND + _PLACE_WORDS + _WEATHER
+    phrases = ACTIVITY_VERBS + ACTIVITY_ADJECTIVES + ACTIVITY_OBJECTS + ACTIVITY_SECOND + PLACE_WORDS + WEATHER
     return tuple(dict.fromkeys(w for phrase in phrases for w in phrase.split()))
 
 
@@ -264,7 +136,7 @@ def _copy_items(rng: random.Random) -> list[tuple[str, str]]:
     for _ in range(rng.randint(4, 16)):
         kind = rng.random()
         items.append(rng.choice(pools[0]) if kind < 0.4 else rng.choice(pools[1]) if kind < 0.6
-                     else name(rng, rng.randint(1, 3)) if kind < 0.85 else _code(rng))
+                     else name(rng, rng.randint(1, 3)) if kind < 0.85 else code(rng))
     text = " ".join(items)  # every item is one word
     return _copy_rounds(f"Copy these words exactly:\n{text}", text)
 
@@ -297,20 +169,6 @@ SHORT_MIXES = {"base": SHORT_TOPICS, "only_words": (_copy_words,), "few_words": 
                         _count, _table, _spell, _chinese)}
 
 
-def _messages(rounds: list[tuple[str, str]]) -> dict:
-    messages = []
-    for user, assistant in rounds:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return {"messages": messages}
-
-
-def generate_long(rng: random.Random, count: int, words_range: tuple[int, int] = DEFAULT_LONG_WORDS,
-                  tasks: tuple[str, ...] = tuple(LONG_TASKS)) -> list[dict]:
-    """`count` long examples, the tasks in turn, each over a log-uniform number of filler words."""
-    return [_messages([LONG_TASKS[tasks[i % len(tasks)]](rng, _long_words(rng, words_range))])
-            for i in range(count)]
-
-
 def generate_short(rng: random.Random, count: int, topics=SHORT_TOPICS) -> list[dict]:
     rows = []
     for i in range(count):
@@ -320,7 +178,7 @@ def generate_short(rng: random.Random, count: int, topics=SHORT_TOPICS) -> list[
             user, reply = rounds[-1]
             cut = rng.randint(0, len(reply))
             rounds[-1] = (user, reply[:cut] + ZERO_WIDTH_SPACE + reply[cut:])
-        rows.append(_messages(rounds))
+        rows.append(messages_row(rounds))
     return rows
 
 
@@ -345,11 +203,22 @@ def tokenizer_corpus(rows: list[dict]) -> list[str]:
     return texts
 
 
+def copy_tokenizer(model_dir: str | Path, out_dir: Path) -> int:
+    """Save the tokenizer of `model_dir` (loaded without remote code) to `out_dir`; its size."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return len(tokenizer)
+
+
 def write_demo_data(out_dir: str | Path, seed: int = DEFAULT_SEED, num_long: int = DEFAULT_NUM_LONG,
                     num_short: int = DEFAULT_NUM_SHORT, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                    long_words: tuple[int, int] = DEFAULT_LONG_WORDS, mix: str = DEFAULT_MIX) -> dict:
+                    long_words: tuple[int, int] = DEFAULT_LONG_WORDS, mix: str = DEFAULT_MIX,
+                    tokenizer_from: str | Path | None = None) -> dict:
     """Generate everything into `out_dir` (replaced atomically); return the stats. `mix` names
-    the short-task mix (`SHORT_MIXES`)."""
+    the short-task mix (`SHORT_MIXES`); `tokenizer_from` a model folder whose tokenizer is copied
+    to tokenizer/ (the demo's pretrained base) instead of training one of `vocab_size`."""
     from longalign.tiny_tokenizer import train_tiny_tokenizer
 
     if mix not in SHORT_MIXES:
@@ -365,9 +234,13 @@ def write_demo_data(out_dir: str | Path, seed: int = DEFAULT_SEED, num_long: int
         (tmp / "haystack").mkdir()
         for index, text in enumerate(haystack):
             (tmp / "haystack" / f"essay{index:02d}.txt").write_text(text, encoding="utf-8")
-        train_tiny_tokenizer(tokenizer_corpus(long_rows + short_rows), tmp / "tokenizer", vocab_size)
+        if tokenizer_from is None:
+            vocab_size = len(train_tiny_tokenizer(tokenizer_corpus(long_rows + short_rows), tmp / "tokenizer", vocab_size))
+        else:
+            vocab_size = copy_tokenizer(tokenizer_from, tmp / "tokenizer")
         stats = {"seed": seed, "haystack_seed": seed + HAYSTACK_SEED_OFFSET, "long_rows": len(long_rows),
                  "short_rows": len(short_rows), "short_mix": mix, "vocab_size": vocab_size,
+                 "tokenizer_from": None if tokenizer_from is None else str(tokenizer_from),
                  "long_words": list(long_words),
                  "long_chars": sum(len(r["messages"][0]["content"]) for r in long_rows),
                  "short_chars": sum(len(m["content"]) for r in short_rows for m in r["messages"]),
@@ -386,6 +259,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num_long", type=int, default=DEFAULT_NUM_LONG)
     parser.add_argument("--num_short", type=int, default=DEFAULT_NUM_SHORT)
     parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE)
+    parser.add_argument("--tokenizer_from", default=None,
+                        help="copy this model folder's tokenizer (default: train a BPE of --vocab_size)")
     parser.add_argument("--mix", default=DEFAULT_MIX, choices=sorted(SHORT_MIXES), help="short-task mix (SHORT_MIXES)")
     parser.add_argument("--long_words", type=int, nargs=2, default=list(DEFAULT_LONG_WORDS),
                         metavar=("MIN", "MAX"), help="filler words per long example (log-uniform)")
@@ -396,7 +271,7 @@ def main(argv=None) -> None:
     if not 1 <= args.long_words[0] <= args.long_words[1]:
         parser.error("--long_words needs 1 <= MIN <= MAX")
     stats = write_demo_data(args.out, args.seed, args.num_long, args.num_short, args.vocab_size,
-                            tuple(args.long_words), args.mix)
+                            tuple(args.long_words), args.mix, args.tokenizer_from)
     print(json.dumps({"out": args.out, **stats}))
 
 

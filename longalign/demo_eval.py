@@ -3,8 +3,9 @@
     python -m longalign.demo_eval --model data/demo/model --raw data/demo/raw \
         --out data/demo/eval/trained.json [--context_tokens 2048 --per_task 20 --seed 5678]
 
-Examples come from the long-task generators of `longalign.demo_data` (needle retrieval, key-value
-lookup) with a seed of their own (`held_out_seed`: never the training seed). Each one is sized in
+Examples come from the long-task generators of `longalign.demo.tasks` (needle retrieval, key-value
+lookup, other facts) and, under "unseen_kind", from its held-out task (a wording and a kind of
+value never trained on), with a seed of their own (`held_out_seed`: never the training seed). Each one is sized in
 tokens of the model's tokenizer: its query (document + question) has at most --context_tokens
 tokens and at least `1 - SIZE_TOLERANCE` of that (`size_window`). Before anything is scored,
 every example is checked disjoint from the training data in --raw: neither its query nor its reference answer
@@ -35,7 +36,8 @@ from typing import Iterable, Sequence
 
 from longalign.collators import COUNTS_KEY, PackCollator, segment_ids
 from longalign.constants import IGNORE_INDEX
-from longalign.demo_data import DEFAULT_MIX, DEFAULT_SEED, LONG_TASKS, SHORT_MIXES
+from longalign.demo.tasks import ALL_TASKS, HELD_OUT_TASKS, LONG_TASKS
+from longalign.demo_data import DEFAULT_MIX, DEFAULT_SEED, SHORT_MIXES
 from longalign.generation import GenerationSettings, LocalModel, encode_text
 from longalign.loss import shift_targets
 from longalign.packing import cu_seqlens_values, greedy_pack
@@ -83,7 +85,7 @@ def sized_example(task: str, seed: str, tokenizer, context_tokens: int) -> Retri
     tokens = words = 0
     for _ in range(SIZING_ATTEMPTS):
         words = (fewest + most) // 2
-        query, answer = LONG_TASKS[task](random.Random(seed), words)
+        query, answer = ALL_TASKS[task](random.Random(seed), words)
         tokens = len(encode_text(tokenizer, query))
         if low <= tokens <= high:
             return RetrievalExample(task, query, answer, tokens)
@@ -100,9 +102,9 @@ def sized_example(task: str, seed: str, tokenizer, context_tokens: int) -> Retri
 def held_out_examples(tokenizer, context_tokens: int, per_task: int, seed: int,
                       tasks: Sequence[str] = tuple(LONG_TASKS)) -> list[RetrievalExample]:
     """`per_task` sized examples of each task, seeded by (seed, task, index)."""
-    unknown = set(tasks) - set(LONG_TASKS)
+    unknown = set(tasks) - set(ALL_TASKS)
     if unknown:
-        raise ValueError(f"unknown tasks {sorted(unknown)}; known: {sorted(LONG_TASKS)}")
+        raise ValueError(f"unknown tasks {sorted(unknown)}; known: {sorted(ALL_TASKS)}")
     return [sized_example(task, f"{seed}-{task}-{index}", tokenizer, context_tokens)
             for task in tasks for index in range(per_task)]
 
@@ -222,15 +224,17 @@ def evaluate_model(model_dir: str, raw_dir: str, context_tokens: int = DEFAULT_C
     if seed == data_seed:
         raise ValueError(f"--seed {seed} is the training data's seed: held-out examples need another")
     candidate = LocalModel(str(model_dir), device="cpu")
-    examples, texts = held_out_examples(candidate.tokenizer, context_tokens, per_task, seed), training_texts(raw_dir)
-    disjoint = check_disjoint(examples, texts)
+    examples = held_out_examples(candidate.tokenizer, context_tokens, per_task, seed)
+    unseen = held_out_examples(candidate.tokenizer, context_tokens, per_task, seed, tuple(HELD_OUT_TASKS))
+    texts = training_texts(raw_dir)
+    disjoint = check_disjoint(examples + unseen, texts)
     scores = score_examples(candidate, examples)
     short, skipped = held_out_short_examples(candidate.tokenizer, mix, short_examples, seed, texts)
     lengths = [e.query_tokens for e in examples]
     return {"model": str(model_dir), "chat_format": candidate.chat_format.name, "seed": seed, "data_seed": data_seed,
             "context_tokens": context_tokens, "per_task": per_task,
             "query_tokens": {"min": min(lengths), "max": max(lengths), "mean": sum(lengths) / len(lengths)},
-            "disjoint": disjoint, **scores,
+            "disjoint": disjoint, **scores, "unseen_kind": score_examples(candidate, unseen),
             "short": {"mix": mix, "skipped_seen_in_training": skipped, **score_examples(candidate, short)},
             "seconds": time.perf_counter() - started}
 
@@ -254,7 +258,8 @@ def main(argv=None) -> dict:
         parser.error("--context_tokens and --per_task must be >= 1, --short_examples >= 0")
     report = evaluate_model(args.model, args.raw, args.context_tokens, args.per_task, args.seed, args.short_examples)
     write_json_atomic(args.out, report)
-    tasks = ", ".join(f"{t} {c['correct']}/{c['total']}" for t, c in report["per_task"].items())
+    tasks = ", ".join(f"{t} {c['correct']}/{c['total']}" for t, c in
+                      {**report["per_task"], **report["unseen_kind"]["per_task"]}.items())
     print(f"[demo_eval] {args.model}: exact match {report['accuracy']:.1%} ({tasks}) at "
           f"{report['query_tokens']['min']}-{report['query_tokens']['max']} query tokens; short tasks "
           f"{_accuracy_text(report['short'])} -> {args.out}")

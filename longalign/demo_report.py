@@ -3,7 +3,7 @@
     python -m longalign.demo_report --out data/demo --times data/demo/stage_times.tsv
     python -m longalign.demo_report --loss data/demo/model/trainer_state.json   # one line, after training
 
-reads what the demo's stages wrote under --out (model/trainer_state.json, eval/untrained.json,
+reads what the demo's stages wrote under --out (model/trainer_state.json, eval/base.json,
 eval/trained.json, needle/results/summary_match.json) and the stage times (one "name<TAB>seconds"
 line per stage), then writes --out/summary.json and --out/summary.md and prints the markdown.
 A missing input is an error naming the file.
@@ -18,7 +18,7 @@ from pathlib import Path
 from longalign.storage import write_bytes_atomic, write_json_atomic
 
 TRAINER_STATE = "model/trainer_state.json"
-EVAL_UNTRAINED = "eval/untrained.json"
+EVAL_BASE = "eval/base.json"
 EVAL_TRAINED = "eval/trained.json"
 NEEDLE_SUMMARY = "needle/results/summary_match.json"
 NEEDLE_HEATMAP = "needle/results/heatmap_match.png"
@@ -63,7 +63,7 @@ def training_summary(state: dict) -> dict:
 
 def build_summary(out_dir: str | Path, stage_times: list[tuple[str, float]]) -> dict:
     out_dir = Path(out_dir)
-    untrained, trained = _read_json(out_dir / EVAL_UNTRAINED), _read_json(out_dir / EVAL_TRAINED)
+    base, trained = _read_json(out_dir / EVAL_BASE), _read_json(out_dir / EVAL_TRAINED)
     needle = _read_json(out_dir / NEEDLE_SUMMARY)
     return {"stages": [{"stage": name, "seconds": seconds} for name, seconds in stage_times],
             "total_seconds": sum(seconds for _, seconds in stage_times),
@@ -71,10 +71,12 @@ def build_summary(out_dir: str | Path, stage_times: list[tuple[str, float]]) -> 
             "training": training_summary(_read_json(out_dir / TRAINER_STATE)),
             "retrieval": {"context_tokens": trained["context_tokens"],
                           "query_tokens": trained["query_tokens"], "examples": len(trained["examples"]),
-                          "untrained": untrained["accuracy"], "trained": trained["accuracy"],
-                          "untrained_per_task": untrained["per_task"], "trained_per_task": trained["per_task"]},
+                          "base": base["accuracy"], "trained": trained["accuracy"],
+                          "base_per_task": base["per_task"], "trained_per_task": trained["per_task"]},
+            "unseen_kind": {"base": base["unseen_kind"]["accuracy"], "trained": trained["unseen_kind"]["accuracy"],
+                            "per_task": trained["unseen_kind"]["per_task"]},
             "short": {"mix": trained["short"]["mix"], "examples": len(trained["short"]["examples"]),
-                      "untrained": untrained["short"]["accuracy"], "trained": trained["short"]["accuracy"],
+                      "base": base["short"]["accuracy"], "trained": trained["short"]["accuracy"],
                       "skipped_seen_in_training": trained["short"]["skipped_seen_in_training"]},
             "needle": {"mean_score": needle["mean_score"], "scored": needle["scored"],
                        "heatmap": str(out_dir / NEEDLE_HEATMAP)}}
@@ -86,7 +88,9 @@ def _percent(value: float | None) -> str:
 
 def markdown(summary: dict) -> str:
     t, r, n, short = summary["training"], summary["retrieval"], summary["needle"], summary["short"]
+    unseen = summary["unseen_kind"]
     per_task = ", ".join(f"{task} {c['correct']}/{c['total']}" for task, c in r["trained_per_task"].items())
+    unseen_tasks = ", ".join(f"{task} {c['correct']}/{c['total']}" for task, c in unseen["per_task"].items())
     lines = ["| stage | seconds |", "|---|---|"]
     lines += [f"| {s['stage']} | {s['seconds']:.0f} |" for s in summary["stages"]]
     lines += [f"| **total** | **{summary['total_seconds']:.0f}** |", "",
@@ -94,10 +98,12 @@ def markdown(summary: dict) -> str:
               f"| tokens trained | {t['tokens_trained_logged']:,} in {t['steps']} steps |",
               f"| training loss, first -> last log | {t['loss_first']:.3f} (step {t['loss_first_step']}) -> "
               f"{t['loss_last']:.3f} (step {t['loss_last_step']}) |",
-              f"| held-out retrieval exact match, untrained -> trained | {r['untrained']:.0%} -> "
+              f"| held-out retrieval exact match, base -> trained | {r['base']:.0%} -> "
               f"**{r['trained']:.0%}** ({per_task}; {r['query_tokens']['min']}-{r['query_tokens']['max']} "
               f"query tokens) |",
-              f"| held-out short tasks exact match, untrained -> trained | {_percent(short['untrained'])} -> "
+              f"| a needle kind never trained on, base -> trained | {unseen['base']:.0%} -> "
+              f"**{unseen['trained']:.0%}** ({unseen_tasks}) |",
+              f"| held-out short tasks exact match, base -> trained | {_percent(short['base'])} -> "
               f"**{_percent(short['trained'])}** ({short['examples']} first rounds of mix {short['mix']}) |",
               f"| needle test mean score (1-10), trained | **{n['mean_score']:.1f}** over {n['scored']} prompts |",
               f"| needle heatmap | {n['heatmap']} |",

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The tiny offline demo (`make demo`): the whole LongAlign recipe on generated data, on CPU, and a
-# held-out measure of whether the tiny model learned the demo's long-context tasks.
-#   demo data -> pre_tokenize.py -> sort_and_group.py -> tiny random model -> held-out retrieval of
-#   the untrained model -> train.py (packing + loss weighting) -> held-out retrieval of the trained
-#   model -> needle test -> a summary table (summary.md / summary.json).
+# The tiny offline demo (`make demo`): the whole LongAlign recipe on generated data, on CPU, from the
+# repository's pretrained tiny base (models/tiny-base), and a held-out measure of what it learned.
+#   demo data -> pre_tokenize.py -> sort_and_group.py -> the base with its context raised to the demo's
+#   length -> held-out retrieval of the base -> train.py (packing + loss weighting) -> held-out
+#   retrieval of the trained model -> needle test -> a summary table (summary.md / summary.json).
 # Environment (all optional):
 #   OUT=data/demo         where everything goes (each output is replaced whole on a re-run)
 #   DEMO_STEPS=...        training steps (default below)
@@ -11,31 +11,35 @@
 #   DEMO_LR=...           peak learning rate (cosine decay after DEMO_WARMUP steps)
 #   DEMO_EVAL_PER_TASK=20 held-out retrieval examples per task (needle, key-value)
 #   DEMO_EVAL_SHORT=20    held-out short-task rounds scored
-#   DEMO_NUM_LONG, DEMO_NUM_SHORT, DEMO_LONG_WORDS="MIN MAX", DEMO_VOCAB, DEMO_MIX  the demo data
-#                         (longalign/demo_data.py; defaults below, chosen in BENCHMARKS.md section 11)
+#   DEMO_NUM_LONG, DEMO_NUM_SHORT, DEMO_LONG_WORDS="MIN MAX", DEMO_MIX  the demo data
+#                         (longalign/demo_data.py; defaults below, chosen in BENCHMARKS.md section 12)
+#   DEMO_BASE=models/tiny-base  the pretrained base (python -m longalign.demo.pretrain makes one)
+#   DEMO_TRAIN_DEVICE=--use_cpu train.py's device flag ("" lets it use a GPU)
 #   HAYSTACK=DIR          needle-test essays (*.txt); default: the demo's own held-out filler text
 #   PY=.venv/bin/python
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PY=${PY:-.venv/bin/python}
 OUT=${OUT:-data/demo}
-DEMO_STEPS=${DEMO_STEPS:-2600}
+DEMO_BASE=${DEMO_BASE:-models/tiny-base}
+DEMO_TRAIN_DEVICE=${DEMO_TRAIN_DEVICE---use_cpu}
+DEMO_STEPS=${DEMO_STEPS:-600}
 DEMO_LOG_STEPS=${DEMO_LOG_STEPS:-10}
-DEMO_LR=${DEMO_LR:-3e-3}
+DEMO_LR=${DEMO_LR:-1e-3}
 DEMO_WARMUP=${DEMO_WARMUP:-20}
 DEMO_EVAL_PER_TASK=${DEMO_EVAL_PER_TASK:-20}
 DEMO_EVAL_SHORT=${DEMO_EVAL_SHORT:-20}
 DEMO_NUM_LONG=${DEMO_NUM_LONG:-1200}
-DEMO_NUM_SHORT=${DEMO_NUM_SHORT:-12000}    # short chats: about half the tokens, where copying is learned
-DEMO_LONG_WORDS=${DEMO_LONG_WORDS:-50 720}  # filler words per long example: ~150 to ~2300 tokens
-DEMO_VOCAB=${DEMO_VOCAB:-384}              # a small BPE: the copy forms within the budget (section 11)
-DEMO_MIX=${DEMO_MIX:-few_words}            # short chats: copy 4-16 distinct words, again, count them
+DEMO_NUM_SHORT=${DEMO_NUM_SHORT:-2400}
+DEMO_LONG_WORDS=${DEMO_LONG_WORDS:-50 1300}  # filler words per long example: ~100 to ~2300 tokens
+DEMO_MIX=${DEMO_MIX:-base}                   # short chats: counting, tables, spelling, copying, Chinese
 MAX_LENGTH=2304      # tokens per example and per pack: the longest query (2048) + answer + template
 CONTEXT_TOKENS=2048  # the demo's longest context: held-out retrieval queries are sized to it
 RAW=$OUT/raw
 DATA=$OUT/llama/10k
 HAYSTACK=${HAYSTACK:-$RAW/haystack}
 TIMES=$OUT/stage_times.tsv
+LOGS=$OUT/logs
 STATS=()
 STAGE_NAME=""
 STAGE_START=0
@@ -62,55 +66,66 @@ replace_dir() {  # replace_dir NEW FINAL: swap NEW in for FINAL, keeping FINAL u
     rm -rf "$old"
 }
 
-mkdir -p "$OUT"
+logged() {  # logged NAME CMD...: CMD's output to $LOGS/NAME.log, its progress bars (stderr) on screen
+    local log="$LOGS/$1.log"
+    shift
+    if ! "$@" > "$log"; then
+        echo "[demo] FAILED: $* (log: $log)" >&2
+        tail -n 20 "$log" >&2
+        exit 1
+    fi
+    echo "[demo] $(tail -n 1 "$log" | cut -c1-300) (log: $log)"
+}
+
+mkdir -p "$OUT" "$LOGS"
 rm -f "$TIMES.tmp"
 
-stage data "1/8 demo data + tokenizer -> $RAW"
+stage data "1/8 demo data (the base's tokenizer) -> $RAW"
 read -r LONG_MIN LONG_MAX <<< "$DEMO_LONG_WORDS"
-$PY -m longalign.demo_data --out "$RAW" --num_long "$DEMO_NUM_LONG" --num_short "$DEMO_NUM_SHORT" \
-    --long_words "$LONG_MIN" "$LONG_MAX" --vocab_size "$DEMO_VOCAB" --mix "$DEMO_MIX"
+logged data $PY -m longalign.demo_data --out "$RAW" --num_long "$DEMO_NUM_LONG" --num_short "$DEMO_NUM_SHORT" \
+    --long_words "$LONG_MIN" "$LONG_MAX" --tokenizer_from "$DEMO_BASE" --mix "$DEMO_MIX"
 STATS+=("$RAW/stats.json")
 
 stage pre_tokenize "2/8 pre_tokenize (llama template) -> $DATA"
-$PY pre_tokenize.py --model llama --tokenizer "$RAW/tokenizer" \
+logged pre_tokenize $PY pre_tokenize.py --model llama --tokenizer "$RAW/tokenizer" \
     --long "$RAW/long.jsonl" --short "$RAW/sharegpt.jsonl" \
     --datanum 10k --max_length "$MAX_LENGTH" --output_dir "$DATA" --overwrite_output_dir  # a re-run replaces its sort/, pack/ too
 STATS+=("$DATA/stats.json")
 
 stage sort_and_group "3/8 sort_and_group (group size 1) -> $DATA/sort, $DATA/pack"
-$PY sort_and_group.py --train_file "$DATA" --group_size 1 --max_length "$MAX_LENGTH"
+logged sort_and_group $PY sort_and_group.py --train_file "$DATA" --group_size 1 --max_length "$MAX_LENGTH"
 STATS+=("$DATA/sort/stats.json" "$DATA/pack/stats.json")
 
-stage model_init "4/8 tiny random llama -> $OUT/model_init"
-$PY -m longalign.tiny_model --family llama --tokenizer "$RAW/tokenizer" --out "$OUT/model_init" \
-    --max_positions "$MAX_LENGTH" --tie_embeddings
+stage model_init "4/8 the pretrained base ($DEMO_BASE), context raised to $MAX_LENGTH -> $OUT/model_init"
+logged model_init $PY -m longalign.demo.base --base "$DEMO_BASE" --out "$OUT/model_init" --max_positions "$MAX_LENGTH"
 STATS+=("$OUT/model_init/stats.json")
 
-stage eval_untrained "5/8 held-out retrieval, untrained model -> $OUT/eval/untrained.json"
-$PY -m longalign.demo_eval --model "$OUT/model_init" --raw "$RAW" --out "$OUT/eval/untrained.json" \
+stage eval_base "5/8 held-out retrieval, the base -> $OUT/eval/base.json"
+logged eval_base $PY -m longalign.demo_eval --model "$OUT/model_init" --raw "$RAW" --out "$OUT/eval/base.json" \
     --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK" --short_examples "$DEMO_EVAL_SHORT"
-STATS+=("$OUT/eval/untrained.json")
+STATS+=("$OUT/eval/base.json")
 
-stage train "6/8 train.py --batch_method pack --pack_loss, $DEMO_STEPS steps on CPU -> $OUT/model"
+stage train "6/8 train.py --batch_method pack --pack_loss, $DEMO_STEPS steps -> $OUT/model"
 rm -rf "$OUT/.model.tmp"
-$PY train.py --model_name_or_path "$OUT/model_init" --train_file "$DATA" --output_dir "$OUT/.model.tmp" \
-    --batch_method pack --pack_loss --use_cpu --per_device_train_batch_size 1 \
+logged train $PY train.py --model_name_or_path "$OUT/model_init" --train_file "$DATA" --output_dir "$OUT/.model.tmp" \
+    --batch_method pack --pack_loss $DEMO_TRAIN_DEVICE --per_device_train_batch_size 1 \
     --gradient_accumulation_steps 1 --max_steps "$DEMO_STEPS" --learning_rate "$DEMO_LR" \
     --lr_scheduler_type cosine --warmup_steps "$DEMO_WARMUP" --logging_steps "$DEMO_LOG_STEPS" \
-    --adam_beta2 0.95 --weight_decay 0 --save_strategy no --seed 0 --disable_tqdm true
+    --adam_beta2 0.95 --weight_decay 0 --save_strategy no --seed 0 --progress bar
 replace_dir "$OUT/.model.tmp" "$OUT/model"
 STATS+=("$OUT/model/trainer_state.json")
 $PY -m longalign.demo_report --loss "$OUT/model/trainer_state.json"
 echo "[demo] trained model saved to $OUT/model"
 
 stage eval_trained "7/8 held-out retrieval, trained model -> $OUT/eval/trained.json"
-$PY -m longalign.demo_eval --model "$OUT/model" --raw "$RAW" --out "$OUT/eval/trained.json" \
+logged eval_trained $PY -m longalign.demo_eval --model "$OUT/model" --raw "$RAW" --out "$OUT/eval/trained.json" \
     --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK" --short_examples "$DEMO_EVAL_SHORT"
 STATS+=("$OUT/eval/trained.json")
 
 stage needle "8/8 needle test of the trained model (haystack $HAYSTACK) -> $OUT/needle"
 rm -rf "$OUT/.needle.tmp"
-HAYSTACK=$HAYSTACK bash Needle_test/demo.sh "$OUT/model" "$OUT/.needle.tmp"
+export HAYSTACK
+logged needle bash Needle_test/demo.sh "$OUT/model" "$OUT/.needle.tmp"
 replace_dir "$OUT/.needle.tmp" "$OUT/needle"
 STATS+=("$OUT/needle/prompts/stats.json" "$OUT/needle/pred/preds.jsonl.stats.json"
         "$OUT/needle/results/summary_match.json")

@@ -17,8 +17,11 @@ TEST_STEPS = 20  # a few % of the demo's default: plumbing, and a clear fall fro
 LOG_STEPS = 5
 MIN_LOSS_DROP = 0.5  # nats between the first and the last logged loss (the demo falls ~2 in 20 steps)
 TEST_DATA = {"DEMO_NUM_LONG": "24", "DEMO_NUM_SHORT": "200", "DEMO_EVAL_PER_TASK": "2"}
-STAGES = ["data", "pre_tokenize", "sort_and_group", "model_init", "eval_untrained", "train", "eval_trained",
-          "needle"]
+STAGES = ["data", "pre_tokenize", "sort_and_group", "model_init", "eval_base", "train", "eval_trained", "needle"]
+# a base pretrained on the spot in seconds (the shipped one is tested in test_demo_base.py)
+TEST_BASE_FLAGS = ["--steps", "20", "--batch", "4", "--context", "128", "--hidden", "32", "--heads", "4",
+                   "--kv_heads", "2", "--intermediate", "64", "--layers", "2", "--vocab", "600", "--eval_examples", "2",
+                   "--max_words", "80"]
 DEMO_TIMEOUT_S = 600
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=256)
@@ -28,9 +31,13 @@ SMALL = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """Run scripts/demo.sh once, with fewer steps, less data and a smaller held-out set."""
+    from longalign.demo.pretrain import main as pretrain_main
+
     out = tmp_path_factory.mktemp("demo") / "out"
+    base = tmp_path_factory.mktemp("demo_base") / "base"
+    pretrain_main(["--out", str(base), *TEST_BASE_FLAGS])
     env = {**os.environ, "OUT": str(out), "DEMO_STEPS": str(TEST_STEPS), "DEMO_LOG_STEPS": str(LOG_STEPS),
-           "PY": sys.executable, **TEST_DATA}
+           "PY": sys.executable, "DEMO_BASE": str(base), **TEST_DATA}
     env.pop("HAYSTACK", None)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
@@ -52,14 +59,16 @@ def test_demo_datasets(demo):
         dataset = datasets.load_from_disk(str(out / sub))
         assert len(dataset) > 0 and needed <= set(dataset.column_names), sub
     raw = json.loads((out / "raw" / "stats.json").read_text())
-    assert len(datasets.load_from_disk(str(out / "llama/10k"))) == raw["long_rows"] + raw["short_rows"]
+    total = json.loads((out / "llama/10k" / "stats.json").read_text())["total"]
+    assert len(datasets.load_from_disk(str(out / "llama/10k"))) == total["kept"]  # every row kept or counted
+    assert total["rows_read"] == raw["long_rows"] + raw["short_rows"] == total["kept"] + total["skipped_too_long"]
 
 
 def test_demo_prints_every_stats_file(demo):
     out, stdout = demo
     paths = [Path(p) for p in printed(stdout, "[demo] stats:")]
     expected = [out / "raw/stats.json", out / "llama/10k/stats.json", out / "llama/10k/sort/stats.json",
-                out / "llama/10k/pack/stats.json", out / "model_init" / STATS_FILE, out / "eval/untrained.json",
+                out / "llama/10k/pack/stats.json", out / "model_init" / STATS_FILE, out / "eval/base.json",
                 out / "model/trainer_state.json", out / "eval/trained.json", out / "needle/prompts/stats.json"]
     assert set(expected) <= set(paths)
     for path in paths:
@@ -105,14 +114,13 @@ def test_demo_needle_heatmap(demo):
 
 def test_demo_held_out_retrieval_reports(demo):
     out, _ = demo
-    for name in ("untrained", "trained"):
+    for name in ("base", "trained"):
         report = json.loads((out / "eval" / f"{name}.json").read_text())
         assert report["disjoint"]["overlaps"] == 0 and report["seed"] != report["data_seed"]
-        assert set(report["per_task"]) == {"needle", "kv"} and len(report["examples"]) == 4
+        assert set(report["per_task"]) == {"needle", "kv", "fact"} and len(report["examples"]) == 6
+        assert set(report["unseen_kind"]["per_task"]) == {"magic"} and len(report["unseen_kind"]["examples"]) == 2
         assert report["query_tokens"]["max"] <= report["context_tokens"] == 2048
-        assert report["short"]["mix"] == "few_words" and len(report["short"]["examples"]) == 20
-    untrained = json.loads((out / "eval/untrained.json").read_text())
-    assert untrained["accuracy"] == untrained["short"]["accuracy"] == 0.0  # a random model copies nothing
+        assert report["short"]["mix"] == "base" and len(report["short"]["examples"]) == 20
 
 
 def test_demo_summary_table(demo):
@@ -124,7 +132,8 @@ def test_demo_summary_table(demo):
     assert summary["training"]["loss_first"] == state["log_history"][0]["loss"]
     table = (out / "summary.md").read_text()
     assert table in stdout and "held-out retrieval exact match" in table and "needle test mean score" in table
-    assert "held-out short tasks exact match" in table and summary["short"]["mix"] == "few_words"
+    assert "held-out short tasks exact match" in table and summary["short"]["mix"] == "base"
+    assert "a needle kind never trained on" in table and "base -> trained" in table
     assert printed(stdout, "[demo] summary:") == [f"{out / 'summary.md'}, {out / 'summary.json'}"]
 
 
@@ -196,10 +205,11 @@ def test_demo_report_tokens_and_table():
     per_task = {"needle": {"correct": 9, "total": 10}}
     table = markdown({"stages": [{"stage": "train", "seconds": 12.0}], "total_seconds": 12.0,
                       "load_average": [1.0, 2.0, 3.0], "training": summary,
-                      "retrieval": {"untrained": 0.0, "trained": 0.9, "trained_per_task": per_task,
+                      "retrieval": {"base": 0.0, "trained": 0.9, "trained_per_task": per_task,
                                     "query_tokens": {"min": 1900, "max": 2048}},
-                      "short": {"mix": "few_words", "examples": 20, "untrained": 0.0, "trained": 0.55},
+                      "unseen_kind": {"base": 0.0, "trained": 0.7, "per_task": {"magic": {"correct": 7, "total": 10}}},
+                      "short": {"mix": "few_words", "examples": 20, "base": 0.0, "trained": 0.55},
                       "needle": {"mean_score": 7.5, "scored": 20, "heatmap": "h.png"}})
     assert "| train | 12 |" in table and "0% -> **90%** (needle 9/10" in table and "**7.5**" in table
-    assert "0% -> **55%** (20 first rounds of mix few_words)" in table
+    assert "0% -> **55%** (20 first rounds of mix few_words)" in table and "0% -> **70%** (magic 7/10)" in table
     assert "2,000 in 30 steps" in table and "5.000 (step 10) -> 1.000 (step 30)" in table

@@ -3,8 +3,8 @@ import json
 import random
 
 from longalign.conversations import Conversation, read_jsonl
-from longalign.demo_data import (LONG_TASKS, NEEDLE_QUESTION, generate_haystack, generate_long, generate_short,
-                                 write_demo_data)
+from longalign.demo.tasks import LONG_TASKS, NEEDLE_QUESTION
+from longalign.demo_data import generate_haystack, generate_long, generate_short, write_demo_data
 
 # The needle test's own needle (Needle_test/demo.sh): never part of the training text.
 NEEDLE_TEST_WORDS = ("San Francisco", "sandwich", "Dolores", "sunny")
@@ -24,7 +24,7 @@ def test_every_long_answer_is_copied_from_a_long_context():
         assert answer in question and len(answer.split()) < 30  # short answer, copied
         assert len(question) >= 400  # long context (150 filler words or their tokens in a table)
     needles = [r for r in rows if r["messages"][1]["content"].startswith("The best thing to do in ")]
-    assert 0 < len(needles) < len(rows)  # both tasks, in turn
+    assert 0 < len(needles) < len(rows)  # every task, in turn
     for row in needles:  # the question has the needle test's form
         assert row["messages"][0]["content"].endswith(NEEDLE_QUESTION.split("{place}")[1])
 
@@ -61,7 +61,7 @@ def test_write_demo_data_outputs(tmp_path):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
     assert json.loads((tmp_path / "raw" / "stats.json").read_text()) == stats
-    assert set(LONG_TASKS) == {"needle", "kv"}
+    assert set(LONG_TASKS) == {"needle", "kv", "fact"}
 
 
 def test_copy_topics_answer_with_the_text_they_were_given():
@@ -133,3 +133,13 @@ def test_observed_alphabet_tokenizer_has_only_the_bytes_it_saw(tmp_path):
     assert seen.unk_token_id in seen("the zebra", add_special_tokens=False)["input_ids"]  # z, b: never seen
     with pytest.raises(ValueError, match="alphabet must be one of"):
         train_tiny_tokenizer(texts, tmp_path / "x", alphabet="latin")
+
+
+def test_demo_data_takes_the_tokenizer_of_a_model(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    stats = write_demo_data(tmp_path / "raw", seed=3, num_long=2, num_short=4, tokenizer_from=tiny_tokenizer_dir)
+    copied = AutoTokenizer.from_pretrained(str(tmp_path / "raw" / "tokenizer"))
+    assert stats["vocab_size"] == len(copied) == len(tiny_tokenizer) and stats["tokenizer_from"] == tiny_tokenizer_dir
+    text = "The access code of Kalomir is 51234."
+    assert copied(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]

@@ -29,7 +29,7 @@ def tokenizer(raw):
 
 def test_examples_are_sized_seeded_and_copied_from_their_query(tokenizer):
     examples = held_out_examples(tokenizer, CONTEXT, per_task=4, seed=11)
-    assert {e.task for e in examples} == {"needle", "kv"} and len(examples) == 8
+    assert {e.task for e in examples} == {"needle", "kv", "fact"} and len(examples) == 12
     for e in examples:
         low, high = size_window(CONTEXT)
         assert low <= e.query_tokens <= high == CONTEXT
@@ -45,7 +45,7 @@ def test_disjointness_is_checked_against_every_training_message(raw, tokenizer):
     examples = held_out_examples(tokenizer, CONTEXT, per_task=3, seed=11)
     texts = training_texts(raw)
     assert len(texts) > 40  # both files, every message
-    assert check_disjoint(examples, texts) == {"examples": 6, "training_messages": len(texts), "overlaps": 0}
+    assert check_disjoint(examples, texts) == {"examples": 9, "training_messages": len(texts), "overlaps": 0}
     with pytest.raises(ValueError, match="1 held-out examples overlap"):
         check_disjoint(examples, texts + [f"some document ... {examples[2].answer} ... more"])
     with pytest.raises(ValueError, match="overlap"):
@@ -97,7 +97,10 @@ def test_evaluate_model_end_to_end_on_an_untrained_model(raw, tmp_path):
     save_tiny_model("llama", raw / "tokenizer", tmp_path / "m",
                     TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=512))
     report = evaluate_model(str(tmp_path / "m"), str(raw), context_tokens=CONTEXT, per_task=2)
-    assert report["accuracy"] == 0.0 and len(report["examples"]) == 4  # random weights retrieve nothing
+    assert report["accuracy"] == 0.0 and len(report["examples"]) == 6  # random weights retrieve nothing
+    unseen = report["unseen_kind"]  # the held-out needle kind, scored apart
+    assert set(unseen["per_task"]) == {"magic"} and len(unseen["examples"]) == 2 and unseen["accuracy"] == 0.0
+    assert report["disjoint"]["examples"] == 8
     assert report["seed"] != report["data_seed"] == json.loads((raw / "stats.json").read_text())["seed"]
     assert report["disjoint"]["overlaps"] == 0
     assert report["short"]["mix"] == "base" and len(report["short"]["examples"]) == 20  # the raw data's mix

@@ -480,3 +480,19 @@ def test_shipped_configs_are_valid():
     for name, schema in (("config-prompt.yaml", PROMPT_SCHEMA), ("config-pred.yaml", PRED_SCHEMA),
                          ("config-eval.yaml", EVAL_SCHEMA)):
         assert load_config(folder / name, schema)["_dir"] == str(folder)
+
+
+def test_the_judge_reads_the_configured_question_as_the_original_did(tmp_path, monkeypatch):
+    """The original's judge saw its config's question (short), not necessarily the prompt's."""
+    write_predictions(tmp_path / "pred" / "preds.jsonl", {(100, 0.0): "ANS-A eat a sandwich"})
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    short = "Best thing to do in San Francisco?"
+    with FakeOpenAIServer([("ANS-A", [{"status": 200, "content": "[[9]]"}] * 2)]) as server:
+        needle_eval.main(["--config", eval_config(tmp_path, "judge", question=short), "--judge_base_url", server.base_url])
+        asked = server.requests[-1]["messages"][-1]["content"]
+    assert f"[Question]\n{short}\n" in asked and QUESTION != short
+    with FakeOpenAIServer([("ANS-A", [{"status": 200, "content": "[[9]]"}] * 2)]) as server:
+        needle_eval.main(["--config", eval_config(tmp_path, "judge", question=None), "--save_dir",
+                          str(tmp_path / "asked"), "--judge_base_url", server.base_url])
+        asked = server.requests[-1]["messages"][-1]["content"]
+    assert f"[Question]\n{QUESTION}\n" in asked

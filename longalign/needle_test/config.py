@@ -85,7 +85,10 @@ EVAL_SCHEMA = {
     "judge": {"model_name": Key("str"), "base_url": Key("str", nullable=True),
               "concurrency": Key("int", minimum=1), "backoff_s": Key("number", minimum=0),
               "max_backoff_s": Key("number", minimum=0), "max_attempts": Key("int", minimum=1),
-              "timeout_s": Key("number", above=0)},
+              "timeout_s": Key("number", above=0),
+              # the question shown to the judge (the original's config: the short form, without the
+              # prompt's "Here is the most relevant sentence" ending); default: the question asked
+              "question": Key("str", nullable=True)},
     # optional: when given, it must be the needle and question the predictions were made with
     "prompt": {"needle": Key("str"), "retrieval_question": Key("str")},
     "key_facts": Key("list_str", nullable=True),

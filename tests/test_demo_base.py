@@ -1,0 +1,145 @@
+"""The demo's pretrained base: its corpus, its pretraining script, its measures, the shipped copy."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from longalign.demo import base_eval, corpus
+from longalign.demo.base import prepare_model_init
+from longalign.demo.pretrain import PretrainConfig, learning_rate, main as pretrain_main
+from longalign.demo.tasks import ALL_TASKS, HELD_OUT_TASKS, LONG_TASKS
+from longalign.demo.words import FORBIDDEN
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_BASE = REPO / "models" / "tiny-base"
+TINY_FLAGS = ["--steps", "3", "--batch", "2", "--context", "64", "--hidden", "32", "--heads", "2", "--kv_heads", "2",
+              "--intermediate", "64", "--layers", "2", "--vocab", "400", "--eval_examples", "2", "--max_words", "40",
+              "--warmup", "1"]
+
+
+def test_corpus_is_seeded_has_every_kind_and_no_forbidden_word():
+    docs = corpus.documents(3, 400, 120)
+    assert docs == corpus.documents(3, 400, 120) != corpus.documents(4, 400, 120)
+    text = "\n".join(docs).lower()
+    assert not [word for word in FORBIDDEN if word in text]
+    for kind, make in corpus.DOCUMENTS.items():
+        assert make(random.Random(0), 50).strip(), kind
+
+
+def test_facts_documents_restate_facts_from_earlier_in_the_text():
+    for seed in range(30):
+        document = corpus.facts_document(random.Random(seed), 80)
+        body, recall = document.rsplit("\n", 1)
+        restated = recall.split(": ", 1)[1]
+        sentences = [s + "." for s in restated.split(". ") if s]
+        assert sentences and all(s.rstrip(".") + "." in body for s in sentences)
+
+
+def test_list_and_nonsense_documents_repeat_their_span():
+    for seed in range(30):
+        lines = corpus.nonsense_document(random.Random(seed), 60).split("\n")
+        assert lines[0] == lines[-1]
+        first, *_, last = corpus.list_document(random.Random(seed), 60).split("\n")
+        assert first.split(": ", 1)[1] == last.split(": ", 1)[1]
+
+
+def test_long_tasks_answer_with_a_sentence_of_their_document():
+    for name, make in ALL_TASKS.items():
+        for seed in range(10):
+            query, answer = make(random.Random(seed), 120)
+            assert f"\n{answer}\n" in query and query.rstrip().endswith(("?", ":")), name
+    assert set(HELD_OUT_TASKS).isdisjoint(LONG_TASKS)
+
+
+def test_held_out_wording_is_in_no_training_text(tmp_path):
+    from longalign.demo_data import write_demo_data
+    write_demo_data(tmp_path / "raw", seed=4, num_long=60, num_short=200, vocab_size=600)
+    text = "".join((tmp_path / "raw" / name).read_text(encoding="utf-8") for name in ("long.jsonl", "sharegpt.jsonl"))
+    assert "special magic number" not in text.lower()
+    query, answer = HELD_OUT_TASKS["magic"](random.Random(0), 100)
+    assert "special magic number" in answer and "magic" in FORBIDDEN
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    config = PretrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    rates = [learning_rate(step, config) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:])) and rates[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+class NextTokenOracle(torch.nn.Module):
+    """Logits whose argmax at position t is the input's token t + 1 (and `wrong` at the last)."""
+
+    def __init__(self, vocab: int, wrong_at: int | None = None):
+        super().__init__()
+        self.vocab, self.wrong_at, self.weight = vocab, wrong_at, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        nxt = torch.roll(input_ids, -1, dims=1)
+        if self.wrong_at is not None:
+            nxt[0, self.wrong_at] = (nxt[0, self.wrong_at] + 1) % self.vocab
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float()})()
+
+
+def test_exact_span_scores_the_target_tokens_only():
+    prompt, target = [1, 5, 6, 7], [8, 9]
+    assert base_eval.exact_span(NextTokenOracle(16), prompt, target)
+    assert not base_eval.exact_span(NextTokenOracle(16, wrong_at=4), prompt, target)  # predicts target[1]
+    assert base_eval.exact_span(NextTokenOracle(16, wrong_at=2), prompt, target)  # inside the prompt
+
+
+def test_held_out_examples_fit_the_context(tiny_tokenizer):
+    for measure, make in base_eval.EXAMPLES.items():
+        ids, target = base_eval.fit_words(make, f"7-{measure}", tiny_tokenizer, 256)
+        assert len(ids) + len(target) <= 256 and len(ids) > 100 and target
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "tiny-base"
+    pretrain_main(["--out", str(out), *TINY_FLAGS])
+    return out
+
+
+def test_pretrain_writes_a_self_describing_base_and_its_card(tiny_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stats = json.loads((tiny_base / "stats.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    assert model.config.max_position_embeddings == 64 and model.config.vocab_size == len(tokenizer)
+    assert stats["parameters"] == sum(p.numel() for p in model.parameters())
+    assert stats["tokens_trained"] == 3 * 2 * 64 and len(stats["loss_log"]) == 1
+    card = (tiny_base / "README.md").read_text()
+    assert "python -m longalign.demo.pretrain" in card and "--steps 3" in card
+    for name, measure in stats["held_out"].items():
+        assert f"| {name} | {measure['exact']:.0%} of 2 | 64 |" in card
+
+
+def test_pretrain_is_seeded(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    pretrain_main(["--out", str(tmp_path / "again"), *TINY_FLAGS])
+    a, b = load_file(str(tiny_base / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_init_is_the_base_with_a_longer_context(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    stats = prepare_model_init(tiny_base, tmp_path / "init", 256)
+    config = json.loads((tmp_path / "init" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256 and stats["base_context"] == 64
+    a, b = load_file(str(tiny_base / "model.safetensors")), load_file(str(tmp_path / "init" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="below the base's context 64"):
+        prepare_model_init(tiny_base, tmp_path / "short", 32)
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--hidden", "30", "--heads", "4"], ["--lr", "-1"]])
+def test_pretrain_refuses_bad_settings(bad, tmp_path):
+    with pytest.raises(SystemExit):
+        pretrain_main(["--out", str(tmp_path / "x"), *TINY_FLAGS, *bad])
+    assert not (tmp_path / "x").exists()
