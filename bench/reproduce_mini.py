@@ -1,16 +1,19 @@
 """The paper's findings in miniature, from one pretrained base: data quantity (Table 2), training methods (Table 3).
 
-    python bench/reproduce_mini.py --out bench/measured/reproduce_mini.json              # one GPU, bf16
-    python bench/reproduce_mini.py --experiments quantity --out ...                     # one half of it
-    python bench/reproduce_mini.py --cpu --epochs 0.1 --out /tmp/reproduce_mini.json    # CPU, bounded
-    python bench/reproduce_mini.py --cpu --tiny --out /tmp/reproduce_mini.json           # smoke (tests)
+    python bench/reproduce_mini.py --out bench/measured/reproduce_mini.json             # one GPU, bf16
+    python bench/reproduce_mini.py --experiments quantity --out ...                    # one half of it
+    python bench/reproduce_mini.py --cpu --threads 2 --epochs 0.2 --eval_per_task 8 --out ...  # CPU, bounded
+    python bench/reproduce_mini.py --cpu --tiny --threads 1 --out /tmp/reproduce_mini.json   # smoke (tests)
 
 Every run starts from the same weights: --base (the demo's pretrained tiny base) with its context
 raised to --max_length (`longalign.demo.base.prepare_model_init`); the seed changes only the data
 order (train.py --seed/--data_seed). --tiny without --base pretrains a tiny base on the spot
 (TINY_BASE). Each run is train.py's own code path (`train.build_trainer(argv)` + `Trainer.train()`):
 --epochs at --lr, cosine, AdamW beta2 0.95. A 2-step untimed warm-up run comes first, so that no
-timed run pays the process's one-time start-up.
+timed run pays the process's one-time start-up. The default is 1 epoch (the paper trains 2): one
+epoch of the full data is about 490 optimizer steps of 2 packs of 2304 tokens, a little more than
+the demo's training (600 packs), and keeps the 18 runs of 3 seeds within two 10-minute GPU calls
+(--experiments quantity, then methods).
 
 Experiments (--experiments, default both; the full-data pack_weighted run serves both, once per seed):
   quantity  packing + loss weighting (the demo's recipe) with 0% / 50% / 100% of the --num_long long
@@ -50,7 +53,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import math
 import os
 import random
 import shutil
@@ -61,7 +63,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from reproduce_mini_report import ARMS, EXPERIMENTS, markdown, summarize
+from reproduce_mini_report import ARMS, EXPERIMENTS, markdown, plan_lines, planned_run, summarize
 
 from longalign.collators import COUNT_FIELDS, COUNTS_KEY
 from longalign.demo.base import DEFAULT_BASE, prepare_model_init
@@ -91,7 +93,7 @@ NEEDLE_MIN_LENGTH, NEEDLE_COUNT = 256, 4  # Needle_test/demo.sh: 4 lengths from 
 NEEDLE_DEPTHS = (0.0, 25.0, 50.0, 75.0, 100.0)
 WARMUP_FRACTION = 0.05  # of the optimizer steps (transformers 5: a float warmup_steps < 1 is a ratio)
 WARMUP_RUN_STEPS = 2  # the untimed warm-up run
-GPU = dict(max_length=2304, num_long=1200, batch=8, grad_accum=2, epochs=2.0, lr=1e-3, eval_per_task=16,
+GPU = dict(max_length=2304, num_long=1200, batch=8, grad_accum=2, epochs=1.0, lr=1e-3, eval_per_task=16,
            eval_short=192, num_proc=min(os.cpu_count() or 1, 8))
 TINY = dict(max_length=768, num_long=6, batch=2, grad_accum=1, epochs=1.0, lr=3e-3, eval_per_task=1,
             eval_short=6, num_proc=1)
@@ -255,21 +257,18 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def count_batches(trainer) -> dict:
-    """Sum every trained micro-batch's real tokens (its COUNTS_KEY) and processed tokens (padding
-    included) as the trainer fetches them; returns the running totals."""
-    totals = {"train_tokens": 0, "processed_tokens": 0}
-    fetch = trainer.get_batch_samples
+def count_batches(trainer) -> list:
+    """Record every micro-batch the trainer fetches: (its real tokens, from COUNTS_KEY, as a tensor
+    on its device, so no synchronisation; its processed tokens, padding included)."""
+    seen, fetch, tokens = [], trainer.get_batch_samples, COUNT_FIELDS.index("tokens")
 
     def counting(epoch_iterator, num_batches, device=None):
         batches, denominator = fetch(epoch_iterator, num_batches, device)
-        for batch in batches:
-            totals["train_tokens"] += int(batch[COUNTS_KEY][COUNT_FIELDS.index("tokens")])
-            totals["processed_tokens"] += int(batch["input_ids"].numel())
+        seen.extend((batch[COUNTS_KEY][tokens], batch["input_ids"].numel()) for batch in batches)
         return batches, denominator
 
     trainer.get_batch_samples = counting
-    return totals
+    return seen
 
 
 def train_one(argv: list[str], sets: dict | None, max_length: int) -> dict:
@@ -279,7 +278,7 @@ def train_one(argv: list[str], sets: dict | None, max_length: int) -> dict:
 
     trainer = train.build_trainer(argv)
     fingerprint = weights_fingerprint(trainer.model)
-    totals = count_batches(trainer)
+    batches = count_batches(trainer)
     sync = torch.cuda.synchronize if torch.cuda.is_available() and not trainer.args.use_cpu else (lambda: None)
     sync()
     started = time.perf_counter()
@@ -287,10 +286,14 @@ def train_one(argv: list[str], sets: dict | None, max_length: int) -> dict:
     sync()
     seconds = time.perf_counter() - started
     logs = [e for e in trainer.state.log_history if "loss" in e]
-    run = {"train_seconds": seconds, "optimizer_steps": trainer.state.global_step, **totals,
+    run = {"train_seconds": seconds, "optimizer_steps": trainer.state.global_step,
+           "train_tokens": sum(int(real) for real, _ in batches), "processed_tokens": sum(n for _, n in batches),
            "init_weights_sha256": fingerprint, "loss_first": logs[0]["loss"] if logs else None,
            "loss_last": logs[-1]["loss"] if logs else None}
-    return {**run, **evaluate(trainer.model, sets, max_length)} if sets is not None else run
+    if sets is not None:
+        started = time.perf_counter()
+        run.update(evaluate(trainer.model, sets, max_length), eval_seconds=time.perf_counter() - started)
+    return run
 
 
 def pack_accumulation(sequences_per_pack: float, sequences_per_step: int) -> int:
@@ -316,37 +319,13 @@ def group_data(args, built: dict, seed: int) -> dict:
 
 
 def plan(args, built: dict, grouping: dict) -> list[dict]:
-    """Per run of one seed: about how many optimizer steps and tokens (real; naive's padding is
-    simulated on one shuffle of the stored lengths, sort's from sort_and_group's padding)."""
-    import numpy as np
-
+    """Per run of one seed, about how many optimizer steps and tokens (`reproduce_mini_report.planned_run`)."""
     from longalign.token_sequences import load_token_table, row_lengths
 
-    rows, lengths_of = [], {}
-    for data, method in planned_runs(args.experiments):
-        if data not in lengths_of:
-            lengths_of[data] = row_lengths(load_token_table(built["quantities"][data]["path"]).column("input_ids"))
-        lengths = lengths_of[data]
-        g, real = grouping[data], int(lengths.sum())
-        if method == "naive":
-            order = np.random.default_rng(0).permutation(len(lengths))
-            batches = [lengths[order[i:i + args.batch]] for i in range(0, len(order), args.batch)]
-            micro, accum, processed = len(batches), args.grad_accum, sum(len(b) * int(b.max()) for b in batches)
-        elif method == "sort":
-            micro, accum, processed = g["rows"] // args.batch, args.grad_accum, real / (1 - g["sort_padding_fraction"])
-        else:
-            micro, accum, processed = g["packs"], g["pack_grad_accum"], real
-        rows.append({"data": data, "method": method, "optimizer_steps": math.ceil(args.epochs * max(1, micro // accum)),
-                     "train_tokens": round(args.epochs * real), "processed_tokens": round(args.epochs * processed)})
-    return rows
-
-
-def print_plan(runs: list[dict], seeds: int) -> None:
-    for r in runs:
-        print(f"[reproduce_mini] plan per seed: {r['data']}/{r['method']}: ~{r['optimizer_steps']} steps, "
-              f"{r['train_tokens']:,} tokens ({r['processed_tokens']:,} processed)", flush=True)
-    total = sum(r["processed_tokens"] for r in runs) * seeds
-    print(f"[reproduce_mini] plan: {total:,} processed tokens over {seeds} seeds", flush=True)
+    lengths = {data: row_lengths(load_token_table(quantity["path"]).column("input_ids"))
+               for data, quantity in built["quantities"].items()}
+    return [planned_run(data, method, lengths[data], grouping[data], args.batch, args.grad_accum, args.epochs)
+            for data, method in planned_runs(args.experiments)]
 
 
 def warm_up(args, built: dict, workdir: Path, init: str) -> float:
@@ -361,7 +340,7 @@ def run_seed(args, seed: int, built: dict, sets: dict, workdir: Path, report: di
     grouping = report["grouping"][str(seed)] = group_data(args, built, seed)
     if "plan" not in report:
         report["plan"] = plan(args, built, grouping)
-        print_plan(report["plan"], args.seeds)
+        print("\n".join(plan_lines(report["plan"], args.seeds)), flush=True)
         report["warmup_seconds"] = warm_up(args, built, workdir, report["init"])
     for data, method in planned_runs(args.experiments):
         argv = train_argv(method, args, report["init"], built["quantities"][data]["path"],

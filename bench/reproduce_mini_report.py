@@ -1,4 +1,4 @@
-"""bench/reproduce_mini.py's verdicts and tables: pure functions of the run records.
+"""bench/reproduce_mini.py's plan, verdicts and tables: pure functions of the data and the run records.
 
 A run record has `seed`, `data` (`0k`, `half`, `full`), `method` (`naive`, `sort`, `pack`,
 `pack_weighted`) and its measures. An *arm* names one (data, method) pair (`ARMS`); the full-data
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import statistics
+
+import numpy as np
 
 ARMS = {"0k": ("0k", "pack_weighted"), "half": ("half", "pack_weighted"), "full": ("full", "pack_weighted"),
         "naive": ("full", "naive"), "sort": ("full", "sort"), "pack": ("full", "pack"),
@@ -49,6 +51,31 @@ LEVELS = (("short-task quality stays level with all the long data", "short_loss"
            SHORT_LEVEL_TOLERANCE, "MT-Bench 5.34 -> 5.50, LongAlign-0k -> 10k: comparable"),
           ("short-task quality stays level with half the long data", "short_loss", "half", "0k",
            SHORT_LEVEL_TOLERANCE, "MT-Bench 5.34 -> 5.51, LongAlign-0k -> 5k: comparable"))
+
+
+def planned_run(data: str, method: str, lengths: np.ndarray, grouping: dict, batch: int, grad_accum: int,
+                epochs: float) -> dict:
+    """About how many optimizer steps and tokens one run takes: real tokens, and processed tokens
+    (padding included: naive's simulated on one shuffle of `lengths`, sort's from the sort
+    output's padding fraction; packs are not padded)."""
+    real = int(lengths.sum())
+    if method == "naive":
+        order = np.random.default_rng(0).permutation(len(lengths))
+        batches = [lengths[order[i:i + batch]] for i in range(0, len(order), batch)]
+        micro, accum, processed = len(batches), grad_accum, sum(len(b) * int(b.max()) for b in batches)
+    elif method == "sort":
+        micro, accum, processed = grouping["rows"] // batch, grad_accum, real / (1 - grouping["sort_padding_fraction"])
+    else:
+        micro, accum, processed = grouping["packs"], grouping["pack_grad_accum"], real
+    return {"data": data, "method": method, "optimizer_steps": math.ceil(epochs * max(1, micro // accum)),
+            "train_tokens": round(epochs * real), "processed_tokens": round(epochs * processed)}
+
+
+def plan_lines(plan: list[dict], seeds: int) -> list[str]:
+    lines = [f"[reproduce_mini] plan per seed: {r['data']}/{r['method']}: ~{r['optimizer_steps']} steps, "
+             f"{r['train_tokens']:,} tokens ({r['processed_tokens']:,} processed)" for r in plan]
+    total = sum(r["processed_tokens"] for r in plan) * seeds
+    return lines + [f"[reproduce_mini] plan: {total:,} processed tokens over {seeds} seeds"]
 
 
 def mean_sd(values: list[float]) -> dict:

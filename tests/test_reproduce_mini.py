@@ -1,6 +1,7 @@
 """bench/reproduce_mini.py: the CPU smoke run end to end from one base, and the verdicts from numbers."""
 import json
 
+import numpy as np
 import pytest
 
 import reproduce_mini as rm
@@ -38,6 +39,10 @@ def test_cpu_tiny_smoke_run_trains_every_arm_and_reports_it(smoke):
     assert set(headline) == {f"mini_long_task_exact_match_{arm}" for arm in ALL_ARMS}
     assert headline["mini_long_task_exact_match_full"] == headline["mini_long_task_exact_match_pack_weighted"]
     assert [(p["data"], p["method"]) for p in saved["plan"]] == rm.planned_runs(list(rr.EXPERIMENTS))
+    seed0 = {(r["data"], r["method"]): r for r in saved["runs"] if r["seed"] == 0}
+    for planned in saved["plan"]:  # whole epochs: the plan is exact
+        ran = seed0[planned["data"], planned["method"]]
+        assert (planned["optimizer_steps"], planned["train_tokens"]) == (ran["optimizer_steps"], ran["train_tokens"])
 
 
 def test_less_long_data_trains_fewer_tokens_and_only_naive_pads(smoke):
@@ -85,6 +90,18 @@ def test_a_workdir_not_made_by_the_script_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="was not made by this script"):
         rm.fresh_workdir(str(tmp_path / "mine"))
     assert (tmp_path / "mine").is_dir()
+
+
+def test_plan_counts_steps_and_padding_per_method():
+    lengths = np.array([10, 2, 2, 2, 10, 2, 2, 2])
+    grouping = {"rows": 8, "packs": 3, "sort_padding_fraction": 0.5, "pack_grad_accum": 3}
+    naive = rr.planned_run("full", "naive", lengths, grouping, 2, 2, 1.0)
+    assert naive["optimizer_steps"] == 2 and naive["train_tokens"] == 32 and 32 < naive["processed_tokens"] <= 80
+    assert rr.planned_run("full", "sort", lengths, grouping, 2, 2, 0.5) == {
+        "data": "full", "method": "sort", "optimizer_steps": 1, "train_tokens": 16, "processed_tokens": 32}
+    pack = rr.planned_run("full", "pack", lengths, grouping, 2, 2, 2.0)
+    assert (pack["optimizer_steps"], pack["processed_tokens"]) == (2, 64)
+    assert "128 processed tokens over 2 seeds" in rr.plan_lines([pack], 2)[-1]
 
 
 def run(arm, seed, **metrics):
