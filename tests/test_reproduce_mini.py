@@ -120,6 +120,8 @@ def test_direction_verdicts_are_computed_from_the_seeds():
     verdict = rr.direction(faster, *rr.METHOD_DIRECTIONS[0])
     assert verdict["verdict"] == "reproduced" and verdict["seeds_in_direction"] == 3
     assert verdict["gain"]["mean"] == 6.0  # seconds saved
+    assert rr.summarize(faster)["speedup_vs_naive"]["sort"]["mean"] == 2.5
+    assert "(speed-up 2.50 ± 0.00x)" in rr.markdown(rr.summarize(faster))
     weighting = direction("loss weighting improves long tasks over plain packing")
     mixed = [run("pack", s, long_accuracy=0.5) for s in range(3)] + [
         run("pack_weighted", s, long_accuracy=a) for s, a in enumerate((0.7, 0.4, 0.6))]
