@@ -98,12 +98,12 @@ def markdown(summary: dict) -> str:
               f"| tokens trained | {t['tokens_trained_logged']:,} in {t['steps']} steps |",
               f"| training loss, first -> last log | {t['loss_first']:.3f} (step {t['loss_first_step']}) -> "
               f"{t['loss_last']:.3f} (step {t['loss_last_step']}) |",
-              f"| held-out retrieval exact match, base -> trained | {r['base']:.0%} -> "
+              f"| held-out retrieval exact match, before -> after training | {r['base']:.0%} -> "
               f"**{r['trained']:.0%}** ({per_task}; {r['query_tokens']['min']}-{r['query_tokens']['max']} "
               f"query tokens) |",
-              f"| a needle kind never trained on, base -> trained | {unseen['base']:.0%} -> "
+              f"| a needle kind never trained on, before -> after | {unseen['base']:.0%} -> "
               f"**{unseen['trained']:.0%}** ({unseen_tasks}) |",
-              f"| held-out short tasks exact match, base -> trained | {_percent(short['base'])} -> "
+              f"| held-out short tasks exact match, before -> after | {_percent(short['base'])} -> "
               f"**{_percent(short['trained'])}** ({short['examples']} first rounds of mix {short['mix']}) |",
               f"| needle test mean score (1-10), trained | **{n['mean_score']:.1f}** over {n['scored']} prompts |",
               f"| needle heatmap | {n['heatmap']} |",

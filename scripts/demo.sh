@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The tiny offline demo (`make demo`): the whole LongAlign recipe on generated data, on CPU, from the
-# repository's pretrained tiny base (models/tiny-base), and a held-out measure of what it learned.
-#   demo data -> pre_tokenize.py -> sort_and_group.py -> the base with its context raised to the demo's
-#   length -> held-out retrieval of the base -> train.py (packing + loss weighting) -> held-out
-#   retrieval of the trained model -> needle test -> a summary table (summary.md / summary.json).
+# The tiny offline demo (`make demo`): the whole LongAlign recipe on generated data, on CPU, and a
+# held-out measure of what the model learned.
+#   demo data -> pre_tokenize.py -> sort_and_group.py -> the model training starts from (DEMO_BASE: a
+#   pretrained base with its context raised to the demo's length; default: a tiny random Llama) ->
+#   its held-out retrieval -> train.py (packing + loss weighting) -> held-out retrieval of the trained
+#   model -> needle test -> a summary table (summary.md / summary.json).
 # Environment (all optional):
 #   OUT=data/demo         where everything goes (each output is replaced whole on a re-run)
 #   DEMO_STEPS=...        training steps (default below)
@@ -13,7 +14,8 @@
 #   DEMO_EVAL_SHORT=20    held-out short-task rounds scored
 #   DEMO_NUM_LONG, DEMO_NUM_SHORT, DEMO_LONG_WORDS="MIN MAX", DEMO_MIX  the demo data
 #                         (longalign/demo_data.py; defaults below, chosen in BENCHMARKS.md section 12)
-#   DEMO_BASE=models/tiny-base  the pretrained base (python -m longalign.demo.pretrain makes one)
+#   DEMO_BASE=DIR         a pretrained base (python -m longalign.demo.pretrain makes one) to align; empty
+#                         (default): a random-init tiny Llama and a BPE of DEMO_VOCAB trained on the data
 #   DEMO_TRAIN_DEVICE=--use_cpu train.py's device flag ("" lets it use a GPU)
 #   HAYSTACK=DIR          needle-test essays (*.txt); default: the demo's own held-out filler text
 #   PY=.venv/bin/python
@@ -21,18 +23,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PY=${PY:-.venv/bin/python}
 OUT=${OUT:-data/demo}
-DEMO_BASE=${DEMO_BASE:-models/tiny-base}
+DEMO_BASE=${DEMO_BASE:-}  # empty: no base ships yet (README), so the demo starts from random weights
 DEMO_TRAIN_DEVICE=${DEMO_TRAIN_DEVICE---use_cpu}
-DEMO_STEPS=${DEMO_STEPS:-600}
 DEMO_LOG_STEPS=${DEMO_LOG_STEPS:-10}
-DEMO_LR=${DEMO_LR:-1e-3}
 DEMO_WARMUP=${DEMO_WARMUP:-20}
 DEMO_EVAL_PER_TASK=${DEMO_EVAL_PER_TASK:-20}
 DEMO_EVAL_SHORT=${DEMO_EVAL_SHORT:-20}
 DEMO_NUM_LONG=${DEMO_NUM_LONG:-1200}
-DEMO_NUM_SHORT=${DEMO_NUM_SHORT:-2400}
-DEMO_LONG_WORDS=${DEMO_LONG_WORDS:-50 1300}  # filler words per long example: ~100 to ~2300 tokens
-DEMO_MIX=${DEMO_MIX:-base}                   # short chats: counting, tables, spelling, copying, Chinese
+if [ -n "$DEMO_BASE" ]; then  # LongAlign's order: align a pretrained base (longalign/demo/, DESIGN.md §10)
+    DEMO_STEPS=${DEMO_STEPS:-600}
+    DEMO_LR=${DEMO_LR:-1e-3}
+    DEMO_NUM_SHORT=${DEMO_NUM_SHORT:-2400}
+    DEMO_LONG_WORDS=${DEMO_LONG_WORDS:-50 950}  # filler words per long example (~2.2 tokens each at vocab 512)
+    DEMO_MIX=${DEMO_MIX:-base}                  # short chats: counting, tables, spelling, copying, Chinese
+else  # from random weights, the settings of BENCHMARKS §11b
+    DEMO_STEPS=${DEMO_STEPS:-2600}
+    DEMO_LR=${DEMO_LR:-3e-3}
+    DEMO_NUM_SHORT=${DEMO_NUM_SHORT:-12000}     # short chats: about half the tokens, where copying is learned
+    DEMO_LONG_WORDS=${DEMO_LONG_WORDS:-50 720}  # filler words per long example: ~150 to ~2300 tokens
+    DEMO_VOCAB=${DEMO_VOCAB:-384}               # a small BPE: the copy forms within the budget (section 11)
+    DEMO_MIX=${DEMO_MIX:-few_words}             # short chats: copy 4-16 distinct filler words, again, count them
+fi
 MAX_LENGTH=2304      # tokens per example and per pack: the longest query (2048) + answer + template
 CONTEXT_TOKENS=2048  # the demo's longest context: held-out retrieval queries are sized to it
 RAW=$OUT/raw
@@ -80,10 +91,11 @@ logged() {  # logged NAME CMD...: CMD's output to $LOGS/NAME.log, its progress b
 mkdir -p "$OUT" "$LOGS"
 rm -f "$TIMES.tmp"
 
-stage data "1/8 demo data (the base's tokenizer) -> $RAW"
+stage data "1/8 demo data -> $RAW"
+if [ -n "$DEMO_BASE" ]; then TOKENIZER_FLAGS=(--tokenizer_from "$DEMO_BASE"); else TOKENIZER_FLAGS=(--vocab_size "$DEMO_VOCAB"); fi
 read -r LONG_MIN LONG_MAX <<< "$DEMO_LONG_WORDS"
 logged data $PY -m longalign.demo_data --out "$RAW" --num_long "$DEMO_NUM_LONG" --num_short "$DEMO_NUM_SHORT" \
-    --long_words "$LONG_MIN" "$LONG_MAX" --tokenizer_from "$DEMO_BASE" --mix "$DEMO_MIX"
+    --long_words "$LONG_MIN" "$LONG_MAX" "${TOKENIZER_FLAGS[@]}" --mix "$DEMO_MIX"
 STATS+=("$RAW/stats.json")
 
 stage pre_tokenize "2/8 pre_tokenize (llama template) -> $DATA"
@@ -96,11 +108,17 @@ stage sort_and_group "3/8 sort_and_group (group size 1) -> $DATA/sort, $DATA/pac
 logged sort_and_group $PY sort_and_group.py --train_file "$DATA" --group_size 1 --max_length "$MAX_LENGTH"
 STATS+=("$DATA/sort/stats.json" "$DATA/pack/stats.json")
 
-stage model_init "4/8 the pretrained base ($DEMO_BASE), context raised to $MAX_LENGTH -> $OUT/model_init"
-logged model_init $PY -m longalign.demo.base --base "$DEMO_BASE" --out "$OUT/model_init" --max_positions "$MAX_LENGTH"
+if [ -n "$DEMO_BASE" ]; then
+    stage model_init "4/8 the pretrained base ($DEMO_BASE), context raised to $MAX_LENGTH -> $OUT/model_init"
+    logged model_init $PY -m longalign.demo.base --base "$DEMO_BASE" --out "$OUT/model_init" --max_positions "$MAX_LENGTH"
+else
+    stage model_init "4/8 tiny random llama -> $OUT/model_init"
+    logged model_init $PY -m longalign.tiny_model --family llama --tokenizer "$RAW/tokenizer" --out "$OUT/model_init" \
+        --max_positions "$MAX_LENGTH" --tie_embeddings
+fi
 STATS+=("$OUT/model_init/stats.json")
 
-stage eval_base "5/8 held-out retrieval, the base -> $OUT/eval/base.json"
+stage eval_base "5/8 held-out retrieval, the model before training -> $OUT/eval/base.json"
 logged eval_base $PY -m longalign.demo_eval --model "$OUT/model_init" --raw "$RAW" --out "$OUT/eval/base.json" \
     --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK" --short_examples "$DEMO_EVAL_SHORT"
 STATS+=("$OUT/eval/base.json")

@@ -28,21 +28,28 @@ SMALL = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max
 
 
 # ---------- the demo ----------
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Run scripts/demo.sh once, with fewer steps, less data and a smaller held-out set."""
+MIXES = {"scratch": "few_words", "base": "base"}  # each start's default short-task mix
+
+
+@pytest.fixture(scope="module", params=list(MIXES))
+def demo(request, tmp_path_factory):
+    """Run scripts/demo.sh once per start (random weights; a pretrained base), with fewer steps,
+    less data and a smaller held-out set."""
     from longalign.demo.pretrain import main as pretrain_main
 
     out = tmp_path_factory.mktemp("demo") / "out"
-    base = tmp_path_factory.mktemp("demo_base") / "base"
-    pretrain_main(["--out", str(base), *TEST_BASE_FLAGS])
+    base, schedule = "", {}
+    if request.param == "base":
+        base = tmp_path_factory.mktemp("demo_base") / "base"
+        pretrain_main(["--out", str(base), *TEST_BASE_FLAGS])
+        schedule = {"DEMO_LR": "3e-3", "DEMO_WARMUP": "2"}  # the scratch defaults' rate, for 20 steps
     env = {**os.environ, "OUT": str(out), "DEMO_STEPS": str(TEST_STEPS), "DEMO_LOG_STEPS": str(LOG_STEPS),
-           "PY": sys.executable, "DEMO_BASE": str(base), **TEST_DATA}
+           "PY": sys.executable, "DEMO_BASE": str(base), **TEST_DATA, **schedule}
     env.pop("HAYSTACK", None)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
     assert proc.returncode == 0, f"demo.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return out, proc.stdout
+    return out, proc.stdout, request.param
 
 
 def printed(stdout: str, prefix: str) -> list[str]:
@@ -52,7 +59,7 @@ def printed(stdout: str, prefix: str) -> list[str]:
 def test_demo_datasets(demo):
     import datasets
 
-    out, _ = demo
+    out, _, _ = demo
     columns = {"llama/10k": {"input_ids", "labels"}, "llama/10k/sort": {"input_ids", "labels"},
                "llama/10k/pack": {"input_ids", "labels", "loss_weights", "cu_seqlens", "num_sequences"}}
     for sub, needed in columns.items():
@@ -65,7 +72,7 @@ def test_demo_datasets(demo):
 
 
 def test_demo_prints_every_stats_file(demo):
-    out, stdout = demo
+    out, stdout, _ = demo
     paths = [Path(p) for p in printed(stdout, "[demo] stats:")]
     expected = [out / "raw/stats.json", out / "llama/10k/stats.json", out / "llama/10k/sort/stats.json",
                 out / "llama/10k/pack/stats.json", out / "model_init" / STATS_FILE, out / "eval/base.json",
@@ -77,7 +84,7 @@ def test_demo_prints_every_stats_file(demo):
 
 
 def test_demo_training_loss_fell(demo):
-    out, stdout = demo
+    out, stdout, _ = demo
     state = json.loads((out / "model" / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert state["global_step"] == TEST_STEPS and len(losses) == TEST_STEPS // LOG_STEPS
@@ -89,7 +96,7 @@ def test_demo_training_loss_fell(demo):
 def test_demo_model_reloads_and_differs_from_init(demo):
     from longalign.generation import load_model_and_tokenizer
 
-    out, stdout = demo
+    out, stdout, _ = demo
     assert printed(stdout, "[demo] trained model:") == [str(out / "model")]
     model, tokenizer, family = load_model_and_tokenizer(str(out / "model"), device="cpu")
     init, _, _ = load_model_and_tokenizer(str(out / "model_init"), device="cpu")
@@ -102,7 +109,7 @@ def test_demo_model_reloads_and_differs_from_init(demo):
 
 
 def test_demo_needle_heatmap(demo):
-    out, stdout = demo
+    out, stdout, _ = demo
     heatmap = Path(printed(stdout, "[demo] heatmap:")[-1])
     assert heatmap == out / "needle/results/heatmap_match.png"
     assert heatmap.read_bytes().startswith(PNG_MAGIC)
@@ -113,18 +120,18 @@ def test_demo_needle_heatmap(demo):
 
 
 def test_demo_held_out_retrieval_reports(demo):
-    out, _ = demo
+    out, _, start = demo
     for name in ("base", "trained"):
         report = json.loads((out / "eval" / f"{name}.json").read_text())
         assert report["disjoint"]["overlaps"] == 0 and report["seed"] != report["data_seed"]
         assert set(report["per_task"]) == {"needle", "kv", "fact"} and len(report["examples"]) == 6
         assert set(report["unseen_kind"]["per_task"]) == {"magic"} and len(report["unseen_kind"]["examples"]) == 2
         assert report["query_tokens"]["max"] <= report["context_tokens"] == 2048
-        assert report["short"]["mix"] == "base" and len(report["short"]["examples"]) == 20
+        assert report["short"]["mix"] == MIXES[start] and len(report["short"]["examples"]) == 20
 
 
 def test_demo_summary_table(demo):
-    out, stdout = demo
+    out, stdout, start = demo
     summary = json.loads((out / "summary.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == STAGES
     assert summary["training"]["steps"] == TEST_STEPS and summary["training"]["tokens_trained_logged"] > 0
@@ -132,8 +139,8 @@ def test_demo_summary_table(demo):
     assert summary["training"]["loss_first"] == state["log_history"][0]["loss"]
     table = (out / "summary.md").read_text()
     assert table in stdout and "held-out retrieval exact match" in table and "needle test mean score" in table
-    assert "held-out short tasks exact match" in table and summary["short"]["mix"] == "base"
-    assert "a needle kind never trained on" in table and "base -> trained" in table
+    assert "held-out short tasks exact match" in table and summary["short"]["mix"] == MIXES[start]
+    assert "a needle kind never trained on" in table and "before -> after training" in table
     assert printed(stdout, "[demo] summary:") == [f"{out / 'summary.md'}, {out / 'summary.json'}"]
 
 

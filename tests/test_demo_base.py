@@ -143,3 +143,14 @@ def test_pretrain_refuses_bad_settings(bad, tmp_path):
     with pytest.raises(SystemExit):
         pretrain_main(["--out", str(tmp_path / "x"), *TINY_FLAGS, *bad])
     assert not (tmp_path / "x").exists()
+
+
+def test_document_mix_is_parsed_into_shares_and_bad_mixes_are_refused(tmp_path):
+    assert corpus.parse_mix("nonsense:3,lists:1") == {"nonsense": 0.75, "lists": 0.25}
+    for bad in ("poems:1", "lists:-1", "lists:0", ""):
+        with pytest.raises(ValueError):
+            corpus.parse_mix(bad)
+    docs = corpus.documents(0, 50, 60, {"nonsense": 1.0})
+    assert all(doc.split("\n")[0] == doc.split("\n")[-1] for doc in docs)  # only nonsense documents
+    with pytest.raises(SystemExit):
+        pretrain_main(["--out", str(tmp_path / "x"), *TINY_FLAGS, "--mix", "poems:1"])

@@ -99,8 +99,24 @@ DOCUMENTS = {"facts": facts_document, "lists": list_document, "nonsense": nonsen
              "dialogue": dialogue_document, "essay": essay_document}
 
 
-def documents(seed: int, count: int, max_words: int) -> list[str]:
-    """`count` documents of up to about `max_words` filler words each, kinds drawn by DOCUMENT_MIX."""
+def parse_mix(text: str) -> dict[str, float]:
+    """"facts:0.3,lists:0.3,..." -> {kind: weight}; every kind known, weights >= 0 with a positive sum."""
+    mix = {}
+    for item in filter(None, text.split(",")):
+        kind, _, weight = item.partition(":")
+        if kind not in DOCUMENTS:
+            raise ValueError(f"unknown document kind {kind!r} in {text!r}; known: {sorted(DOCUMENTS)}")
+        mix[kind] = float(weight)
+    if not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(f"a mix needs kind:weight items with weights >= 0 and a positive sum, got {text!r}")
+    total = sum(mix.values())
+    return {kind: weight / total for kind, weight in mix.items()}  # shares
+
+
+def documents(seed: int, count: int, max_words: int, mix: dict[str, float] | None = None) -> list[str]:
+    """`count` documents of up to about `max_words` filler words each, kinds drawn by `mix`
+    (default DOCUMENT_MIX)."""
     rng = random.Random(seed)
-    kinds, weights = list(DOCUMENT_MIX), list(DOCUMENT_MIX.values())
+    mix = mix or DOCUMENT_MIX
+    kinds, weights = list(mix), list(mix.values())
     return [DOCUMENTS[rng.choices(kinds, weights)[0]](rng, rng.randint(10, max_words)) for _ in range(count)]

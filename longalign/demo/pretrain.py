@@ -23,7 +23,7 @@ from pathlib import Path
 
 from longalign.demo.base_eval import evaluate_base
 from longalign.demo.card import write_card
-from longalign.demo.corpus import DOCUMENT_MIX, documents
+from longalign.demo.corpus import DOCUMENT_MIX, documents, parse_mix
 from longalign.modeling.checkpoints import make_self_describing
 from longalign.storage import atomic_dir, write_json_atomic
 from longalign.templates import conversation_text
@@ -54,6 +54,7 @@ class PretrainConfig:
     max_words: int = 300  # filler words per document at most (documents vary 10..this)
     eval_examples: int = 100
     time_limit: float = 0.0  # seconds of training after which it stops early (0: none); the card says so
+    mix: str = ",".join(f"{kind}:{share}" for kind, share in DOCUMENT_MIX.items())  # document kinds (corpus)
 
     def shape(self) -> TinyShape:
         return TinyShape(hidden=self.hidden, layers=self.layers, heads=self.heads, kv_heads=self.kv_heads,
@@ -132,7 +133,8 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, device_name: str | Non
     # enough documents for every step to see fresh windows about once
     words_per_doc = config.max_words / 2 * 1.4
     count = int(config.steps * config.batch * config.context / words_per_doc / 1.3) + 1
-    docs = documents(config.seed, count, config.max_words)
+    mix = parse_mix(config.mix)
+    docs = documents(config.seed, count, config.max_words, mix)
     with atomic_dir(out_dir, stage="demo_pretrain", overwrite=True) as tmp:
         tokenizer = train_tiny_tokenizer(tokenizer_texts(docs), tmp, config.vocab)
         windows = token_windows(tokenizer, docs, config.context)
@@ -146,7 +148,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, device_name: str | Non
         make_self_describing(tmp, "llama")
         stats = {"config": asdict(config), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                  else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-                 "date": date.today().isoformat(), "documents": len(docs), "document_mix": DOCUMENT_MIX,
+                 "date": date.today().isoformat(), "documents": len(docs), "document_mix": mix,
                  "windows": len(windows), "steps_trained": log[-1]["step"],
                  "tokens_trained": log[-1]["step"] * config.batch * config.context,
                  "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
@@ -165,7 +167,13 @@ def parse_args(argv=None) -> tuple[str, PretrainConfig, str | None]:
         parser.add_argument(f"--{key}", type=type(value), default=value)
     args = parser.parse_args(argv)
     config = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
+    try:
+        parse_mix(config.mix)
+    except ValueError as err:
+        parser.error(f"--mix: {err}")
     for key, value in asdict(config).items():
+        if isinstance(value, str):
+            continue
         if value < 0 or (value == 0 and key not in ("seed", "warmup", "weight_decay", "min_lr_ratio", "time_limit")):
             parser.error(f"--{key} must be {'>= 0' if key == 'seed' else '> 0'}, got {value}")
     try:
