@@ -19,10 +19,10 @@ def test_cpu_config_trains_and_scores_every_set(tmp_path, capsys):
     assert lines and [d["step"] for d in lines] == sorted(d["step"] for d in lines)
     last = lines[-1]
     assert last["step"] == last["steps"] and last["tokens"] <= last["steps"] * TINY["max_tokens"]
-    for key in ("needle", "kv", "sf_needle", "short"):
+    for key in ("needle", "kv", "fact", "sf_needle", "short"):
         assert 0 <= last[key]["exact"] <= 1 and last[key]["loss"] > 0
-    disjoint = last["disjoint"]  # 2 retrieval examples + 20 San Francisco prompts, none in training
-    assert disjoint["examples"] == 22 and disjoint["overlaps"] == 0
+    disjoint = last["disjoint"]  # 3 retrieval examples (one per task) + 20 San Francisco prompts, none in training
+    assert disjoint["examples"] == 23 and disjoint["overlaps"] == 0
     assert 0 <= disjoint["short_seen_in_training"] <= sweep.EVAL_SHORT_CHATS
     assert "1 of 1 configs ran" in capsys.readouterr().out
 
