@@ -85,7 +85,10 @@ logged() {  # logged NAME CMD...: CMD's output to $LOGS/NAME.log, its progress b
         tail -n 20 "$log" >&2
         exit 1
     fi
-    echo "[demo] $(tail -n 1 "$log" | cut -c1-300) (log: $log)"
+    local last
+    last=$(tail -n 1 "$log" | cut -c1-240)
+    [ "${#last}" -gt 2 ] || last="done"  # a closing brace of a printed stats object says nothing
+    echo "[demo] $last (log: $log)"
 }
 
 mkdir -p "$OUT" "$LOGS"
