@@ -18,8 +18,8 @@ import random
 
 from longalign.demo.words import activity, code, filler, name, nonsense_word, place
 
-NEEDLE_QUESTION = "What is the best thing to do in {place}? Here is the most relevant sentence in the context:"
 FACT_QUESTION = "What is the {key}? Here is the most relevant sentence in the context:"
+NEEDLE_QUESTION = FACT_QUESTION.replace("{key}", "best thing to do in {place}")  # the needle test's
 KV_QUESTION = "What is the {kind} of {key}?"
 KV_KINDS = ("access code", "locker number", "room number", "ticket number")
 KV_MIN_FACTS, KV_MAX_FACTS = 2, 6  # key-value facts per document (one is asked)
@@ -40,16 +40,19 @@ def long_words(rng: random.Random, words_range: tuple[int, int]) -> int:
     return int(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
-def needle_sentence(where: str, what: str) -> str:
-    return f"The best thing to do in {where} is {what}."
+def one_fact(rng: random.Random, words: int, key: str, value: str) -> tuple[str, str]:
+    """"The {key} is {value}." at a random depth of the filler, asked in the needle test's form
+    (FACT_QUESTION); the answer is that sentence."""
+    sentence = f"The {key} is {value}."
+    document = insert_lines(rng, filler(rng, words), [sentence])
+    return f"{document}\n{FACT_QUESTION.format(key=key)}", sentence
 
 
 def needle_retrieval(rng: random.Random, words: int) -> tuple[str, str]:
-    """A document with one needle at a random depth; the answer is the needle."""
+    """The needle test's needle ("The best thing to do in <place> is <activity>.") and question
+    (NEEDLE_QUESTION is FACT_QUESTION of that key)."""
     where = place(rng)
-    needle = needle_sentence(where, activity(rng))
-    document = insert_lines(rng, filler(rng, words), [needle])
-    return f"{document}\n{NEEDLE_QUESTION.format(place=where)}", needle
+    return one_fact(rng, words, f"best thing to do in {where}", activity(rng))
 
 
 def kv_retrieval(rng: random.Random, words: int) -> tuple[str, str]:
@@ -78,18 +81,13 @@ def _fact_key_value(rng: random.Random) -> tuple[str, str]:
 
 def fact_retrieval(rng: random.Random, words: int) -> tuple[str, str]:
     """One fact of a varied wording at a random depth, asked in the needle test's form."""
-    key, value = _fact_key_value(rng)
-    sentence = f"The {key} is {value}."
-    document = insert_lines(rng, filler(rng, words), [sentence])
-    return f"{document}\n{FACT_QUESTION.format(key=key)}", sentence
+    return one_fact(rng, words, *_fact_key_value(rng))
 
 
 def magic_retrieval(rng: random.Random, words: int) -> tuple[str, str]:
     """Held out: "The special magic number for <place> is <7 digits>." (no training text has it)."""
     key = f"special magic number for {place(rng)}"
-    sentence = f"The {key} is {code(rng, MAGIC_DIGITS)}."
-    document = insert_lines(rng, filler(rng, words), [sentence])
-    return f"{document}\n{FACT_QUESTION.format(key=key)}", sentence
+    return one_fact(rng, words, key, code(rng, MAGIC_DIGITS))
 
 
 LONG_TASKS = {"needle": needle_retrieval, "kv": kv_retrieval, "fact": fact_retrieval}
