@@ -90,6 +90,13 @@ def test_exact_span_scores_the_target_tokens_only():
     assert base_eval.exact_span(NextTokenOracle(16, wrong_at=2), prompt, target)  # inside the prompt
 
 
+def test_copy_token_accuracy_counts_second_copy_tokens():
+    probes = [([1, 5, 6, 7], [8, 9]), ([1, 2], [3, 4, 5])]
+    assert base_eval.copy_token_accuracy(NextTokenOracle(16), probes) == 1.0
+    assert base_eval.copy_token_accuracy(NextTokenOracle(16, wrong_at=4), probes) == pytest.approx(4 / 5)
+    assert base_eval.copy_token_accuracy(NextTokenOracle(16, wrong_at=0), probes) == 1.0  # inside the prompts
+
+
 def test_held_out_examples_fit_the_context(tiny_tokenizer):
     for measure, make in base_eval.EXAMPLES.items():
         ids, target = base_eval.fit_words(make, f"7-{measure}", tiny_tokenizer, 256)
@@ -116,6 +123,15 @@ def test_pretrain_writes_a_self_describing_base_and_its_card(tiny_base):
     assert "python -m longalign.demo.pretrain" in card and "--steps 3" in card
     for name, measure in stats["held_out"].items():
         assert f"| {name} | {measure['exact']:.0%} of 2 | 64 |" in card
+
+
+def test_pretrain_probes_copying_during_training_and_the_card_shows_it(tmp_path):
+    stats = pretrain_main(["--out", str(tmp_path / "probed"), *TINY_FLAGS, "--probe_every", "1",
+                           "--probe_examples", "2"])
+    probes = [entry for entry in stats["loss_log"] if "copy_token_accuracy" in entry]
+    assert [entry["step"] for entry in probes] == [1, 2, 3]
+    assert all(0.0 <= entry["copy_token_accuracy"] <= 1.0 for entry in probes)
+    assert "copy token accuracy on held-out copy examples during training" in (tmp_path / "probed" / "README.md").read_text()
 
 
 def test_pretrain_is_seeded(tiny_base, tmp_path):

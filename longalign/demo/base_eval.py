@@ -57,6 +57,27 @@ def exact_span(model, prompt_ids: list[int], target_ids: list[int]) -> bool:
     return bool((logits.argmax(-1).cpu() == torch.tensor(target_ids)).all())
 
 
+def copy_probes(tokenizer, seed: int, context: int, examples: int) -> list[tuple[list[int], list[int]]]:
+    """Held-out copy examples, tokenized once, for `copy_token_accuracy` during training."""
+    return [fit_words(copy_example, f"{seed}-probe-{i}", tokenizer, context) for i in range(examples)]
+
+
+def copy_token_accuracy(model, probes: list[tuple[list[int], list[int]]]) -> float:
+    """Share of second-copy tokens predicted right (argmax, true prefix) over `probes`: the
+    gradual trace of copying forming, where the exact-span measure is all or nothing."""
+    import torch
+
+    device = next(model.parameters()).device
+    right = total = 0
+    with torch.no_grad():
+        for prompt_ids, target_ids in probes:
+            ids = torch.tensor([prompt_ids + target_ids], device=device)
+            predicted = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].argmax(-1).cpu()
+            right += int((predicted == torch.tensor(target_ids)).sum())
+            total += len(target_ids)
+    return right / total
+
+
 def evaluate_base(model, tokenizer, seed: int, context: int, examples: int) -> dict:
     """{measure: {"exact": share, "examples": n, "context": tokens}} over held-out examples."""
     results = {}

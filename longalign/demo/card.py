@@ -13,6 +13,11 @@ def card_text(stats: dict) -> str:
                      for name, m in held_out.items())
     stopped = (f"; stopped by --time_limit {config['time_limit']:g} s of {config['steps']} steps"
                if stats["steps_trained"] < config["steps"] else "")
+    probes = [entry for entry in stats["loss_log"] if "copy_token_accuracy" in entry]
+    trace = ("\n- copy token accuracy on held-out copy examples during training (step: share): "
+             + ", ".join(f"{e['step']}: {e['copy_token_accuracy']:.2f}" for e in probes[:: max(1, len(probes) // 12)])
+             if probes else "")
+    losses = [entry for entry in stats["loss_log"] if "loss" in entry]
     mix = ", ".join(f"{kind} {share:.0%}" for kind, share in stats["document_mix"].items())
     return f"""# tiny-base: the pretrained base of LongAlign's offline demo
 
@@ -29,7 +34,7 @@ and no question form. Load it with `AutoModelForCausalLM.from_pretrained(<this f
 - data: {stats['documents']:,} documents from `longalign.demo.corpus` (seed {config['seed']}): {mix};
   {stats['tokens_trained']:,} tokens trained ({stats['steps_trained']} steps of {config['batch']} windows{stopped})
 - time: {stats['data_seconds']} s data + tokenizer, {stats['train_seconds']} s training and evaluation;
-  final training loss {stats['loss_log'][-1]['loss']}
+  final training loss {losses[-1]['loss']}{trace}
 
 ## What it measured (held-out, `longalign.demo.base_eval`, exact span under teacher forcing)
 | measure | exact | context tokens |

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
-from longalign.demo.base_eval import evaluate_base
+from longalign.demo.base_eval import copy_probes, copy_token_accuracy, evaluate_base
 from longalign.demo.card import write_card
 from longalign.demo.corpus import DOCUMENT_MIX, documents, parse_mix
 from longalign.modeling.checkpoints import make_self_describing
@@ -53,6 +53,8 @@ class PretrainConfig:
     intermediate: int = 384
     max_words: int = 300  # filler words per document at most (documents vary 10..this)
     eval_examples: int = 100
+    probe_every: int = 0  # steps between copy-token-accuracy probes in the loss log (0: none)
+    probe_examples: int = 20  # held-out copy examples per probe
     time_limit: float = 0.0  # seconds of training after which it stops early (0: none); the card says so
     mix: str = ",".join(f"{kind}:{share}" for kind, share in DOCUMENT_MIX.items())  # document kinds (corpus)
 
@@ -81,8 +83,9 @@ def learning_rate(step: int, config: PretrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, windows, config: PretrainConfig, device, log_every: int = 100) -> list[dict]:
-    """The plain LM loop over random batches of `windows`; returns the logged losses."""
+def train(model, windows, config: PretrainConfig, device, log_every: int = 100, probe=None) -> list[dict]:
+    """The plain LM loop over random batches of `windows`; returns the logged losses (and, every
+    `config.probe_every` steps, `probe(model)` as copy_token_accuracy)."""
     import torch
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -108,6 +111,12 @@ def train(model, windows, config: PretrainConfig, device, log_every: int = 100) 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if probe is not None and config.probe_every and (step + 1) % config.probe_every == 0:
+            model.eval()
+            accuracy = probe(model)
+            model.train()
+            log.append({"step": step + 1, "copy_token_accuracy": round(accuracy, 4)})
+            print(f"[pretrain] step {step + 1} copy token accuracy {accuracy:.3f}", flush=True)
         if (step + 1) % log_every == 0 or step + 1 == config.steps or (
                 config.time_limit and time.perf_counter() - started > config.time_limit):
             log.append({"step": step + 1, "loss": round(loss.item(), 4),
@@ -140,7 +149,8 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, device_name: str | Non
         windows = token_windows(tokenizer, docs, config.context)
         data_seconds = time.perf_counter() - started
         model = build_model("llama", len(tokenizer), special_ids(tokenizer), config.shape()).to(device)
-        log = train(model, windows, config, device)
+        probes = copy_probes(tokenizer, config.seed + HELD_OUT_SEED_OFFSET, config.context, config.probe_examples)
+        log = train(model, windows, config, device, probe=lambda m: copy_token_accuracy(m, probes))
         train_seconds = time.perf_counter() - started - data_seconds
         measured = evaluate_base(model, tokenizer, config.seed + HELD_OUT_SEED_OFFSET, config.context,
                                  config.eval_examples)
@@ -174,7 +184,7 @@ def parse_args(argv=None) -> tuple[str, PretrainConfig, str | None]:
     for key, value in asdict(config).items():
         if isinstance(value, str):
             continue
-        if value < 0 or (value == 0 and key not in ("seed", "warmup", "weight_decay", "min_lr_ratio", "time_limit")):
+        if value < 0 or (value == 0 and key not in ("seed", "warmup", "weight_decay", "min_lr_ratio", "time_limit", "probe_every")):
             parser.error(f"--{key} must be {'>= 0' if key == 'seed' else '> 0'}, got {value}")
     try:
         config.shape().check("llama")
