@@ -52,6 +52,7 @@ class PretrainConfig:
     kv_heads: int = 4
     intermediate: int = 384
     max_words: int = 300  # filler words per document at most (documents vary 10..this)
+    documents: int = 0  # documents generated (0: about one pass of the training steps; fewer: windows recur)
     eval_examples: int = 100
     probe_every: int = 0  # steps between copy-token-accuracy probes in the loss log (0: none)
     probe_examples: int = 20  # held-out copy examples per probe
@@ -127,6 +128,13 @@ def train(model, windows, config: PretrainConfig, device, log_every: int = 100, 
     return log
 
 
+def documents_for_one_pass(config: PretrainConfig) -> int:
+    """About as many documents as the training steps read once (mean document ~0.7 max_words words,
+    ~1.3 tokens a word)."""
+    words_per_doc = config.max_words / 2 * 1.4
+    return int(config.steps * config.batch * config.context / words_per_doc / 1.3) + 1
+
+
 def tokenizer_texts(docs: list[str]) -> list[str]:
     templates = [conversation_text(family, TEMPLATE_PIECES) for family in ("llama", "chatglm")]
     return docs[:TOKENIZER_DOCS] + templates
@@ -139,9 +147,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, device_name: str | Non
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    # enough documents for every step to see fresh windows about once
-    words_per_doc = config.max_words / 2 * 1.4
-    count = int(config.steps * config.batch * config.context / words_per_doc / 1.3) + 1
+    count = config.documents or documents_for_one_pass(config)
     mix = parse_mix(config.mix)
     docs = documents(config.seed, count, config.max_words, mix)
     with atomic_dir(out_dir, stage="demo_pretrain", overwrite=True) as tmp:
@@ -184,7 +190,7 @@ def parse_args(argv=None) -> tuple[str, PretrainConfig, str | None]:
     for key, value in asdict(config).items():
         if isinstance(value, str):
             continue
-        if value < 0 or (value == 0 and key not in ("seed", "warmup", "weight_decay", "min_lr_ratio", "time_limit", "probe_every")):
+        if value < 0 or (value == 0 and key not in ("seed", "warmup", "weight_decay", "min_lr_ratio", "time_limit", "probe_every", "documents")):
             parser.error(f"--{key} must be {'>= 0' if key == 'seed' else '> 0'}, got {value}")
     try:
         config.shape().check("llama")
