@@ -120,13 +120,14 @@ def test_compiled_layers_same_gradients(policy, monkeypatch):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("backend", ["torch_varlen", "flex", "flash_attn", "flash_attn_cute", "cudnn"])
 def test_cuda_bf16_backends(family, backend, monkeypatch):
-    """On the GPU kernels, bf16: selective and full match no checkpointing (to bf16 rounding of
-    non-deterministic backward accumulation), and selective runs each kernel once per layer."""
+    """On the GPU kernels, bf16: selective, full and offload (pinned copies on the side stream)
+    match no checkpointing (to bf16 rounding of non-deterministic backward accumulation), and
+    selective / offload run each kernel once per layer."""
     if backend not in attention.available_backends("cuda", torch.bfloat16):
         pytest.skip(f"{backend} not available")
     run = dict(backend=backend, device="cuda", dtype=torch.bfloat16)
     want, _ = grads_and_calls(family, None, monkeypatch, **run)
-    for policy, expected_calls in (("selective", LAYERS), ("full", 2 * LAYERS)):
+    for policy, expected_calls in (("selective", LAYERS), ("full", 2 * LAYERS), ("offload", LAYERS)):
         got, calls = grads_and_calls(family, policy, monkeypatch, **run)
         assert_close(got, want, rtol=2e-2)
         assert calls == expected_calls

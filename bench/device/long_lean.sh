@@ -17,10 +17,11 @@
 #   policies  64k packs, compiled layers: --recompute offload vs selective vs full, and offload:12.
 #   peers     project-defaults (the corrected memory model's choice) beside the peer rows of
 #             bench/bench_peers.py that this machine can run (FlashAttention-4 / Liger if present).
+#   gpu_tests the offload policy on the GPU kernels against no recompute, bf16 (test_recompute.py).
 #   bandwidth pinned host <-> device copy bandwidth (what the offload policy's copies ride on).
 set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PY=${PY:-python3} PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-STAGES=${STAGES:-"bandwidth exact ladder policies peers"}
+STAGES=${STAGES:-"gpu_tests bandwidth exact ladder policies peers"}
 mkdir -p "$OUT"
 has() { $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/versions.txt"
@@ -32,6 +33,8 @@ ALST="--recompute full --tiled_mlp --offload_checkpoints"
 for stage in $STAGES; do
     start=$SECONDS
     case $stage in
+    gpu_tests)
+        $PY -m pytest -q -x tests/test_recompute.py -k cuda_bf16 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" ;;
     bandwidth)
         $PY - "$OUT/bandwidth.json" <<'EOF'
 import json, sys, time, torch
@@ -68,7 +71,7 @@ EOF
             [ $LIGER = yes ] && peers="$peers stock-flex-gc-liger"
         fi
         $PY bench/bench_peers.py --only $peers --budget_s "${PEERS_BUDGET_S:-100}" --out "$OUT/peers.json" ;;
-    *) echo "unknown stage $stage (bandwidth exact ladder policies peers)" >&2; exit 2 ;;
+    *) echo "unknown stage $stage (gpu_tests bandwidth exact ladder policies peers)" >&2; exit 2 ;;
     esac
     echo "== $stage: $((SECONDS - start)) s" | tee -a "$OUT/stages.txt"
 done
