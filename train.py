@@ -64,8 +64,9 @@ class LongAlignArguments:
     peak_tflops: float = field(default=DEFAULT_PEAK_TFLOPS, metadata={
         "help": "per-GPU dense bf16 peak in TFLOP/s for the logged MFU"})
     recompute: str | None = field(default=None, metadata={
-        "help": "activation recompute policy of longalign/recompute.py: full | selective | none | "
-                "full:K | selective:K (first K layers); replaces --gradient_checkpointing. Default on "
+        "help": "activation recompute policy of longalign/recompute.py: full | selective | offload | none | "
+                "full:K | selective:K | offload:K (first K layers; offload: selective's tensors in host memory); "
+                "replaces --gradient_checkpointing. Default on "
                 "CUDA: the fastest policy whose predicted peak fits the GPU (longalign/performance.py); "
                 "elsewhere and with --paper_exact: --gradient_checkpointing's transformers checkpointing"})
     compile_layers: bool | None = field(default=None, metadata={

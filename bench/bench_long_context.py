@@ -28,8 +28,12 @@ reports them (step_timing.measurement), and the memory breakdown in GiB (memory_
                                         there: ~4 KiB per token per layer) and the machine's RAM.
 A child that runs out of memory reports the phase and PyTorch's message (an `oom` row, not a crash),
 and the longer lengths of that configuration are skipped. With --tiled_mlp / --offload_checkpoints
-the child first checks its step against plain full recompute on a VERIFY_TOKENS pack (loss and
-gradient differences in the row). Children run one at a time through config_runs.py, within
+the child first checks its step against plain full recompute on a --verify_tokens pack (loss and
+gradient differences and both gradient norms in the row). Offloaded activations live in host
+memory: a child whose offload would take more than HOST_MEMORY_FRACTION of the machine's RAM
+(layers x T x the bytes per token the memory model puts on the host: the layer input under
+--offload_checkpoints, selective's tensors under --recompute offload) reports status
+`host_memory` instead of running (a host out-of-memory kills processes, not just the child). Children run one at a time through config_runs.py, within
 --budget_s; those that would start after it are listed as skipped.
 """
 from __future__ import annotations
@@ -59,6 +63,7 @@ SMOKE_LENGTHS = (256, 512)
 DEFAULT_CONFIGS = ("--recompute full", "--recompute full --tiled_mlp --offload_checkpoints")
 LONG_LENGTH = 262144  # beyond it, --long_warmup / --long_steps
 VERIFY_TOKENS, SMOKE_VERIFY_TOKENS = 8192, 128
+HOST_MEMORY_FRACTION = 0.8  # of the machine's RAM, for offloaded activations (pinned or not)
 CHILD_TIMEOUT_S = 1800
 
 
@@ -82,8 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DeepSpeed's checkpointing with the layer inputs on the CPU (replaces --recompute)")
     p.add_argument("--document_tokens", type=int, default=None,
                    help="length of the synthetic packs laid end to end (default 65536; 0: one pack of T)")
+    p.add_argument("--verify_tokens", type=int, default=None,
+                   help="pack length of the check against plain full recompute (default VERIFY_TOKENS)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.verify_tokens is None:
+        args.verify_tokens = SMOKE_VERIFY_TOKENS if args.smoke else VERIFY_TOKENS
     if args.document_tokens is None:
         args.document_tokens = SMOKE_DOCUMENT_TOKENS if args.smoke else DOCUMENT_TOKENS
     return args
@@ -151,17 +160,34 @@ def loss_and_grads(model, batch) -> tuple[float, list[torch.Tensor]]:
 
 
 def verify_alst(model, args, vocab: int, device) -> dict:
-    """Loss / gradient difference of the ALST pieces against plain full recompute, short pack."""
-    tokens = SMOKE_VERIFY_TOKENS if args.smoke else VERIFY_TOKENS
+    """Loss / gradient difference of the ALST pieces against plain full recompute (--verify_tokens)."""
+    tokens = args.verify_tokens
     row = step_bench.synthetic_packs(1, tokens, vocab, args.seed + 1)[0]
     batch = device_batch(PackCollator("sequence")([row]), device)
+    from longalign.recompute import apply_recompute
+
+    policy = "none" if args.offload_checkpoints else args.recompute
+    apply_recompute(model, "full")  # the reference: plain full recompute, nothing tiled or offloaded
     ref_loss, ref = loss_and_grads(model, batch)
+    apply_recompute(model, policy)
     apply_alst(model, args)
     loss, grads = loss_and_grads(model, batch)
     diff = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(grads, ref)))
     norm = math.sqrt(sum(float((b ** 2).sum()) for b in ref))
     return {"verify_tokens": tokens, "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-12),
-            "grad_rel_diff": diff / max(norm, 1e-12)}
+            "grad_rel_diff": diff / max(norm, 1e-12), "verify_loss": loss, "reference_loss": ref_loss,
+            "grad_norm": math.sqrt(sum(float((g ** 2).sum()) for g in grads)), "reference_grad_norm": norm}
+
+
+def host_offload_bytes(margs, args) -> int:
+    """Host memory the offloaded activations of one step take (module docstring)."""
+    from longalign.performance import LayerShape, layer_activation_bytes
+
+    config = step_bench.model_config(margs, margs.layers)
+    per_layer = layer_activation_bytes(LayerShape.from_config(config), args.pack_tokens, 2)
+    if args.offload_checkpoints:
+        return margs.layers * per_layer["full"]
+    return margs.layers * per_layer["selective"] if margs.recompute.startswith("offload") else 0
 
 
 def tensor_gib(tensors) -> float:
@@ -215,6 +241,10 @@ def run_child(args) -> dict:
     margs = model_args(args)
     long = args.pack_tokens > LONG_LENGTH
     warmup, steps = (args.long_warmup, args.long_steps) if long else (args.warmup, args.steps)
+    host_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if host_offload_bytes(margs, args) > HOST_MEMORY_FRACTION * host_total:
+        return {"pack_tokens": args.pack_tokens, "recompute": margs.recompute, "status": "host_memory",
+                "host_offload_gib": host_offload_bytes(margs, args) / GIB, "host_total_gib": host_total / GIB}
     peak = measured_peak_flops(margs.matmul_size, dtype, device)
     if args.offload_checkpoints:
         start_one_rank_deepspeed()
@@ -223,7 +253,7 @@ def run_child(args) -> dict:
            margs.recompute, "tiled_mlp": args.tiled_mlp, "offload_checkpoints": args.offload_checkpoints,
            "attn_backend": choose_backend(device, dtype), "warmup": warmup, "steps": steps,
            "document_tokens": args.document_tokens}
-    if args.tiled_mlp or args.offload_checkpoints:
+    if args.tiled_mlp or args.offload_checkpoints or margs.recompute.startswith("offload"):
         row.update(verify_alst(model, args, margs.vocab, device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0,
                                   fused=device.type == "cuda")
@@ -243,6 +273,7 @@ def run_child(args) -> dict:
 # ---------- parent: one child per (configuration, length) ----------
 def child_argv(config: str, length: int, args) -> list[str]:
     return ["--child", "--pack_tokens", str(length), "--warmup", str(args.warmup), "--steps", str(args.steps),
+            "--verify_tokens", str(args.verify_tokens),
             "--long_warmup", str(args.long_warmup), "--long_steps", str(args.long_steps), "--seed", str(args.seed),
             "--document_tokens", str(args.document_tokens), *(["--smoke"] if args.smoke else []), *shlex.split(config)]
 

@@ -62,8 +62,8 @@ from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
 from longalign.modeling.weighted_lm import TRAINING_CLASSES
 from longalign.loss import DEFAULT_CHUNK_TOKENS
-from longalign.performance import (GIB, MEMORY_HEADROOM, LayerShape, MemorySetup, SpeedRequest, choose_recompute,
-                                   choose_speed_settings, parameter_counts, predicted_peak_bytes)
+from longalign.performance import (GIB, MEMORY_HEADROOM, Kernels, LayerShape, MemorySetup, SpeedRequest,
+                                   choose_recompute, choose_speed_settings, parameter_counts, predicted_peak_bytes)
 from longalign.recompute import apply_recompute, decoder_layers
 
 SHORT_MIN, SHORT_MAX, LONG_MIN, LONG_FRACTION = 64, 4096, 8192, 0.5
@@ -197,10 +197,12 @@ def memory_plan(args, tokens: int, gpu_bytes: int | None, device, dtype) -> dict
     def plan(layers: int) -> tuple[str, int]:
         sized = LayerShape(**{**shape.__dict__, "layers": layers})
         setup = MemorySetup(params - (shape.layers - layers) * layer_params, layer_params, 2)
+        kernels = Kernels(fused=args.compile or args.liger, attention=choose_backend(device, dtype))
         if args.recompute == "auto":
-            choice = choose_recompute(sized, tokens, setup, gpu_bytes or 0)
+            choice = choose_recompute(sized, tokens, setup, gpu_bytes or 0, kernels=kernels)
             return choice.policy, choice.predicted_bytes
-        return args.recompute, predicted_peak_bytes(sized, args.recompute, tokens, setup, 2, DEFAULT_CHUNK_TOKENS)
+        return args.recompute, predicted_peak_bytes(sized, args.recompute, tokens, setup, 2, DEFAULT_CHUNK_TOKENS,
+                                                    kernels)
 
     if args.speed_defaults:  # train.py's own choice for this model, packs and GPU
         sized = LayerShape(**{**shape.__dict__, "layers": args.layers})

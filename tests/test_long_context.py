@@ -128,3 +128,24 @@ def test_long_packs_are_64k_packs_laid_end_to_end():
         lengths = [b - a for a, b in zip(row["cu_seqlens"][:-1], row["cu_seqlens"][1:])]
         assert max(lengths) <= 128 and min(lengths) > 0
     assert len(bench.long_packs(1, 512, 0, vocab=64, seed=0)[0]["input_ids"]) <= 512
+
+
+def test_offload_policy_child_checks_itself_against_full_recompute(tmp_path):
+    """--recompute offload in the long-context bench: the child's step equals plain full recompute
+    (loss, gradient norms) before it is timed."""
+    import bench_long_context as bench
+
+    row = bench.run_child(bench.parse_args(["--smoke", "--child", "--pack_tokens", "256", "--recompute", "offload"]))
+    assert row["status"] == "ok" and row["recompute"] == "offload"
+    assert row["grad_rel_diff"] < 1e-5 and row["loss_rel_diff"] < 1e-6
+    assert row["grad_norm"] == pytest.approx(row["reference_grad_norm"], rel=1e-5)
+
+
+def test_offload_beyond_host_memory_is_refused_before_running(monkeypatch):
+    """An offload that would not fit the machine's RAM is a `host_memory` row, not a host OOM."""
+    import bench_long_context as bench
+
+    monkeypatch.setattr(bench, "HOST_MEMORY_FRACTION", 1e-9)
+    for config in (["--recompute", "offload"], ["--recompute", "full", "--offload_checkpoints"]):
+        row = bench.run_child(bench.parse_args(["--smoke", "--child", "--pack_tokens", "256", *config]))
+        assert row["status"] == "host_memory" and row["host_offload_gib"] > 0

@@ -1,4 +1,4 @@
-"""longalign.recompute on tiny packed models, fp32 CPU: every policy gives the gradients of no
+"""longalign.recompute on tiny packed models, fp32 CPU: every policy (offload too) gives the gradients of no
 checkpointing, and `selective` runs the attention kernel once per layer where `full` runs it twice."""
 import pytest
 import torch
@@ -10,7 +10,7 @@ from training_models import tiny_chatglm, tiny_llama
 
 LENGTHS = (7, 12, 5, 9)  # one pack of four sequences
 LAYERS = 4
-POLICIES = ("none", "full", "selective", "partial:2", "selective:3", "full:0")
+POLICIES = ("none", "full", "selective", "partial:2", "selective:3", "full:0", "offload", "offload:3")
 
 
 def llama():
@@ -120,13 +120,14 @@ def test_compiled_layers_same_gradients(policy, monkeypatch):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("backend", ["torch_varlen", "flex", "flash_attn", "flash_attn_cute", "cudnn"])
 def test_cuda_bf16_backends(family, backend, monkeypatch):
-    """On the GPU kernels, bf16: selective and full match no checkpointing (to bf16 rounding of
-    non-deterministic backward accumulation), and selective runs each kernel once per layer."""
+    """On the GPU kernels, bf16: selective, full and offload (pinned copies on the side stream)
+    match no checkpointing (to bf16 rounding of non-deterministic backward accumulation), and
+    selective / offload run each kernel once per layer."""
     if backend not in attention.available_backends("cuda", torch.bfloat16):
         pytest.skip(f"{backend} not available")
     run = dict(backend=backend, device="cuda", dtype=torch.bfloat16)
     want, _ = grads_and_calls(family, None, monkeypatch, **run)
-    for policy, expected_calls in (("selective", LAYERS), ("full", 2 * LAYERS)):
+    for policy, expected_calls in (("selective", LAYERS), ("full", 2 * LAYERS), ("offload", LAYERS)):
         got, calls = grads_and_calls(family, policy, monkeypatch, **run)
         assert_close(got, want, rtol=2e-2)
         assert calls == expected_calls
@@ -250,3 +251,108 @@ def test_padded_batches_use_the_sdpa_kernels_the_environment_allows(family, monk
         monkeypatch.setenv(attention.SDPA_ENV_VAR, "cudnn")
         with pytest.raises(RuntimeError):
             model(input_ids=ids)
+
+
+def forward_with_kernel_refs(policy, monkeypatch):
+    """Loss of one packed forward under `policy`, and weak references to every tensor the attention
+    kernel took or returned (reference backend)."""
+    import weakref
+
+    refs, kernel = [], attention._reference
+
+    def watched(q, k, v, *args, **kwargs):
+        out = kernel(q, k, v, *args, **kwargs)
+        refs.extend(weakref.ref(t) for t in (q, k, v, out))
+        return out
+
+    monkeypatch.setattr(attention, "_reference", watched)
+    monkeypatch.setenv(attention.ENV_VAR, "reference")
+    torch.manual_seed(0)
+    model = llama().train()
+    apply_recompute(model, policy)
+    return model(**pack()).loss, refs
+
+
+def test_offload_keeps_no_attention_tensor_alive_after_the_forward(monkeypatch):
+    """selective keeps the kernel's q, k, v and output where they are (on the GPU); offload keeps only
+    their host copies, so after the forward none of them is alive."""
+    import gc
+
+    loss, refs = forward_with_kernel_refs("selective", monkeypatch)
+    gc.collect()
+    assert refs and all(r() is not None for r in refs)
+    loss, refs = forward_with_kernel_refs("offload", monkeypatch)
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
+    loss.backward()
+
+
+def test_offload_packs_what_selective_keeps(monkeypatch):
+    """Per layer call the host copies are the layer input and the fused kernel's q, k, v, out, lse:
+    longalign.performance's `selective` bytes, each tensor once (the replayed output is the kernel's)."""
+    import longalign.modeling.packed_attention as packed_attention
+    import longalign.recompute as recompute
+    from longalign.performance import LayerShape, layer_activation_bytes
+    from test_performance import flash_like
+
+    monkeypatch.setattr(packed_attention, "varlen_attention", flash_like)
+    host_bytes: dict[int, int] = {}
+    pack_one = recompute._LayerOffload.pack
+
+    counted: set[int] = set()
+
+    def counting_once(self, t):
+        packed = pack_one(self, t)
+        if id(packed) not in counted:
+            counted.add(id(packed))
+            host_bytes[id(self)] = host_bytes.get(id(self), 0) + packed.host.untyped_storage().nbytes()
+        return packed
+
+    monkeypatch.setattr(recompute._LayerOffload, "pack", counting_once)
+    torch.manual_seed(0)
+    model = llama().train()
+    apply_recompute(model, "offload")
+    model(**pack()).loss.backward()
+    want = layer_activation_bytes(LayerShape.from_config(model.config), sum(LENGTHS), 4)["selective"]
+    assert list(host_bytes.values()) == [want] * LAYERS
+
+
+def test_offload_prefetches_the_layer_before(monkeypatch):
+    """In the backward, unpacking a layer's tensors first fetches the previous layer's copies; those
+    are then used (not fetched again)."""
+    import longalign.recompute as recompute
+
+    served = []
+    unpack_one = recompute._LayerOffload.unpack
+
+    def watching(self, packed):
+        served.append(packed.fetched is not None)
+        return unpack_one(self, packed)
+
+    monkeypatch.setattr(recompute._LayerOffload, "unpack", watching)
+    grads_and_calls("llama", "offload", monkeypatch)
+    assert any(served) and not all(served)  # the last layer's own copies are not prefetched
+
+
+@pytest.mark.parametrize("broken", ["zeroed_copy", "swapped_prefetch"])
+def test_offload_gradient_check_catches_a_broken_offload(broken, monkeypatch):
+    """The equality check used above fails for a wrong offload: host copies that come back zeroed,
+    or a prefetch that hands a tensor another same-shaped tensor's copy (q for k, ...)."""
+    import longalign.recompute as recompute
+
+    want, _ = grads_and_calls("llama", None, monkeypatch)
+    if broken == "zeroed_copy":
+        monkeypatch.setattr(recompute, "_to_device", lambda host, device: torch.zeros_like(host))
+        monkeypatch.setattr(recompute._LayerOffload, "prefetch", lambda self: None)
+    else:
+        def swapped(self):
+            self.prefetched = True
+            items = [packed for packed in (ref() for ref in self.items) if packed is not None]
+            for packed, other in zip(items, items[1:] + items[:1]):
+                if packed.host.shape == other.host.shape:
+                    packed.fetched = other.host.clone()
+
+        monkeypatch.setattr(recompute._LayerOffload, "prefetch", swapped)
+    got, _ = grads_and_calls("llama", "offload", monkeypatch)
+    with pytest.raises(AssertionError):
+        assert_close(got, want)

@@ -299,12 +299,12 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
 
 
 def test_recompute_policy_gives_the_same_step(workdir, tmp_path):
-    """--recompute selective (attention kept, the rest recomputed) and full: the same gradients
+    """--recompute selective (attention kept, the rest recomputed), full and offload: the same gradients
     and loss as plain training, through train.py's own path."""
     root, models, data = workdir
     spec = {"model": models["llama"], "data": data, "out": str(tmp_path)}
     plain = run_one_step(spec, "pack", "sequence", 1)
-    for policy in ("selective", "full:1"):
+    for policy in ("selective", "full:1", "offload"):
         spec["out"] = str(tmp_path / policy.replace(":", "_"))
         policied = run_one_step(spec, "pack", "sequence", 1, "--recompute", policy)
         assert relative_error(policied["grads"], plain["grads"]) <= 1e-6, policy
