@@ -41,8 +41,7 @@ from longalign.performance import (SpeedRequest, SpeedSettings, apply_speed_sett
                                    training_speed_settings)
 from longalign.progress import PROGRESS_STYLES, use_progress_style
 from longalign.run_state import fingerprint_callback, start_run
-from longalign.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,
-                                         check_sequence_parallel_layout, expose_head_geometry, parallelism_config)
+from longalign.sequence_parallel import SequenceParallelPlan, check_sequence_parallel_layout, parallelism_config
 from longalign.train_data import load_train_dataset
 from longalign.trainer import (DEFAULT_PEAK_TFLOPS, LOSS_DENOMINATORS, LongAlignTrainer, close_process_group,
                                resolve_loss_reduction)
@@ -156,7 +155,16 @@ def model_dtype(training_args: TrainingArguments) -> torch.dtype:
     return torch.bfloat16 if (training_args.bf16 and training_args.deepspeed) else torch.float32
 
 
-def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
+@dataclass(frozen=True)
+class BuiltTraining:
+    """What build_training made: the trainer and the settings main() reports and saves with."""
+    trainer: LongAlignTrainer
+    args: LongAlignArguments
+    family: str
+    speed_settings: SpeedSettings
+
+
+def build_training(argv=None, callbacks=None) -> BuiltTraining:
     """Everything train() needs, from command-line arguments (used by main and the tests)."""
     args, training_args = parse_args(argv)
     dataset, group_size = load_train_dataset(args.train_file, args.batch_method)
@@ -171,10 +179,8 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     validate_training_dataset(dataset, model.get_input_embeddings().num_embeddings, args.batch_method == "pack",
                               str(dataset_directory(dataset)))  # every row, before the first step
     speed = choose_and_apply_speed_settings(model, args, training_args, dataset)
-    sp = args.sequence_parallel_size
-    if sp > 1:
-        check_head_counts(model.config, sp)
-        expose_head_geometry(model.config)
+    sequence_parallel = SequenceParallelPlan(args.sequence_parallel_size, training_args.world_size)
+    sequence_parallel.prepare_model(model.config)
     tokenizer = load_training_tokenizer(args.tokenizer_name or args.model_name_or_path,
                                         trust_remote_code=args.trust_remote_code,
                                         required=args.tokenizer_name is not None)
@@ -184,33 +190,36 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     if args.original_warmup_packs:
         dataset = with_row_index(dataset)  # the collator cuts the first packs of the stored order
     collator = build_collator(args.batch_method, args.loss_reduction, pad_id, args.original_warmup_packs)
-    if sp > 1:  # the pack batch, then shifted over the whole pack for the Ulysses data loader
-        collator = SequenceParallelPackCollator(collator, sp)
+    collator = sequence_parallel.wrap_collator(collator)  # SP: shifted over the whole pack for Ulysses
     callbacks = [SelfDescribingCheckpoints(family), fingerprint_callback(fingerprint), *(callbacks or [])]
     trainer = LongAlignTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                                processing_class=tokenizer, callbacks=callbacks, batch_method=args.batch_method,
                                loss_reduction=args.loss_reduction, group_size=group_size,
                                peak_tflops=args.peak_tflops, loss_denominator=args.loss_denominator,
-                               sequence_parallel_size=sp, nan_policy=args.nan_policy)
+                               sequence_parallel=sequence_parallel, nan_policy=args.nan_policy)
     use_progress_style(trainer, args.progress)
-    trainer.longalign_args, trainer.model_family, trainer.speed_settings = args, family, speed
-    return trainer
+    return BuiltTraining(trainer, args, family, speed)
+
+
+def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
+    """The trainer of `build_training` (bench scripts and tests that only run it)."""
+    return build_training(argv, callbacks).trainer
 
 
 def main(argv=None) -> LongAlignTrainer:
-    trainer = build_trainer(argv)
-    args = trainer.longalign_args
+    built = build_training(argv)
+    trainer, args = built.trainer, built.args
     if trainer.is_world_process_zero():
         print(f"batch_method={args.batch_method} loss_reduction={args.loss_reduction} "
               f"rows={len(trainer.train_dataset)} world_size={trainer.args.world_size} "
               f"sequence_parallel_size={args.sequence_parallel_size}", flush=True)
-        print(trainer.speed_settings.log_line(), flush=True)
+        print(built.speed_settings.log_line(), flush=True)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.divergence.check_weights(trainer.model, f"step {trainer.state.global_step}: the final model")
     trainer.save_model(trainer.args.output_dir)  # HF format (ZeRO-3: gathered 16-bit weights)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        make_self_describing(trainer.args.output_dir, trainer.model_family)
+        make_self_describing(trainer.args.output_dir, built.family)
         print(f"model saved to {trainer.args.output_dir}", flush=True)
         if trainer.divergence.skipped:
             print(f"warning: {trainer.divergence.skipped} optimizer steps skipped for a non-finite loss or gradient "

@@ -22,7 +22,7 @@ from longalign.needle_test.needle import (context_lengths, depth_percents, hayst
                                           over_position_limit, read_haystack, read_position_limit,
                                           sentence_end_patterns)
 from longalign.needle_test.prompt_set import write_prompt_set
-from longalign.generation import load_tokenizer
+from longalign.remote_code import load_tokenizer
 from longalign.prediction_keys import TOKENIZER_FILE_SUFFIXES, directory_fingerprint, resolve_model_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-prompt.yaml"

@@ -1,4 +1,4 @@
-"""Naive vs sorted vs packed batching through train.py on the same sequences (issue 8, item 3).
+"""Naive vs sorted vs packed batching through train.py on the same sequences.
 
     python bench/bench_batching.py --num_gpus 2 --out $OUT/batching.json     # 2-4 GPUs, ZeRO-3, bf16
     python bench/bench_batching.py --smoke --num_gpus 1                      # CPU, tiny, no DeepSpeed

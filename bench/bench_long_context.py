@@ -1,4 +1,4 @@
-"""Single-GPU long-context reach (issue 19): how long a pack the 1.36B bench model trains, how fast.
+"""Single-GPU long-context reach: how long a pack the 1.36B bench model trains, how fast.
 
     python bench/bench_long_context.py --out long.jsonl                                  # GPU
     python bench/bench_long_context.py --lengths 1048576,2097152 --configs "--recompute full" \
@@ -143,7 +143,7 @@ def concatenated(rows: list[dict]) -> dict:
 
 def loss_and_grads(model, batch) -> tuple[float, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss = model(**batch, loss_reduction="mean").loss
+    loss = model(**batch, loss_aggregation="mean").loss
     loss.backward()
     grads = [p.grad.detach().float().clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
@@ -181,7 +181,7 @@ class InstrumentedStep:
     def __call__(self, batch):
         self.values["start"] = self.allocated()
         self.phase = "forward"
-        loss = self.model(**batch, loss_reduction="mean").loss
+        loss = self.model(**batch, loss_aggregation="mean").loss
         self.values["after_forward"] = self.allocated()
         self.phase = "backward"
         loss.backward()

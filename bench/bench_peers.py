@@ -1,4 +1,4 @@
-"""This project against what a stock transformers / TRL user runs, side by side in one run (issue 18).
+"""This project against what a stock transformers / TRL user runs, side by side in one run.
 
     python bench/bench_peers.py --out peers.json          # GPU: CONFIGS in order, ~8 min budget
     python bench/bench_peers.py --only project-fa4-full stock-flex-gc-liger --out peers.json

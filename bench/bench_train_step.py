@@ -1,4 +1,4 @@
-"""Single-GPU training-step benchmark: random-init ~1.4B Llama on 64k-token packs (issue 8).
+"""Single-GPU training-step benchmark: random-init ~1.4B Llama on 64k-token packs.
 
     python bench/bench_train_step.py --out bench/train_step.json          # GPU, bf16
     python bench/bench_train_step.py --smoke                              # CPU, tiny, seconds
@@ -62,7 +62,8 @@ from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
 from longalign.modeling.weighted_lm import TRAINING_CLASSES
 from longalign.loss import DEFAULT_CHUNK_TOKENS
-from longalign.performance import (GIB, MEMORY_HEADROOM, LayerShape, MemorySetup, SpeedRequest, choose_recompute,
+from longalign.modeling.shape import ModelShape
+from longalign.performance import (GIB, MEMORY_HEADROOM, MemorySetup, SpeedRequest, choose_recompute,
                                    choose_speed_settings, parameter_counts, predicted_peak_bytes)
 from longalign.recompute import apply_recompute, decoder_layers
 
@@ -192,10 +193,10 @@ def memory_plan(args, tokens: int, gpu_bytes: int | None, device, dtype) -> dict
     with torch.device("meta"):  # parameter counts without allocating
         meta = TRAINING_CLASSES[args.family](config)
     params, layer_params = parameter_counts(meta, decoder_layers(meta)[0])
-    shape = LayerShape.from_config(config)
+    shape = ModelShape.from_config(config)
 
     def plan(layers: int) -> tuple[str, int]:
-        sized = LayerShape(**{**shape.__dict__, "layers": layers})
+        sized = ModelShape(**{**shape.__dict__, "layers": layers})
         setup = MemorySetup(params - (shape.layers - layers) * layer_params, layer_params, 2)
         if args.recompute == "auto":
             choice = choose_recompute(sized, tokens, setup, gpu_bytes or 0)
@@ -203,7 +204,7 @@ def memory_plan(args, tokens: int, gpu_bytes: int | None, device, dtype) -> dict
         return args.recompute, predicted_peak_bytes(sized, args.recompute, tokens, setup, 2, DEFAULT_CHUNK_TOKENS)
 
     if args.speed_defaults:  # train.py's own choice for this model, packs and GPU
-        sized = LayerShape(**{**shape.__dict__, "layers": args.layers})
+        sized = ModelShape(**{**shape.__dict__, "layers": args.layers})
         settings = choose_speed_settings(SpeedRequest(), device, sized, MemorySetup(params, layer_params, 2), tokens,
                                          True, choose_backend(device, dtype), gpu_bytes=gpu_bytes)
         args.recompute, args.compile = settings.recompute or "none", settings.compile_layers
@@ -249,7 +250,7 @@ def run(args) -> dict:
     collate = PackCollator("sequence")
 
     def train_step(batch):
-        loss = model(**batch, loss_reduction="mean").loss
+        loss = model(**batch, loss_aggregation="mean").loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -163,7 +163,7 @@ def pack_batch(collator, data, members: list[int]) -> dict:
     import numpy as np
 
     from longalign.collators import COUNTS_KEY
-    from longalign.packing import cu_seqlens_values
+    from longalign.pack_geometry import cu_seqlens_values
     cu = cu_seqlens_values(np.array([len(data[i][0]) for i in members]), np.array([len(members)]))
     batch = collator([{"input_ids": [t for i in members for t in data[i][0]],
                        "labels": [t for i in members for t in data[i][1]], "cu_seqlens": cu.tolist()}])
@@ -193,7 +193,7 @@ def train_and_evaluate(cfg: dict) -> list[dict]:
         step_started, members = time.time(), next(packs)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                  for k, v in pack_batch(collator, data, members).items()}
-        loss = model(**batch, loss_reduction="sum").loss / len(members)  # Eq. 2 over this pack
+        loss = model(**batch, loss_aggregation="sum").loss / len(members)  # Eq. 2 over this pack
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

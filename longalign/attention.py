@@ -38,6 +38,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from longalign.pack_geometry import longest_sequence, sequence_lengths
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("flash_attn_cute", "flash_attn", "torch_varlen", "flex", "reference", "cudnn")
@@ -158,22 +160,15 @@ def _log_once(name: str, device) -> None:
 
 def check_pack(cu_seqlens: torch.Tensor, total: int) -> int:
     """Validate cu_seqlens = [0, e_1, ..., T] of a flat pack; return the longest length (one sync)."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    lengths = sequence_lengths(cu_seqlens)
     first, last, longest = (int(x) for x in torch.stack([cu_seqlens[0], cu_seqlens[-1], lengths.max()]))
     if first != 0 or last != total:
         raise ValueError(f"cu_seqlens must run from 0 to T={total}, got {first}..{last}")
     return longest
 
 
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Position ids (1, T) that restart at 0 at every sequence start of a pack."""
-    cu = cu_seqlens.long()
-    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
-    return (torch.arange(total, device=cu.device) - starts)[None]
-
-
 def _seqlens(cu_seqlens: torch.Tensor) -> list[int]:
-    return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return sequence_lengths(cu_seqlens).tolist()
 
 
 def _reference(q, k, v, cu_seqlens, scale):
@@ -330,6 +325,6 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None, b
     if name == "flex":
         return _flex(q, k, v, cu_seqlens, scale)
     if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_seqlen = longest_sequence(cu_seqlens)
     fused = {"flash_attn": _flash_attn, "flash_attn_cute": _flash_attn_cute, "torch_varlen": _torch_varlen}
     return fused[name](q, k, v, cu_seqlens, int(max_seqlen), scale)

@@ -29,7 +29,6 @@ from longalign.templates import build_prompt
 AUTO = "auto"
 CHATGLM, LLAMA, CHAT_TEMPLATE, SERVER = "chatglm", "llama", "chat_template", "server"
 TRAINING_FORMATS = (CHATGLM, LLAMA)
-CHAT_FORMATS = (CHATGLM, LLAMA, CHAT_TEMPLATE, SERVER)
 REQUESTABLE = (AUTO, CHATGLM, LLAMA, CHAT_TEMPLATE)
 LONGALIGN_RELEASES = {"longalign-6b": CHATGLM, "longalign-7b": LLAMA, "longalign-13b": LLAMA}
 CHATGLM_NAME_HINT = "chatglm"

@@ -25,7 +25,7 @@ must alternate user/assistant starting with user, and a system message anywhere 
 """
 from __future__ import annotations
 
-from longalign.constants import MODEL_FAMILIES
+from longalign.constants import check_family
 from longalign.templates import (CHATGLM_SYSTEM_HEADER, CHATGLM_SYSTEM_TOKEN, LLAMA_SYSTEM_CLOSE,
                                  LLAMA_SYSTEM_OPEN)
 from longalign.tokenization import special_token_frame
@@ -83,8 +83,7 @@ _GENERATION_PROMPT = {
 
 def jinja_chat_template(family: str, prefix: str) -> str:
     """The template of `family`; `prefix` is written literally before the first round."""
-    if family not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {MODEL_FAMILIES}")
+    check_family(family)
     return ("{{ " + _literal(prefix) + " }}" + _SPLIT_SYSTEM
             + "{% for message in turns %}" + _ROLE_CHECK + _BODIES[family] + "{% endfor %}"
             + _GENERATION_PROMPT[family])

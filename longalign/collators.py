@@ -1,16 +1,16 @@
 """Collators: dataset rows (DESIGN.md §1-2) -> model batches (DESIGN.md §3) with loss weights.
 
-Target positions. The model shifts labels by one within each sequence, so position i of a
-sequence is a target when i is not the sequence's first token and labels[i] != IGNORE_INDEX;
-N_k is the number of target positions of sequence k (the first token's label is never used).
+Target positions and N_k (the targets of sequence k) are those of `longalign.pack_geometry`.
 
 Loss weights w_i (on target positions, 0 elsewhere), one per `--loss_reduction`:
     sequence  : w_i = 1 / N_k          (k the sequence of i; paper Eq. 2 once divided by K)
     pack_mean : w_i = 1 / sum_k N_k    (sum over the pack, or the padded row, i belongs to)
     token     : w_i = 1
-The model returns S = sum_i w_i l_i (loss_reduction="sum"); the trainer divides by a global
-count D (longalign/trainer.py). Weights are computed here from labels and cu_seqlens, so they
-always match the positions the loss uses (a stored `loss_weights` column is not read).
+The model returns S = sum_i w_i l_i (loss_aggregation="sum"); the trainer divides by a global
+count D (longalign/trainer.py). Weights are computed from labels and cu_seqlens
+(`longalign.pack_geometry`), except the `sequence` weights of a pack row that stores them: its
+`loss_weights` column (sort_and_group.py's 1/N_k, as the original trained from its stored
+weights; train.py validates it against the labels before the first step) is read as it is.
 
 A pack batch carries its geometry under transformers' packed-attention keyword names
 (`FlashAttentionKwargs`, as `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` emits
@@ -30,8 +30,9 @@ from typing import Sequence
 
 import torch
 
-from longalign.attention import positions_from_cu_seqlens
 from longalign.constants import IGNORE_INDEX
+from longalign.pack_geometry import (longest_sequence, positions_from_cu_seqlens, segment_ids, sequence_lengths,
+                                     sequence_starts, sequence_token_weights, target_mask, targets_per_sequence)
 
 LOSS_REDUCTIONS = ("sequence", "pack_mean", "token")
 BATCH_METHODS = ("naive", "sort", "pack")
@@ -40,6 +41,7 @@ COUNTS_KEY = "batch_counts"
 # real (non-pad) tokens | sum over sequences of length^2 (attention work)
 COUNT_FIELDS = ("sequences", "packs", "target_tokens", "tokens", "sum_sq_lengths")
 WORK_FIELDS = ("tokens", "sum_sq_lengths")  # what a pack costs, as opposed to what its loss counts
+STORED_WEIGHTS_KEY = "loss_weights"  # a pack row's 1/N_k column (DESIGN.md §2), read for `sequence`
 ROW_INDEX_KEY = "row_index"  # a pack's index in the stored order (`with_row_index`)
 # The original's dataset.py: `if idx < 32: max_length_tmp = 32768 ... self.weights[idx, :32768] * 2`
 ORIGINAL_WARMUP_PACKS = 32
@@ -69,42 +71,39 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
         raise ValueError("cu_seqlens must be strictly increasing (no empty sequences)")
 
 
-def segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Sequence index of every token: cu_seqlens=[0 2 5] -> [0 0 1 1 1]."""
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-
-
-def target_mask(labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """True on target positions of a flat sequence concatenation (see module docstring)."""
-    mask = labels != IGNORE_INDEX
-    mask[cu_seqlens[:-1]] = False  # a sequence's first token is never predicted
-    return mask
-
-
-def pack_weights_and_counts(labels: torch.Tensor, cu_seqlens: torch.Tensor,
-                            reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_weights_and_counts(labels: torch.Tensor, cu_seqlens: torch.Tensor, reduction: str,
+                            stored_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss weights (float32) of one pack and its counts (int64, COUNT_FIELDS).
+
+    `stored_weights`: the pack row's `loss_weights` column (sort_and_group.py's 1/N_k, checked
+    against these labels by `longalign.validation`), used as the `sequence` weights when given.
 
     labels=[-100 5 6 | -100 7], cu_seqlens=[0 3 5]: N = [2, 1]
         sequence -> [0 .5 .5 | 0 1];  pack_mean -> [0 1/3 1/3 | 0 1/3];  token -> [0 1 1 | 0 1]
     """
     check_reduction(reduction)
-    mask = target_mask(labels, cu_seqlens)
-    segments = segment_ids(cu_seqlens)
-    per_sequence = torch.zeros(len(cu_seqlens) - 1, dtype=torch.long).index_add_(0, segments, mask.long())
+    mask = target_mask(labels, sequence_starts(cu_seqlens))
+    per_sequence = targets_per_sequence(mask, cu_seqlens)
     total = int(per_sequence.sum())
-    if reduction == "sequence":
-        scale = 1.0 / per_sequence.clamp(min=1).double()
-        weights = mask.double() * scale[segments]
+    if reduction == "sequence" and stored_weights is not None:
+        weights = stored_loss_weights(stored_weights, len(labels))
+    elif reduction == "sequence":
+        weights = sequence_token_weights(labels, cu_seqlens)
     elif reduction == "pack_mean":
         weights = mask.double() / max(total, 1)
     else:
         weights = mask.double()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    lengths = sequence_lengths(cu_seqlens).long()
     counts = torch.tensor([int((per_sequence > 0).sum()), int(total > 0), total,
                            int(lengths.sum()), int((lengths * lengths).sum())], dtype=torch.long)
     return weights.to(torch.float32), counts
+
+
+def stored_loss_weights(values, length: int) -> torch.Tensor:
+    weights = torch.as_tensor(values, dtype=torch.float32)
+    if weights.shape != (length,):
+        raise ValueError(f"loss_weights: expected {length} values (one per label), got shape {tuple(weights.shape)}")
+    return weights
 
 
 def read_row(row: dict, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,9 +146,9 @@ class OriginalWarmup:
             raise KeyError(f"pack row {index} has no {ROW_INDEX_KEY!r}: wrap the dataset with with_row_index()")
         return int(row[ROW_INDEX_KEY]) < self.packs
 
-    def cut(self, ids: torch.Tensor, labels: torch.Tensor, cu: torch.Tensor, reduction: str):
+    def cut(self, ids: torch.Tensor, labels: torch.Tensor, cu: torch.Tensor, reduction: str, stored_weights=None):
         """(ids, labels, cu_seqlens, weights, counts) of one warm-up pack."""
-        full_weights, full_counts = pack_weights_and_counts(labels, cu, reduction)
+        full_weights, full_counts = pack_weights_and_counts(labels, cu, reduction, stored_weights)
         if len(ids) > self.tokens:
             ids, labels = ids[:self.tokens], labels[:self.tokens]
             cu = torch.cat([cu[cu < self.tokens], torch.tensor([self.tokens])])
@@ -191,11 +190,12 @@ class PackCollator:
                 raise KeyError(f"pack row {index} has no 'cu_seqlens' (is --train_file/pack a sort_and_group.py pack?)")
             cu = as_long_tensor(row["cu_seqlens"], "cu_seqlens")
             check_cu_seqlens(cu, len(row_ids))
+            stored = row.get(STORED_WEIGHTS_KEY)
             if self.warmup is not None and self.warmup.applies(row, index):
                 row_ids, row_labels, cu, row_weights, row_counts = self.warmup.cut(row_ids, row_labels, cu,
-                                                                                   self.reduction)
+                                                                                   self.reduction, stored)
             else:
-                row_weights, row_counts = pack_weights_and_counts(row_labels, cu, self.reduction)
+                row_weights, row_counts = pack_weights_and_counts(row_labels, cu, self.reduction, stored)
             ids.append(row_ids)
             labels.append(row_labels)
             weights.append(row_weights)
@@ -204,7 +204,7 @@ class PackCollator:
             offset += len(row_ids)
             counts += row_counts
         cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long)] + ends).to(torch.int32)
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        longest = longest_sequence(cu_seqlens)
         return {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None],
                 "position_ids": torch.cat(positions)[None], "loss_weights": torch.cat(weights)[None],
                 "cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from longalign.constants import ZERO_WIDTH_CHARS
+from longalign.constants import ZERO_WIDTH_TABLE
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 MESSAGES, SHAREGPT = "messages", "sharegpt"  # row formats, by the key holding the turns
@@ -37,7 +37,6 @@ ROW_FORMAT_KEYS = {MESSAGES: ("messages", "role", "content"), SHAREGPT: ("conver
 SHAREGPT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "chatgpt": ASSISTANT, "assistant": ASSISTANT,
                   "bard": ASSISTANT, "system": SYSTEM}
 NO_FORMAT = "none"  # rows whose format cannot be told (malformed JSON, not an object, no turns key)
-_ZERO_WIDTH_TABLE = str.maketrans({ch: None for ch in ZERO_WIDTH_CHARS})
 _DATANUM_PATTERN = re.compile(r"^\s*(\d+)\s*([kK]?)\s*$")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # only a lone \\uXXXX escape leaves one in a str
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -112,7 +111,7 @@ def parse_datanum(text: str) -> int:
 
 def strip_zero_width(text: str) -> tuple[str, int]:
     """Remove U+200B/C/D and U+FEFF; return the cleaned text and how many were removed."""
-    cleaned = text.translate(_ZERO_WIDTH_TABLE)
+    cleaned = text.translate(ZERO_WIDTH_TABLE)
     return cleaned, len(text) - len(cleaned)
 
 

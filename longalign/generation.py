@@ -26,19 +26,14 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from longalign.chat_formats import AUTO, CHATGLM, ChatFormat, render_prompt, resolve_chat_format
-from longalign.json_files import check_json_files
+from longalign.remote_code import load_tokenizer, remote_code_guard
 from longalign.prediction_keys import directory_fingerprint, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
 TOKENS, CHARACTERS = "tokens", "characters"
 LLAMA_MODEL_TYPE = "llama"
-REMOTE_CODE_HINT = "trust_remote_code"  # transformers' refusal names the argument
 CHATGLM_CHAT_TOP_P = 0.8  # the original evaluations sampled ChatGLM through its model.chat: top_p 0.8
-
-
-class RemoteCodeRequired(ValueError):
-    """A model or tokenizer folder needs its own Python code and --trust_remote_code was not given."""
 
 
 @dataclass
@@ -125,28 +120,10 @@ def prepare_prompt(query: str, chat_format: ChatFormat, tokenizer, max_length: i
     return PreparedPrompt(render_prompt(chat_format, text, tokenizer), unit, length, kept)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    check_json_files(path)  # a broken tokenizer.json / tokenizer_config.json is named
-    return _remote_code_guard(path, lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
-
-
 def load_config(path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    return _remote_code_guard(path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
-
-
-def _remote_code_guard(path: str, load):
-    """Run `load()`; transformers' refusal to run a folder's own code becomes a RemoteCodeRequired."""
-    try:
-        return load()
-    except ValueError as err:
-        if REMOTE_CODE_HINT not in str(err):
-            raise
-        raise RemoteCodeRequired(f"{path} ships its own Python code (an auto_map in its config) that must run "
-                                 "to load it; pass --trust_remote_code if you trust that code") from err
+    return remote_code_guard(path, lambda: AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 
 def resolve_dtype(dtype: str, device: str):
@@ -238,7 +215,7 @@ class LocalModel(Candidate):
         kwargs = {"dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
         if self.attn_implementation is not None:
             kwargs["attn_implementation"] = self.attn_implementation
-        model = _remote_code_guard(self.path, lambda: AutoModelForCausalLM.from_pretrained(str(self.local_dir),
+        model = remote_code_guard(self.path, lambda: AutoModelForCausalLM.from_pretrained(str(self.local_dir),
                                                                                            **kwargs))
         model = model.to(self.device).eval()
         logger.info("loaded %s (chat format %s, dtype %s, device %s, attention %s)", self.path,

@@ -65,10 +65,6 @@ def judgement_key(*parts) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
 def messages_hash(messages: list[dict]) -> str:
     """sha256 of the exact messages sent: any change to prompt, examples or prediction changes it."""
     return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()

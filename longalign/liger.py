@@ -1,4 +1,4 @@
-"""Optional liger-kernel fused kernels (RMSNorm, SwiGLU, RoPE) for the Llama training model (issue 18).
+"""Optional liger-kernel fused kernels (RMSNorm, SwiGLU, RoPE) for the Llama training model.
 
     from longalign.liger import apply_liger_kernels
     apply_liger_kernels(model)          # train.py --liger; needs `pip install liger-kernel` and CUDA

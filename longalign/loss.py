@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from longalign.constants import IGNORE_INDEX
+from longalign.pack_geometry import sequence_starts, target_mask
 
 DEFAULT_CHUNK_TOKENS = 4096  # 4096 tokens x 65024 vocab x 4 B = 1 GiB of fp32 logits per chunk
 REDUCTIONS = ("mean", "sum")
@@ -46,13 +47,13 @@ def shift_targets(labels, loss_weights=None, cu_seqlens=None):
     """Flat (N,) targets t and weights w (float32) as defined in the module docstring."""
     if labels.dim() == 1:
         labels = labels.unsqueeze(0)
-    ignore = torch.full_like(labels[:, :1], IGNORE_INDEX)
-    targets = torch.cat([labels[:, 1:], ignore], dim=1).reshape(-1).long()
     if cu_seqlens is not None:
         if labels.shape[0] != 1:
             raise ValueError("cu_seqlens requires a flat pack of shape (1, T)")
-        ends = cu_seqlens[1:].to(device=labels.device, dtype=torch.long) - 1
-        targets = targets.index_fill(0, ends, IGNORE_INDEX)  # a target never crosses a boundary
+        starts = sequence_starts(cu_seqlens).to(device=labels.device, dtype=torch.long)
+        labels = labels.masked_fill(~target_mask(labels[0], starts)[None], IGNORE_INDEX)  # no target crosses a boundary
+    ignore = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    targets = torch.cat([labels[:, 1:], ignore], dim=1).reshape(-1).long()
     valid = targets != IGNORE_INDEX
     if loss_weights is None:
         weights = valid.float()

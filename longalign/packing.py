@@ -12,7 +12,7 @@ A pack is a list of sequence indices. Three strategies:
         bfd             : [0 2] [1 3 4]     -> 10 | 10 tokens, 2 packs
 
 Loss weighting (paper Eq. 2): each token of sequence k weighs 1/N_k (N_k its target count), so
-every sequence counts once in a pack's loss however long it is. Packs are then completed to
+every sequence counts once in a pack's loss however long it is (`longalign.pack_geometry`). Packs are then completed to
 whole groups of `group_size` (one pack per GPU per step) by splitting packs at sequence
 boundaries, and for bfd ordered so that the packs of one step have similar attention cost.
 """
@@ -23,7 +23,8 @@ import bisect
 import numpy as np
 import pyarrow as pa
 
-from longalign.constants import IGNORE_INDEX, PACK_STRATEGIES
+from longalign.constants import PACK_STRATEGIES
+from longalign.pack_geometry import cu_seqlens_values, sequence_token_weights
 from longalign.sorting import check_group_size, fill_last_group, shuffle_groups, token_chunks
 
 
@@ -164,30 +165,6 @@ def group_imbalance(costs_in_order: np.ndarray, group_size: int) -> np.ndarray:
     return groups.max(axis=1) / groups.mean(axis=1)
 
 
-def sequence_loss_weights(num_targets: np.ndarray) -> np.ndarray:
-    """Per-sequence token weight 1/N_k as float32; 0 for sequences without targets (no 1/0).
-
-    num_targets=[4 0 1] -> [0.25 0. 1.]
-    """
-    num_targets = np.asarray(num_targets)
-    weights = np.zeros(len(num_targets), dtype=np.float32)
-    has_targets = num_targets > 0
-    weights[has_targets] = 1.0 / num_targets[has_targets].astype(np.float64)
-    return weights
-
-
-def cu_seqlens_values(member_lengths: np.ndarray, members_per_pack: np.ndarray) -> np.ndarray:
-    """Concatenated cu_seqlens [0, e1, ..., T] of consecutive packs, vectorised.
-
-    member_lengths=[3 2 4], members_per_pack=[2 1] -> [0 3 5 | 0 4]
-    """
-    ends = np.cumsum(member_lengths, dtype=np.int64)
-    pack_starts = np.cumsum(members_per_pack) - members_per_pack
-    base = np.where(pack_starts > 0, ends[pack_starts - 1], 0)
-    within_pack_ends = ends - np.repeat(base, members_per_pack)
-    return np.insert(within_pack_ends, pack_starts, 0).astype(np.int32)
-
-
 def plan_packs(lengths, max_length: int, strategy: str, group_size: int, seed: int) -> tuple[list[list[int]], dict]:
     """Packs in training order (runs of `group_size` = one step) and the counts of how they came.
 
@@ -252,11 +229,7 @@ def pack_batch(sequences, members: np.ndarray, members_per_pack: np.ndarray) -> 
     pack_ends = np.cumsum(np.add.reduceat(member_lengths, first_member))
     token_offsets = pa.array(np.concatenate([[0], pack_ends]).astype(np.int32))
     labels = sequences.gather("labels", members)
-    member_weights = sequence_loss_weights(sequences.num_targets[members])
-    weights = np.repeat(member_weights, member_lengths)
-    weights[labels == IGNORE_INDEX] = 0.0  # 1/N_k only where sequence k has a target
-    # a sequence's first label is never predicted (the shift; see count_targets): weight 0
-    weights[np.cumsum(member_lengths) - member_lengths] = 0.0
+    weights = sequence_token_weights(labels, np.concatenate([[0], np.cumsum(member_lengths)]))
     cu_offsets = np.concatenate([[0], np.cumsum(members_per_pack + 1)]).astype(np.int32)
     has_targets = sequences.num_targets[members] > 0
     return pa.RecordBatch.from_pydict({

@@ -1,7 +1,8 @@
-"""Fast defaults: the recompute policy chosen by a GPU-memory model, layer compile on CUDA (issue 18).
+"""Fast defaults: the recompute policy chosen by a GPU-memory model, layer compile on CUDA.
 
-    from longalign.performance import LayerShape, MemorySetup, choose_recompute
-    choice = choose_recompute(LayerShape.from_config(config), tokens=65536,
+    from longalign.modeling.shape import ModelShape
+    from longalign.performance import MemorySetup, choose_recompute
+    choice = choose_recompute(ModelShape.from_config(config), tokens=65536,
                               setup=MemorySetup(params=..., layer_params=...), gpu_bytes=141 * 2**30)
     choice.policy, choice.describe()     # e.g. "selective:6", "predicted peak ... GiB of ..."
     settings = choose_speed_settings(SpeedRequest(), "cuda", shape, setup, tokens, packed=True, attention=...)
@@ -72,6 +73,7 @@ import torch
 
 from longalign.attention import choose_backend
 from longalign.liger import apply_liger_kernels
+from longalign.modeling.shape import ModelShape
 from longalign.recompute import apply_recompute, decoder_layers, parse_policy
 
 MEMORY_HEADROOM = 0.90  # of the GPU's memory: CUDA context, allocator fragmentation, NCCL buffers
@@ -87,31 +89,7 @@ GIB = 2 ** 30
 COMPILE_UNDER_ZERO3 = False
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    """What the memory model reads from a config (module docstring's symbols)."""
-    family: str  # "llama" | "chatglm": the norm and qkv layout
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-    @classmethod
-    def from_config(cls, config) -> "LayerShape":
-        if getattr(config, "model_type", None) == "chatglm":
-            groups = config.multi_query_group_num if config.multi_query_attention else config.num_attention_heads
-            return cls("chatglm", config.num_layers, config.hidden_size, config.num_attention_heads, groups,
-                       config.kv_channels, config.ffn_hidden_size, config.padded_vocab_size)
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls("llama", config.num_hidden_layers, config.hidden_size, heads,
-                   config.num_key_value_heads or heads, head_dim, config.intermediate_size, config.vocab_size)
-
-
-def layer_activation_bytes(shape: LayerShape, tokens: int, act_bytes: int) -> dict[str, int]:
+def layer_activation_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> dict[str, int]:
     """Bytes one layer keeps for backward under each policy (module docstring)."""
     b, h, d, H, G = act_bytes, shape.hidden, shape.head_dim, shape.heads, shape.kv_heads
     if shape.family == "chatglm":
@@ -125,11 +103,11 @@ def layer_activation_bytes(shape: LayerShape, tokens: int, act_bytes: int) -> di
             "full": tokens * b * h}
 
 
-def backward_workspace_bytes(shape: LayerShape, tokens: int, act_bytes: int) -> int:
+def backward_workspace_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
     return tokens * (MLP_GRADIENTS * act_bytes * shape.intermediate + NORM_FP32_GRADIENTS * FP32_BYTES * shape.hidden)
 
 
-def loss_bytes(shape: LayerShape, tokens: int, act_bytes: int, chunk_tokens: int) -> int:
+def loss_bytes(shape: ModelShape, tokens: int, act_bytes: int, chunk_tokens: int) -> int:
     chunk = min(chunk_tokens, tokens)
     return (chunk * shape.vocab * (LOSS_FP32_COPIES * FP32_BYTES + act_bytes)
             + FP32_BYTES * shape.vocab * shape.hidden + act_bytes * tokens * shape.hidden)
@@ -167,7 +145,7 @@ class MemorySetup:
         return layer, rest
 
 
-def predicted_peak_bytes(shape: LayerShape, policy: str, tokens: int, setup: MemorySetup, act_bytes: int,
+def predicted_peak_bytes(shape: ModelShape, policy: str, tokens: int, setup: MemorySetup, act_bytes: int,
                          chunk_tokens: int) -> int:
     """The module docstring's peak: end of forward, or the worst layer of the backward."""
     per_layer = layer_activation_bytes(shape, tokens, act_bytes)
@@ -207,7 +185,7 @@ class RecomputeChoice:
                 f"{fit}; without recompute {self.none_bytes / GIB:.1f} GiB")
 
 
-def choose_recompute(shape: LayerShape, tokens: int, setup: MemorySetup, gpu_bytes: int, act_bytes: int = 2,
+def choose_recompute(shape: ModelShape, tokens: int, setup: MemorySetup, gpu_bytes: int, act_bytes: int = 2,
                      packed: bool = True, chunk_tokens: int = 4096) -> RecomputeChoice:
     """The first policy of `recompute_ladder` whose predicted peak fits MEMORY_HEADROOM x gpu_bytes."""
     budget = int(MEMORY_HEADROOM * gpu_bytes)
@@ -278,7 +256,7 @@ class SpeedRequest:
             raise ValueError("--paper_exact runs the paper's settings: drop --recompute / --compile_layers / --liger")
 
 
-def choose_speed_settings(request: SpeedRequest, device, shape: LayerShape, setup: MemorySetup, tokens: int,
+def choose_speed_settings(request: SpeedRequest, device, shape: ModelShape, setup: MemorySetup, tokens: int,
                           packed: bool, attention: str, act_bytes: int = 2, gpu_bytes: int | None = None,
                           chunk_tokens: int = 4096) -> SpeedSettings:
     """--paper_exact: the paper's settings; on CPU: today's (explicit flags only); on CUDA: the
@@ -320,7 +298,7 @@ def training_speed_settings(request: SpeedRequest, model: torch.nn.Module, devic
     setup = MemorySetup(params, layer_params, weight_bytes, world_size=world_size, **deepspeed_memory_fields(ds_config))
     dtype = torch.bfloat16 if act_bytes == 2 else torch.float32
     attention = choose_backend(device, dtype)
-    return choose_speed_settings(request, device, LayerShape.from_config(model.config), setup, tokens, packed,
+    return choose_speed_settings(request, device, ModelShape.from_config(model.config), setup, tokens, packed,
                                  attention, act_bytes, gpu_bytes)
 
 

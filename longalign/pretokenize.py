@@ -32,9 +32,9 @@ from longalign.input_files import (DATA_HELP, SourceSpec, check_usable, parse_so
                                    row_format_counts)
 from longalign.storage import atomic_dir, check_output_dir, write_json_atomic
 from longalign.templates import reply_text, system_segments
+from longalign.remote_code import load_tokenizer
 from longalign.tokenization import (KEPT, SKIPPED_NO_TARGET, SKIPPED_TOO_LONG, TRUNCATED,
-                                    ConversationTokenizer, TokenizedExample, control_token_id, load_tokenizer,
-                                    tokenize_all)
+                                    ConversationTokenizer, TokenizedExample, control_token_id, tokenize_all)
 
 STAGE = "pre_tokenize"  # the writer named in the output folder's marker (longalign.storage)
 INVALID_REPORT = "invalid_rows.jsonl"
@@ -200,7 +200,7 @@ def save_dataset(record_batches: list, out_dir: Path) -> int:
 # ---- the stage ----------------------------------------------------------------------------
 def _check_config(config: PretokenizeConfig) -> None:
     from longalign.constants import TRUNCATION_MODES
-    from longalign.templates import check_family
+    from longalign.constants import check_family
 
     check_family(config.family)
     if config.truncate not in TRUNCATION_MODES:

@@ -1,4 +1,4 @@
-"""Activation recompute policies for the decoder layers of both model families (issue 8).
+"""Activation recompute policies for the decoder layers of both model families.
 
     from longalign.recompute import apply_recompute
     apply_recompute(model, "selective")            # or "full", "none", "partial:8", "selective:12"

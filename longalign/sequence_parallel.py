@@ -62,12 +62,15 @@ place of W (sort_and_group.py --group_size DP, a multiple of DP x per-device bat
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from longalign.collators import COUNTS_KEY, PackCollator
 from longalign.constants import IGNORE_INDEX
 from longalign.loss import labels_for_targets, shift_targets
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION
+from longalign.modeling.shape import ModelShape
 
 SP_BACKEND = "deepspeed"  # accelerate's ParallelismConfig.sp_backend: DeepSpeed's Ulysses (ALST)
 PAD_TOKEN_ID = 0  # input id of the padding tail (never a target, its own attention segment)
@@ -113,13 +116,9 @@ def gradient_divisor(world_size: int, sp: int, deepspeed_config: dict | None) ->
 
 
 def head_counts(config) -> tuple[int, int]:
-    """(query heads, key/value heads) of a llama or chatglm config."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None)
-    if kv is None:  # ChatGLM: multi-query groups
-        kv = config.multi_query_group_num if getattr(config, "multi_query_attention", False) else heads
-    return int(heads), int(kv)
+    """(query heads, key/value heads) of a llama or chatglm config (`ModelShape`)."""
+    shape = ModelShape.from_config(config)
+    return shape.heads, shape.kv_heads
 
 
 def valid_sizes(heads: int, kv_heads: int) -> list[int]:
@@ -234,3 +233,46 @@ class StoredOrderSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+@dataclass(frozen=True)
+class SequenceParallelPlan:
+    """--sequence_parallel_size N, decided once (train.py) and handed to LongAlignTrainer: N, the
+    world size W, the data-parallel size W / N, and what N > 1 changes in the model config, the
+    collator, the data order, the gradient divisor and the step counts. N = 1 changes nothing."""
+    size: int = 1
+    world_size: int = 1
+
+    def __post_init__(self):
+        if self.size < 1 or self.world_size % self.size:
+            raise ValueError(f"world size {self.world_size} is not a multiple of sequence_parallel_size {self.size}")
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.size
+
+    def prepare_model(self, config) -> None:
+        """Check the heads split over N and give a ChatGLM config the names DeepSpeed reads."""
+        if self.size > 1:
+            check_head_counts(config, self.size)
+            expose_head_geometry(config)
+
+    def wrap_collator(self, collator):
+        return SequenceParallelPackCollator(collator, self.size) if self.size > 1 else collator
+
+    def sampler(self, rows: int) -> "StoredOrderSampler | None":
+        """The stored order as the adapter trains it (one rank's rows after the other's); None for N = 1."""
+        if self.size == 1:
+            return None
+        return StoredOrderSampler(sequence_parallel_order(rows, self.world_size, self.size))
+
+    def gradient_divisor(self, deepspeed_config: dict | None) -> int:
+        return gradient_divisor(self.world_size, self.size, deepspeed_config)
+
+    def count_packs_once(self, counts: torch.Tensor) -> torch.Tensor:
+        """All N ranks of a group carry their pack's counts: divide the summed counts by N (exact)."""
+        if self.size > 1:
+            if bool((counts % self.size).any()):
+                raise RuntimeError(f"step counts {counts.tolist()} are not N = {self.size} copies of the packs' counts")
+            counts = counts // self.size
+        return counts

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from longalign.chat_formats import AUTO, resolve_chat_format
-from longalign.generation import Candidate, GenerationSettings, load_tokenizer, prepare_prompt
+from longalign.generation import Candidate, GenerationSettings, prepare_prompt
+from longalign.remote_code import load_tokenizer
 from longalign.openai_api import APIS, CHAT, OpenAICompatibleClient, RetryPolicy, call_with_retries
 from longalign.prediction_keys import TOKENIZER_FILE_SUFFIXES, directory_fingerprint, resolve_model_dir
 

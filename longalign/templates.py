@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from longalign.constants import MODEL_FAMILIES
+from longalign.constants import check_family
 
 ROUND_SEPARATOR = "\n\n"
 LLAMA_SYSTEM_OPEN, LLAMA_SYSTEM_CLOSE = "<<SYS>>\n", "\n<</SYS>>\n\n"  # Llama-2's B_SYS, E_SYS
@@ -55,7 +55,6 @@ REPLY = "reply"  # every token is a target (the assistant's answer)
 CLOSE = "close"  # text after a reply; its first position carries the EOS target closing that reply
 CONTROL = "control"  # a control token named by its text (ChatGLM3's "<|system|>"): one id, never text,
 # never a target; only at the start of a conversation
-SEGMENT_KINDS = (PROMPT, REPLY, CLOSE, CONTROL)
 
 
 @dataclass(frozen=True)
@@ -64,11 +63,6 @@ class Segment:
 
     text: str
     kind: str
-
-
-def check_family(family: str) -> None:
-    if family not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {MODEL_FAMILIES}")
 
 
 def reply_text(assistant: str) -> str:

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from longalign.constants import IGNORE_INDEX, TOKEN_COLUMNS
+from longalign.pack_geometry import target_mask
 from longalign.storage import OUTPUT_MARKER, read_output_marker, write_json_atomic
 
 TOO_LONG_POLICIES = ("truncate", "skip", "error")
@@ -181,19 +182,18 @@ def count_targets(labels: FlatColumn, full_lengths: np.ndarray, lengths: np.ndar
 
     The model shifts labels by one within each sequence, so a sequence's first label is never
     predicted; leaving it out makes N_k (and 1/N_k) match the positions the loss uses (the same
-    rule as `longalign.collators.target_mask`). One vectorised reduceat per chunk over whole
+    rule: `longalign.pack_geometry.target_mask`). One vectorised reduceat per chunk over whole
     rows; only the (few) rows cut shorter than `full_lengths` by truncation are recounted.
     """
     counts = np.zeros(len(full_lengths), dtype=np.int64)
     for index, values in enumerate(labels.values):
         rows = np.flatnonzero((labels.chunk == index) & (full_lengths > 0))  # starts must increase
         if rows.size:
-            is_target = values != IGNORE_INDEX
+            is_target = target_mask(values, labels.start[rows])
             counts[rows] = np.add.reduceat(is_target, labels.start[rows], dtype=np.int64)
-            counts[rows] -= is_target[labels.start[rows]]
     for row in np.flatnonzero(lengths < full_lengths).tolist():
         prefix = labels.values[labels.chunk[row]][labels.start[row]:labels.start[row] + lengths[row]]
-        counts[row] = int((prefix[1:] != IGNORE_INDEX).sum())
+        counts[row] = int(target_mask(prefix, [0]).sum())
     return counts
 
 

@@ -41,14 +41,13 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from longalign.constants import IGNORE_INDEX, LEFT_TRUNCATION_KEEP_HEAD, TRUNCATION_MODES, ZERO_WIDTH_CHARS
-from longalign.json_files import check_json_files
+from longalign.constants import IGNORE_INDEX, LEFT_TRUNCATION_KEEP_HEAD, TRUNCATION_MODES, ZERO_WIDTH_TABLE
+from longalign.remote_code import load_tokenizer
 from longalign.templates import CLOSE, CONTROL, PROMPT, REPLY, Segment, conversation_segments, reply_text
 from longalign.text_budget import cut_segments, text_budget
 from longalign.text_encoder import TextEncoder
 
 _PROBE_TEXT = "a"  # any short text: only the special tokens wrapped around it matter
-_ZERO_WIDTH_TABLE = str.maketrans({ch: None for ch in ZERO_WIDTH_CHARS})
 
 # Per-example outcome.
 KEPT = "kept"
@@ -69,51 +68,6 @@ class TokenizedExample:
     cut_chars: int = 0  # characters not tokenized (longalign.text_budget)
 
 
-REMOTE_CODE_FILES = ("tokenizer_config.json", "config.json")  # where an `auto_map` names custom classes
-
-
-def _remote_code_classes(path_or_id: str) -> tuple[str, dict] | None:
-    """(file, auto_map) when a local tokenizer folder ships its own tokenizer class, else None.
-
-    Only an `AutoTokenizer` entry (or the old list form) names tokenizer code: a model's config.json
-    whose auto_map lists its model classes (this repo's ChatGLM checkpoints) runs no tokenizer code.
-    """
-    for name in REMOTE_CODE_FILES:
-        config_file = Path(path_or_id) / name
-        if config_file.is_file():
-            try:
-                auto_map = json.loads(config_file.read_text(encoding="utf-8")).get("auto_map")
-            except (ValueError, AttributeError):
-                continue  # not our concern here: transformers reports an unreadable config
-            if auto_map and (not isinstance(auto_map, dict) or "AutoTokenizer" in auto_map):
-                return name, auto_map
-    return None
-
-
-def load_tokenizer(path_or_id: str, trust_remote_code: bool = False):
-    """AutoTokenizer.from_pretrained; a tokenizer that ships Python code loads only with
-    `trust_remote_code` (--trust_remote_code): ChatGLM3's does, byte-level BPE folders do not.
-    A local folder's JSON files are parsed first: a broken one is an error naming it."""
-    from transformers import AutoTokenizer
-
-    check_json_files(path_or_id)  # a broken file is named, not a bare JSONDecodeError
-    remote = None if trust_remote_code else _remote_code_classes(path_or_id)
-    if remote is not None:
-        raise ValueError(f"tokenizer {path_or_id!r} ships its own Python code ({remote[0]} has auto_map "
-                         f"{remote[1]}), which runs only with --trust_remote_code (ChatGLM3's tokenizer "
-                         "is such a tokenizer): read that code, then pass --trust_remote_code")
-    try:
-        return AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
-    except OSError as err:  # re-raised with the hint a user needs (offline, typo in the path)
-        raise OSError(f"cannot load tokenizer {path_or_id!r}: {err}. Pass --tokenizer with a local "
-                      "tokenizer directory (offline, `python -m longalign.demo_data` makes one)") from err
-    except ValueError as err:
-        if "trust_remote_code" not in str(err):
-            raise
-        raise ValueError(f"tokenizer {path_or_id!r} needs its own Python code, which runs only with "
-                         f"--trust_remote_code (ChatGLM3's tokenizer is such a tokenizer): {err}") from err
-
-
 def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
     """(prefix, suffix) ids that `add_special_tokens=True` wraps around a text."""
     with_special = list(tokenizer(_PROBE_TEXT, add_special_tokens=True)["input_ids"])
@@ -127,7 +81,7 @@ def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
 
 def is_empty_reply(text: str) -> bool:
     """Whether a reply has nothing to learn: empty, whitespace or zero-width characters only."""
-    return not reply_text(text.translate(_ZERO_WIDTH_TABLE))
+    return not reply_text(text.translate(ZERO_WIDTH_TABLE))
 
 
 @dataclass

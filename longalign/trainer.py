@@ -1,6 +1,6 @@
 """LongAlignTrainer: HF Trainer with the paper's data order and explicit loss normalisation.
 
-Loss. The model returns S = sum_i w_i l_i (loss_reduction="sum", weights from
+Loss. The model returns S = sum_i w_i l_i (loss_aggregation="sum", weights from
 longalign/collators.py). One optimizer step sees M micro-batches on each of W data-parallel ranks;
 the trainer all-reduces their counts before the first forward of the step and uses
 
@@ -55,8 +55,9 @@ from transformers import Trainer
 
 from longalign.collators import BATCH_METHODS, COUNT_FIELDS, COUNTS_KEY, check_reduction
 from longalign.divergence import SKIPPED_LOG_KEY, DivergenceGuard, local_gradient_norm
+from longalign.modeling.shape import ModelShape
 from longalign.parallel_layout import check_data_parallel_layout
-from longalign.sequence_parallel import StoredOrderSampler, gradient_divisor, sequence_parallel_order
+from longalign.sequence_parallel import SequenceParallelPlan
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +116,6 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     return total if tied else total - numel(embedding)
 
 
-def attention_width(config) -> tuple[int, int]:
-    """(layers, heads x head dim) of a llama or chatglm config."""
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
-    heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "kv_channels", None)
-    if head_dim is None:
-        head_dim = config.hidden_size // heads
-    if layers is None or heads is None:
-        raise ValueError(f"cannot read layers / heads from {type(config).__name__}")
-    return int(layers), int(heads * head_dim)
-
-
 def training_flops(n_params: int, layers: int, width: int, tokens: int, sum_sq_lengths: int) -> float:
     """Model FLOPs of forward + backward (module docstring): 6 N T + 6 n_layers d sum L^2."""
     return 6.0 * n_params * tokens + 6.0 * layers * width * sum_sq_lengths
@@ -137,7 +126,7 @@ class LongAlignTrainer(Trainer):
 
     def __init__(self, *args, batch_method: str, loss_reduction: str, group_size: int | None = None,
                  peak_tflops: float = DEFAULT_PEAK_TFLOPS, loss_denominator: str = "step",
-                 sequence_parallel_size: int = 1, nan_policy: str = "stop", **kwargs):
+                 sequence_parallel: SequenceParallelPlan | None = None, nan_policy: str = "stop", **kwargs):
         super().__init__(*args, **kwargs)
         check_reduction(loss_reduction)
         if loss_denominator not in LOSS_DENOMINATORS:
@@ -145,18 +134,19 @@ class LongAlignTrainer(Trainer):
         self.loss_denominator = loss_denominator
         if batch_method not in BATCH_METHODS:
             raise ValueError(f"batch_method must be one of {BATCH_METHODS}, got {batch_method!r}")
-        if self.args.world_size % sequence_parallel_size:
-            raise ValueError(f"world size {self.args.world_size} is not a multiple of sequence_parallel_size "
-                             f"{sequence_parallel_size}")
-        self.sequence_parallel_size = sequence_parallel_size
-        self.data_parallel_size = self.args.world_size // sequence_parallel_size  # W / N: ranks with distinct data
+        plan = sequence_parallel or SequenceParallelPlan(1, self.args.world_size)
+        if plan.world_size != self.args.world_size:
+            raise ValueError(f"the sequence-parallel plan is for world size {plan.world_size}, "
+                             f"the run has {self.args.world_size}")
+        self.sequence_parallel = plan
+        self.data_parallel_size = plan.data_parallel_size  # W / N: ranks with distinct data
         ds_config = self.args.hf_deepspeed_config.config if self.is_deepspeed_enabled else None
-        self.gradient_divisor = gradient_divisor(self.args.world_size, sequence_parallel_size, ds_config)
+        self.gradient_divisor = plan.gradient_divisor(ds_config)
         if batch_method != "naive":
             if group_size is None:
                 raise ValueError(f"--batch_method {batch_method} needs the dataset's group_size")
             per_group = check_data_parallel_layout(group_size, self.args.world_size,
-                                                   self.args.per_device_train_batch_size, sequence_parallel_size)
+                                                   self.args.per_device_train_batch_size, plan.size)
             if per_group > 1:
                 logger.warning("group_size %d = %d micro-steps of data-parallel size %d x batch %d: each group "
                                "is split over consecutive micro-steps", group_size, per_group,
@@ -164,7 +154,8 @@ class LongAlignTrainer(Trainer):
         self.batch_method, self.loss_reduction = batch_method, loss_reduction
         self.peak_flops = peak_tflops * 1e12
         self.flops_params = matmul_parameters(self.model)
-        self.flops_layers, self.flops_width = attention_width(self.model.config)
+        shape = ModelShape.from_config(self.model.config)
+        self.flops_layers, self.flops_width = shape.layers, shape.attention_width
         self._step_denominator = None
         self._micro_step_denominators: list[torch.Tensor] = []  # loss_denominator="micro_step": D_m * GA
         self._window_counts = torch.zeros(len(COUNT_FIELDS), dtype=torch.float64)
@@ -185,10 +176,8 @@ class LongAlignTrainer(Trainer):
                            "on every rank", len(dataset) - usable, len(dataset), rows_per_micro_step)
         if usable == 0:
             raise ValueError(f"{len(dataset)} rows cannot fill one micro-step of {rows_per_micro_step} rows")
-        if self.sequence_parallel_size > 1:  # the adapter trains one rank's rows after the other's
-            return StoredOrderSampler(sequence_parallel_order(usable, self.args.world_size,
-                                                              self.sequence_parallel_size))
-        return SequentialSampler(range(usable))
+        sampler = self.sequence_parallel.sampler(usable)  # SP: one rank's rows after the other's
+        return sampler if sampler is not None else SequentialSampler(range(usable))
 
     # ---- loss ----
     def get_batch_samples(self, epoch_iterator, num_batches, device=None):
@@ -209,7 +198,7 @@ class LongAlignTrainer(Trainer):
         per_batch = per_batch.to(self.args.device)
         if self.accelerator.num_processes > 1:  # every rank calls this once per optimizer step
             per_batch = self.accelerator.reduce(per_batch, reduction="sum")
-        per_batch = self._count_packs_once(per_batch)
+        per_batch = self.sequence_parallel.count_packs_once(per_batch)
         counts = per_batch.sum(dim=0)
         self._window_counts += counts.cpu().to(torch.float64)
         self._step_denominator = loss_denominator(counts, self.loss_reduction)
@@ -219,27 +208,18 @@ class LongAlignTrainer(Trainer):
                                              for c in per_batch]
         return batches, self._step_denominator
 
-    def _count_packs_once(self, counts: torch.Tensor) -> torch.Tensor:
-        """Under SP all N ranks of a group carry their pack's counts: divide the sum by N (exact)."""
-        n = self.sequence_parallel_size
-        if n > 1:
-            if bool((counts % n).any()):
-                raise RuntimeError(f"step counts {counts.tolist()} are not N = {n} copies of the packs' counts")
-            counts = counts // n
-        return counts
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """L = A * S / D in training (module docstring; A = W without SP); the model's weighted
         mean otherwise."""
         inputs = {k: v for k, v in inputs.items() if k != COUNTS_KEY}
         if model.training and self._step_denominator is not None:
-            outputs = model(**inputs, loss_reduction="sum")
+            outputs = model(**inputs, loss_aggregation="sum")
             denominator = (self._micro_step_denominators.pop(0) if self.loss_denominator == "micro_step"
                            else self._step_denominator)
             scale = self.gradient_divisor / denominator.to(outputs.loss.device)
             loss = outputs.loss * scale.to(outputs.loss.dtype)
         else:
-            outputs = model(**inputs, loss_reduction="mean")
+            outputs = model(**inputs, loss_aggregation="mean")
             loss = outputs.loss
         return (loss, outputs) if return_outputs else loss
 

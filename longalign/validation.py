@@ -7,7 +7,7 @@ built, as "row 0" of that batch. Checked for every row (DESIGN.md §1-2):
   ids in [0, vocab_size); labels IGNORE_INDEX or in [0, vocab_size);
 - pack rows, `cu_seqlens`: [0, e1, ..., T] strictly increasing, T the row's length;
 - pack rows, `num_sequences` (when stored): the sequences with >= 1 target (a target: a position
-  after its sequence's start whose label is not IGNORE_INDEX, as `longalign.collators.target_mask`);
+  after its sequence's start whose label is not IGNORE_INDEX, as `longalign.pack_geometry.target_mask`);
 - pack rows, `loss_weights` (when stored): as long as labels, 1/N_k on the targets of sequence k
   (relative tolerance WEIGHT_RTOL) and 0 elsewhere.
 A `cu_seqlens` collapsed to [0, T] therefore fails on `num_sequences` / the weights.
@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from longalign.constants import IGNORE_INDEX, TOKEN_COLUMNS
+from longalign.pack_geometry import sequence_token_weights, target_mask, targets_per_sequence
 
 ROWS_PER_SLICE = 256  # 256 packs of 64k tokens: ~16M tokens of temporaries at a time
 WEIGHT_RTOL = 1e-6  # float32 storage of 1/N_k
@@ -118,17 +119,10 @@ def _check_cu_seqlens(part: _Slice, batch: pa.RecordBatch, where: str) -> tuple[
     return np.repeat(part.token_starts[:-1], sequences_per_row) + cu[is_start], sequences_per_row
 
 
-def _target_mask(part: _Slice, seq_starts: np.ndarray) -> np.ndarray:
-    """The positions the loss uses: labels != IGNORE_INDEX, a sequence's first label never predicted
-    (longalign.collators.target_mask)."""
-    targets = part.labels != IGNORE_INDEX
-    targets[seq_starts] = False
-    return targets
-
-
 def _check_pack_weights(part: _Slice, batch: pa.RecordBatch, where: str, seq_starts: np.ndarray,
                         sequences_per_row: np.ndarray, targets: np.ndarray) -> None:
-    per_sequence = np.add.reduceat(targets, seq_starts, dtype=np.int64)
+    flat_cu = np.append(seq_starts, len(part.labels))
+    per_sequence = targets_per_sequence(targets, flat_cu)
     seq_row_starts = np.concatenate([[0], np.cumsum(sequences_per_row)[:-1]])
     rows = part.first_row + np.arange(len(part.lengths))
     names = batch.schema.names
@@ -140,10 +134,7 @@ def _check_pack_weights(part: _Slice, batch: pa.RecordBatch, where: str, seq_sta
     if "loss_weights" in names:
         weight_len, weights = _list_values(batch.column("loss_weights"), where, "loss_weights", part.first_row)
         _fail(where, "loss_weights and labels differ in length", rows[weight_len != part.lengths])
-        seq_lengths = np.diff(np.append(seq_starts, len(part.labels)))
-        inverse = np.zeros(len(per_sequence), dtype=np.float64)
-        inverse[per_sequence > 0] = 1.0 / per_sequence[per_sequence > 0]
-        expected = np.repeat(inverse.astype(np.float32), seq_lengths) * targets
+        expected = sequence_token_weights(part.labels, flat_cu)
         wrong = ~(np.abs(weights - expected) <= WEIGHT_RTOL * expected)  # NaN counts as wrong
         _fail(where, "loss_weights are not 1/N_k on the targets of each sequence and 0 elsewhere",
               part.rows_of(np.flatnonzero(wrong)))
@@ -185,10 +176,10 @@ def validate_training_dataset(dataset, vocab_size: int, pack: bool, where: str,
         part = _token_slice(batch, first_row, where, vocab_size, max_length)
         if pack:
             seq_starts, sequences_per_row = _check_cu_seqlens(part, batch, where)
-            mask = _target_mask(part, seq_starts)
+            mask = target_mask(part.labels, seq_starts)
             _check_pack_weights(part, batch, where, seq_starts, sequences_per_row, mask)
         else:
-            mask = _target_mask(part, part.token_starts[:-1])
+            mask = target_mask(part.labels, part.token_starts[:-1])
         tokens += int(part.lengths.sum())
         targets += int(mask.sum())
         first_row += batch.num_rows

@@ -8,14 +8,15 @@ import pytest
 
 from longalign import generation
 from longalign.chat_formats import ChatFormat, render_prompt, resolve_chat_format
-from longalign.generation import (CHARACTERS, TOKENS, GenerationSettings, LocalModel, RemoteCodeRequired,
+from longalign.remote_code import RemoteCodeRequired
+from longalign.generation import (CHARACTERS, TOKENS, GenerationSettings, LocalModel,
                                   encode_prompt, encode_text, middle_truncate, prepare_prompt, truncate_query)
 from longalign.templates import build_prompt
 from longalign.tiny_model import TinyShape, save_tiny_model
 from tiny_llama import save_tiny_llama
 
 SIMPLE_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
-# what this repo's Llama checkpoints carry after issue 13: exactly templates.py's "[INST]{user}[/INST]"
+# what this repo's Llama checkpoints carry: exactly templates.py's "[INST]{user}[/INST]"
 LLAMA_TRAINING_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST]{{ m['content'] }}[/INST]"
                            "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
 QUERY = "The quick brown fox jumps over the lazy dog. " * 30
@@ -192,11 +193,11 @@ def test_no_root_model_modules_are_imported():
 
 
 def test_chatglm_checkpoint_loads_through_auto_classes(tiny_tokenizer_dir, tmp_path):
-    """A ChatGLM checkpoint of this repo: remote code through AutoModelForCausalLM (issue 13)."""
+    """A ChatGLM checkpoint of this repo: remote code through AutoModelForCausalLM."""
     shape = TinyShape(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64, max_positions=512)
     out = save_tiny_model("chatglm", tiny_tokenizer_dir, tmp_path / "my-run", shape)["out"]
     if "auto_map" not in json.loads((Path(out) / "config.json").read_text()):
-        pytest.skip("ChatGLM checkpoints carry no remote code yet (issue 13, the lead's change); runs after it lands")
+        pytest.skip("ChatGLM checkpoints carry no remote code yet (the lead's change); runs after it lands")
     with pytest.raises(RemoteCodeRequired):
         LocalModel(out)
     model = LocalModel(out, trust_remote_code=True)

@@ -1,4 +1,4 @@
-"""Exact ids and labels of both families (issue 14), on the tokenizers the families really use:
+"""Exact ids and labels of both families, on the tokenizers the families really use:
 a sentencepiece Llama-2-style tokenizer directory (converted to a fast tokenizer) and a python
 ChatGLM3-like tokenizer (`[gMASK] sop` prefix, role commands), plus the byte-level demo one.
 

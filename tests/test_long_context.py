@@ -40,7 +40,7 @@ def one_rank_deepspeed():
 
 def loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    loss = model(**batch, loss_reduction="mean").loss
+    loss = model(**batch, loss_aggregation="mean").loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

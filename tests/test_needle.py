@@ -15,7 +15,7 @@ from longalign.needle_test.needle import (build_context, context_lengths, depth_
                                 read_haystack, sentence_end_patterns)
 from longalign.needle_test.prompt_set import PromptSetError
 from longalign.needle_test.scoring import JUDGE_PROMPT_SHA256, match_score
-from longalign.generation import RemoteCodeRequired
+from longalign.remote_code import RemoteCodeRequired
 from longalign.openai_api import AuthenticationFailed
 from longalign.prediction_keys import PredictionLog, PredictionMismatch, prompt_sha256
 from longalign.storage import OUTPUT_MARKER, read_jsonl

@@ -8,7 +8,8 @@ import torch
 
 import longalign.modeling.packed_attention as packed_attention
 from longalign.attention import varlen_attention
-from longalign.performance import (GIB, MEMORY_HEADROOM, LayerShape, MemorySetup, SpeedRequest,
+from longalign.modeling.shape import ModelShape
+from longalign.performance import (GIB, MEMORY_HEADROOM, MemorySetup, SpeedRequest,
                                    choose_recompute, choose_speed_settings, deepspeed_memory_fields,
                                    layer_activation_bytes, longest_row_tokens, predicted_peak_bytes,
                                    recompute_ladder)
@@ -86,7 +87,7 @@ def test_none_policy_formula_counts_what_autograd_keeps(family, dtype, monkeypat
     torch.manual_seed(0)
     model = tiny_llama(vocab_size=100) if family == "llama" else tiny_chatglm(padded_vocab_size=100)
     total, kernel = saved_bytes_of_first_layer(model, dtype)
-    shape = LayerShape.from_config(model.config)
+    shape = ModelShape.from_config(model.config)
     tokens, b = sum(LENGTHS), DTYPE_BYTES[dtype]
     predicted = layer_activation_bytes(shape, tokens, b)
     attention_only = layer_activation_bytes(shape, tokens, b)["selective"] - tokens * b * shape.hidden
@@ -94,7 +95,7 @@ def test_none_policy_formula_counts_what_autograd_keeps(family, dtype, monkeypat
     assert total == predicted["none"]
 
 
-LLAMA_1B = LayerShape("llama", layers=24, hidden=2048, heads=16, kv_heads=16, head_dim=128, intermediate=5632,
+LLAMA_1B = ModelShape("llama", layers=24, hidden=2048, heads=16, kv_heads=16, head_dim=128, intermediate=5632,
                       vocab=32000)
 LAYER_PARAMS = 4 * 2048 * 2048 + 3 * 2048 * 5632 + 2 * 2048
 SETUP_1B = MemorySetup(params=24 * LAYER_PARAMS + 2 * 32000 * 2048 + 2048, layer_params=LAYER_PARAMS)
@@ -150,7 +151,7 @@ def test_chooser_examples():
 
 
 def test_paper_7b_on_8_gpus_under_zero3_offload():
-    shape = LayerShape("llama", 32, 4096, 32, 32, 128, 11008, 32000)
+    shape = ModelShape("llama", 32, 4096, 32, 32, 128, 11008, 32000)
     layer = 4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096
     setup = MemorySetup(32 * layer + 2 * 32000 * 4096, layer, world_size=8,
                         **deepspeed_memory_fields(REPO / "ds_config" / "stage3.json"))

@@ -347,7 +347,7 @@ def test_cli_end_to_end_on_demo_data(tmp_path):
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
-    from longalign.tokenization import load_tokenizer
+    from longalign.remote_code import load_tokenizer
 
     with pytest.raises(OSError, match=r"cannot load tokenizer.*--tokenizer"):
         load_tokenizer(str(tmp_path / "no_tokenizer_here"))

@@ -114,7 +114,7 @@ def test_chat_api_refuses_a_client_side_format(tmp_path):
 
 
 def test_needle_pred_through_a_served_chatglm_format(tmp_path, tiny_tokenizer_dir):
-    """The chatglm prompt path end to end through the server (a local ChatGLM load waits for issue 13)."""
+    """The chatglm prompt path end to end through the server."""
     haystack = tmp_path / "hay"
     haystack.mkdir()
     (haystack / "a.txt").write_text("Sentence about the river and the town. " * 200)

@@ -38,7 +38,7 @@ def test_a_failed_write_leaves_the_old_output_and_no_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
 
 
-# ---- what a stage may replace (issue 15; the CLI-level cases are in test_faults_data.py) -----------
+# ---- what a stage may replace (the CLI-level cases are in test_faults_data.py) -----------
 def write_output(folder, stage="s", files=("a",), **policy):
     with atomic_dir(folder, stage=stage, **policy) as tmp:
         for name in files:

@@ -27,7 +27,7 @@ from longalign.constants import MODEL_FAMILIES
 from longalign.json_files import read_json_file
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
 from longalign.modeling.weighted_lm import TRAINING_CLASSES
-from longalign.tokenization import load_tokenizer
+from longalign.remote_code import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
