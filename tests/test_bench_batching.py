@@ -49,7 +49,7 @@ def test_zero_config_drops_the_optimizer_and_allows_torch_adamw_with_offload():
 
 
 def test_batch_cost_features_padded_and_packed():
-    from longalign.collators import PackCollator, PaddedCollator
+    from longalign.train.collators import PackCollator, PaddedCollator
 
     rows = [{"input_ids": [1, 2, 3], "labels": [X := IGNORE_INDEX, 2, 3]}, {"input_ids": [4, 5], "labels": [X, 5]}]
     padded = bb.batch_cost_features(PaddedCollator("sequence", 0)(rows))

@@ -10,7 +10,7 @@ from transformers import DataCollatorWithFlattening
 import bench_peers
 import bench_train_step
 import peer_models
-from longalign.collators import PackCollator
+from longalign.train.collators import PackCollator
 
 
 def row(name, system, seconds, peak, attention, recompute="full", compile=False, liger=False, mfu=None):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from longalign.collators import (COUNT_FIELDS, COUNTS_KEY, ROW_INDEX_KEY, OriginalWarmup, PackCollator,
+from longalign.train.collators import (COUNT_FIELDS, COUNTS_KEY, ROW_INDEX_KEY, OriginalWarmup, PackCollator,
                                  PaddedCollator, build_collator, pack_weights_and_counts)
 from longalign.constants import IGNORE_INDEX as X
 

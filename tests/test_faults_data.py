@@ -13,7 +13,7 @@ from faults_support import (REPO, kill_at, messages, no_write_permission_prefix,
 from longalign import fault_points
 from longalign.json_files import BrokenJsonFileError
 from longalign.storage import OUTPUT_MARKER, clean_leftovers
-from longalign.validation import DatasetValidationError, check_sort_pack_pair
+from longalign.data.validation import DatasetValidationError, check_sort_pack_pair
 
 LONG = [messages(f"Question {i}: what is the key?", f"The key is {i}.") for i in range(4)]
 SHORT = [messages(f"hi {i}", f"hello {i}") for i in range(3)]
@@ -302,7 +302,8 @@ def test_outputs_carry_the_marker_and_still_load(dataset_dir):
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
 def test_a_broken_tokenizer_file_is_named_by_every_stage(tmp_path, tiny_tokenizer_dir, raw, name):
     import pre_tokenize as pre_tokenize_script
-    from longalign import generation, tokenization
+    from longalign.eval import generation
+    from longalign.data import tokenization
 
     folder = shutil.copytree(tiny_tokenizer_dir, tmp_path / "tokenizer")
     text = (folder / name).read_text(encoding="utf-8")

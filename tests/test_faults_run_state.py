@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from longalign.run_state import (FINGERPRINT_FILE, RUN_MARKER, RunStateError, check_resume, check_same_data,
+from longalign.train.run_state import (FINGERPRINT_FILE, RUN_MARKER, RunStateError, check_resume, check_same_data,
                                  data_fingerprint, main as run_state_main, missing_checkpoint_files,
                                  prepare_fresh_output_dir)
 from test_train import argv_for, make_model_dir, make_sequences, make_train_file
@@ -178,7 +178,7 @@ class RankArgs(SimpleNamespace):
 def test_only_the_saving_process_inspects_a_fresh_output_folder(tmp_path):
     """A non-saving rank must not read the folder the main rank is writing: a multi-process run
     once failed when rank 1 found rank 0's half-written run marker (its atomic temp file)."""
-    from longalign.run_state import start_run
+    from longalign.train.run_state import start_run
 
     data = tmp_path / "data"
     data.mkdir()

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from faults_support import REPO, kill_at, run_cli
 from longalign import fault_points
-from longalign.divergence import DivergenceGuard, TrainingDiverged, check_nan_policy
+from longalign.train.divergence import DivergenceGuard, TrainingDiverged, check_nan_policy
 from longalign.constants import IGNORE_INDEX
-from longalign.validation import DatasetValidationError
+from longalign.data.validation import DatasetValidationError
 from sort_and_group import sort_and_group
 from test_train import VOCAB, argv_for, make_model_dir, make_sequences
 from train import main as train_main

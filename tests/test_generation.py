@@ -1,4 +1,4 @@
-"""longalign.generation / chat_formats: truncation, chat formats, remote code, local generation."""
+"""longalign.eval.generation / chat_formats: truncation, chat formats, remote code, local generation."""
 import json
 import subprocess
 import sys
@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from longalign import generation
-from longalign.chat_formats import ChatFormat, render_prompt, resolve_chat_format
+from longalign.eval import generation
+from longalign.eval.prompt_formats import ChatFormat, render_prompt, resolve_chat_format
 from longalign.remote_code import RemoteCodeRequired
-from longalign.generation import (CHARACTERS, TOKENS, GenerationSettings, LocalModel,
+from longalign.eval.generation import (CHARACTERS, TOKENS, GenerationSettings, LocalModel,
                                   encode_prompt, encode_text, middle_truncate, prepare_prompt, truncate_query)
-from longalign.templates import build_prompt
+from longalign.data.training_format import build_prompt
 from longalign.tiny_model import TinyShape, save_tiny_model
 from tiny_llama import save_tiny_llama
 
@@ -185,7 +185,7 @@ def test_attention_implementation_choice(monkeypatch):
 
 
 def test_no_root_model_modules_are_imported():
-    code = ("import sys, longalign.generation, longalign.candidates, longalign.served_model; "
+    code = ("import sys, longalign.eval.generation, longalign.eval.candidates, longalign.eval.served_model; "
             f"print([m for m in {ROOT_MODEL_MODULES!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[1]))

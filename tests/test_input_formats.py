@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from longalign.conversations import InvalidInputError, validate_row
-from longalign.input_files import UnreadableSourceError
-from longalign.pretokenize import INVALID_REPORT, run_pretokenize
-from longalign.templates import conversation_text
+from longalign.data.conversations import InvalidInputError, validate_row
+from longalign.data.input_files import UnreadableSourceError
+from longalign.data.tokenize_stage import INVALID_REPORT, run_pretokenize
+from longalign.data.training_format import conversation_text
 from test_pre_tokenize import load_rows, make_config, messages, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,9 +255,9 @@ def test_data_without_system_turns_tokenizes_exactly_as_before(tmp_path, case):
     import datasets
     from tokenizer_builders import ChatGLM3LikeTokenizer
 
-    from longalign.conversations import read_jsonl
-    from longalign.pretokenize import PretokenizeConfig
-    from longalign.tokenization import ConversationTokenizer, finish_example
+    from longalign.data.conversations import read_jsonl
+    from longalign.data.tokenize_stage import PretokenizeConfig
+    from longalign.data.tokenization import ConversationTokenizer, finish_example
 
     expected = before_cases()[case]
     name, mode = case.split("/")

@@ -1,4 +1,4 @@
-"""The paper's scripts on one node or several: scripts/_launch.sh and longalign/launch.py.
+"""The paper's scripts on one node or several: scripts/_launch.sh and longalign/train/launch.py.
 
 The scripts run under bash with stub `deepspeed`, `scontrol` and `srun` executables first on PATH
 (the stub launcher records its arguments and a copy of the hostfile it is given), on data that is
@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from longalign import launch
+from longalign.train import launch
 from test_scripts import write_stub
 
 LAUNCH_ENV = ("NUM_GPUS", "MODEL", "DATA", "OUT", "HOSTFILE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",

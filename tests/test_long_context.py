@@ -1,4 +1,4 @@
-"""ALST's single-GPU pieces (longalign/long_context.py) leave the step unchanged; bench_long_context smoke."""
+"""ALST's single-GPU pieces (longalign/train/speed/long_context.py) leave the step unchanged; bench_long_context smoke."""
 import json
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longalign.collators import PackCollator
+from longalign.train.collators import PackCollator
 from training_models import tiny_chatglm, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_alst_pieces_give_the_same_step(build, piece, one_rank_deepspeed, monkey
     """On the CPU the offload runs DeepSpeed's GPU code path (its asynchronous offload engine): the
     CPU accelerator is reported as not synchronized, which is what selects that path."""
     from deepspeed.accelerator import get_accelerator
-    from longalign import long_context
+    from longalign.train.speed import long_context
     if piece != "tile_mlps" and not torch.cuda.is_available():
         monkeypatch.setattr(get_accelerator(), "is_synchronized_device", lambda: False)
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def test_alst_pieces_give_the_same_step(build, piece, one_rank_deepspeed, monkey
 
 @needs_deepspeed
 def test_offload_refuses_the_cpu_accelerator_with_the_reason(one_rank_deepspeed):
-    from longalign.long_context import offload_checkpoints_to_cpu
+    from longalign.train.speed.long_context import offload_checkpoints_to_cpu
     if torch.cuda.is_available():
         pytest.skip("runs on a GPU there")
     with pytest.raises(NotImplementedError, match="empties it"):
@@ -80,7 +80,7 @@ def test_offload_refuses_the_cpu_accelerator_with_the_reason(one_rank_deepspeed)
 
 
 def test_mlp_tiles_follow_deepspeed_rule():
-    from longalign.long_context import mlp_tiles
+    from longalign.train.speed.long_context import mlp_tiles
     assert mlp_tiles(65536, 2048) == 32 and mlp_tiles(100, 2048) == 1 and mlp_tiles(2049, 2048) == 2
 
 

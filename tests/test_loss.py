@@ -1,10 +1,10 @@
-"""longalign.loss: shift within sequences, weights, reductions, chunking (value and gradient)."""
+"""longalign.ops.weighted_loss: shift within sequences, weights, reductions, chunking (value and gradient)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from longalign.constants import IGNORE_INDEX
-from longalign.loss import causal_lm_loss, shift_targets
+from longalign.ops.weighted_loss import causal_lm_loss, shift_targets
 
 HIDDEN, VOCAB = 32, 128
 LENGTHS = [7, 1, 12, 5, 9]  # includes a one-token sequence (no target at all)

@@ -7,7 +7,7 @@ import transformers
 
 from longalign.constants import IGNORE_INDEX
 from longalign.pack_geometry import positions_from_cu_seqlens
-from longalign.loss import LMHeadWithLoss
+from longalign.ops.weighted_loss import LMHeadWithLoss
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, packed_attention_mask, register_packed_attention
 from longalign.modeling.weighted_lm import LongAlignLlamaForCausalLM as LlamaForCausalLM
 

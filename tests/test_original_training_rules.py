@@ -19,7 +19,7 @@ from test_train import (FAMILIES, REPO, argv_for, make_model_dir, make_sequences
 import train
 from longalign.constants import IGNORE_INDEX as X
 from longalign.modeling.loading import load_training_model
-from longalign.trainer import close_process_group
+from longalign.train.trainer import close_process_group
 
 MICRO_STEP = ("--loss_denominator", "micro_step")
 

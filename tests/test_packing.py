@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from longalign.packing import (attention_costs, balanced_group_order, best_fit_decreasing_pack, greedy_original_pack,
+from longalign.data.packing import (attention_costs, balanced_group_order, best_fit_decreasing_pack, greedy_original_pack,
                                greedy_pack, group_imbalance, plan_packs, split_packs_to_fill_groups)
-from longalign.sorting import fill_last_group, group_padding_fractions, original_sorted_group_order, sorted_group_order
+from longalign.data.sorting import fill_last_group, group_padding_fractions, original_sorted_group_order, sorted_group_order
 
 MAX = 10
 LENGTHS = [10, 3, 4, 5, 2, 8]  # one exactly MAX long

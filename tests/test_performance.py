@@ -1,4 +1,4 @@
-"""longalign.performance: the activation-memory formula counted against what autograd keeps, the
+"""longalign.train.speed.memory_model: the activation-memory formula counted against what autograd keeps, the
 static-memory terms, the recompute chooser on fake GPU sizes, and the speed-settings rules."""
 import json
 from pathlib import Path
@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import longalign.modeling.packed_attention as packed_attention
-from longalign.attention import varlen_attention
+from longalign.ops.varlen_attention import varlen_attention
 from longalign.modeling.shape import ModelShape
-from longalign.performance import (GIB, MEMORY_HEADROOM, MemorySetup, SpeedRequest,
+from longalign.train.speed.memory_model import (GIB, MEMORY_HEADROOM, MemorySetup, SpeedRequest,
                                    choose_recompute, choose_speed_settings, deepspeed_memory_fields,
                                    layer_activation_bytes, longest_row_tokens, predicted_peak_bytes,
                                    recompute_ladder)
-from longalign.recompute import decoder_layers
+from longalign.ops.recompute import decoder_layers
 from training_models import tiny_chatglm, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,7 +206,7 @@ def test_speed_settings_rules():
 def test_training_settings_from_a_loaded_model_with_a_fake_gpu():
     """train.py's path: shape and parameter counts from the model, ZeRO terms from a DeepSpeed
     config, then the wrappers applied (compile is lazy: nothing runs here)."""
-    from longalign.performance import apply_speed_settings, training_speed_settings
+    from longalign.train.speed.memory_model import apply_speed_settings, training_speed_settings
 
     model = tiny_llama(num_hidden_layers=4)
     tiny_gpu = 2 * 2 ** 20  # 2 MiB: the tiny model at 4096 tokens needs recomputation

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from longalign.constants import IGNORE_INDEX
-from longalign.conversations import InvalidInputError, parse_datanum, read_jsonl
-from longalign.pretokenize import (INVALID_REPORT, STATS_FILE, NothingToWriteError, PretokenizeConfig,
+from longalign.data.conversations import InvalidInputError, parse_datanum, read_jsonl
+from longalign.data.tokenize_stage import (INVALID_REPORT, STATS_FILE, NothingToWriteError, PretokenizeConfig,
                                   run_pretokenize)
-from longalign.templates import conversation_text, round_prompt
-from longalign.tokenization import ConversationTokenizer, finish_example, truncate
+from longalign.data.training_format import conversation_text, round_prompt
+from longalign.data.tokenization import ConversationTokenizer, finish_example, truncate
 
 REPO = Path(__file__).resolve().parents[1]
 MULTI = [("What is the key?", "The key is 42."), ("And the lock?", ".lock opens"), ("Bye", "Bye!")]

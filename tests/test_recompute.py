@@ -1,11 +1,11 @@
-"""longalign.recompute on tiny packed models, fp32 CPU: every policy gives the gradients of no
+"""longalign.ops.recompute on tiny packed models, fp32 CPU: every policy gives the gradients of no
 checkpointing, and `selective` runs the attention kernel once per layer where `full` runs it twice."""
 import pytest
 import torch
 
-import longalign.attention as attention
+import longalign.ops.varlen_attention as attention
 from longalign.constants import IGNORE_INDEX
-from longalign.recompute import apply_recompute, parse_policy
+from longalign.ops.recompute import apply_recompute, parse_policy
 from training_models import tiny_chatglm, tiny_llama
 
 LENGTHS = (7, 12, 5, 9)  # one pack of four sequences
@@ -238,7 +238,7 @@ def test_micro_step_profiler_writes_rank0_tables(tmp_path, monkeypatch):
 def test_padded_batches_use_the_sdpa_kernels_the_environment_allows(family, monkeypatch):
     """Both models' padded path (no cu_seq_lens_q) runs under padded_sdpa_context: cuDNN alone has no
     CPU kernel, so the forward fails; math alone gives the unrestricted logits."""
-    from longalign import attention
+    from longalign.ops import varlen_attention as attention
 
     torch.manual_seed(0)
     model = FAMILIES[family]().eval()

@@ -11,7 +11,7 @@ import datasets
 from transformers import AutoTokenizer
 
 from longalign.constants import IGNORE_INDEX
-from longalign.tokenization import ConversationTokenizer
+from longalign.data.tokenization import ConversationTokenizer
 from tokenizer_builders import build_llama2_sentencepiece_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,11 +6,11 @@ import yaml
 
 from fake_openai_server import PROMPT_TOKENS, FakeOpenAIServer
 from LongBench_Chat import eval as lbc_eval
-from longalign.chat_formats import ChatFormat
-from longalign.generation import GenerationSettings, LocalModel, prepare_prompt
-from longalign.openai_api import AuthenticationFailed
-from longalign.prediction_keys import PredictionMismatch
-from longalign.served_model import ServedModel
+from longalign.eval.prompt_formats import ChatFormat
+from longalign.eval.generation import GenerationSettings, LocalModel, prepare_prompt
+from longalign.eval.openai_api import AuthenticationFailed
+from longalign.eval.prediction_keys import PredictionMismatch
+from longalign.eval.served_model import ServedModel
 from longalign.storage import read_jsonl
 from Needle_test import pred as needle_pred, prompt as needle_prompt
 from test_longbench_chat import DOC, N, QUERIES, write_data

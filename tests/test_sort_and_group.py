@@ -204,7 +204,7 @@ def test_stored_weights_match_the_trainers_targets(train_file, strategy):
     token (s4 labels it) has weight 0."""
     import torch
 
-    from longalign.collators import pack_weights_and_counts
+    from longalign.train.collators import pack_weights_and_counts
 
     _, _, pack = run(train_file, strategy=strategy)
     for row in pack:

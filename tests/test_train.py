@@ -22,7 +22,7 @@ from longalign.modeling.checkpoints import make_self_describing
 from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.loading import load_training_model
 from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
-from longalign.trainer import check_data_parallel_layout, close_process_group, resolve_loss_reduction
+from longalign.train.trainer import check_data_parallel_layout, close_process_group, resolve_loss_reduction
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
@@ -311,6 +311,6 @@ def test_recompute_policy_gives_the_same_step(workdir, tmp_path):
         assert policied["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     trainer = train.build_trainer(argv_for(models["llama"], data, str(tmp_path / "o"), "pack",
                                            "--recompute", "selective", "--gradient_checkpointing"))
-    from longalign.recompute import decoder_layers
+    from longalign.ops.recompute import decoder_layers
     assert all("forward" in vars(layer) for layer in decoder_layers(trainer.model))  # wrapped
     assert not trainer.args.gradient_checkpointing  # transformers' checkpointing stays off

@@ -98,7 +98,7 @@ def load_training_model(model_path: str | Path, dtype, rope_ratio: float | None 
 
 
 def load_training_tokenizer(name: str | Path, trust_remote_code: bool = False, required: bool = True):
-    """The tokenizer of `name` (longalign.tokenization.load_tokenizer: remote code only with
+    """The tokenizer of `name` (longalign.data.tokenization.load_tokenizer: remote code only with
     `trust_remote_code`); None when the folder has no tokenizer file and `required` is False."""
     folder = Path(name)
     if not required and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):

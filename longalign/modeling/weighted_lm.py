@@ -7,16 +7,16 @@
 Each class is the family's public model class with one change: its top-level `forward` (the
 public keyword contract) also takes `loss_weights` and `loss_aggregation` ("mean" | "sum": over
 the weighted token losses; not the paper's `--loss_reduction`, which chooses the weights), and with `labels` it
-returns the weighted, chunked loss of `longalign.loss.causal_lm_loss` computed from the hidden
+returns the weighted, chunked loss of `longalign.ops.weighted_loss.causal_lm_loss` computed from the hidden
 states, so the (T, V) logits of a 64k pack are never built:
 
     loss = sum_i w_i l_i / sum_i w_i   ("mean")   or   sum_i w_i l_i   ("sum")
 
 with targets shifted *within* each sequence of a pack (DESIGN.md §3-4). The LM head is
-`longalign.loss.LMHeadWithLoss` (an nn.Linear with the same `weight` key), and the loss is
+`longalign.ops.weighted_loss.LMHeadWithLoss` (an nn.Linear with the same `weight` key), and the loss is
 computed inside its forward, so DeepSpeed ZeRO-3 gathers the head there. Without `labels` the
 forward is the family's own (logits, generation, any `attn_implementation`). In a padded batch
-(B, L) with `attention_mask`, padding is never a target (`longalign.loss.mask_padding_labels`).
+(B, L) with `attention_mask`, padding is never a target (`longalign.ops.weighted_loss.mask_padding_labels`).
 
 A packed batch (DESIGN.md §3) is flat, (1, T), and carries transformers' packed-attention keyword
 arguments; the forward completes and checks them once (`complete_pack_kwargs`): position ids
@@ -33,9 +33,9 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from longalign.attention import check_pack
+from longalign.ops.varlen_attention import check_pack
 from longalign.pack_geometry import positions_from_cu_seqlens
-from longalign.loss import DEFAULT_CHUNK_TOKENS, LMHeadWithLoss, mask_padding_labels
+from longalign.ops.weighted_loss import DEFAULT_CHUNK_TOKENS, LMHeadWithLoss, mask_padding_labels
 from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
 
 
@@ -86,7 +86,7 @@ class WeightedLossMixin:
     def forward(self, input_ids=None, labels=None, loss_weights=None, loss_aggregation="mean",
                 position_ids=None, inputs_embeds=None, shift_labels=None, shift_loss_weights=None, **kwargs):
         """`shift_labels` / `shift_loss_weights`: targets and weights already shifted over the
-        whole pack (a sequence-parallel shard: `longalign.sequence_parallel`), instead of labels."""
+        whole pack (a sequence-parallel shard: `longalign.train.sequence_parallel`), instead of labels."""
         if "loss_reduction" in kwargs:
             raise TypeError("the forward's mean|sum is `loss_aggregation`; `loss_reduction` is train.py's choice "
                             "of weights (sequence|pack_mean|token)")

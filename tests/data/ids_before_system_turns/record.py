@@ -43,8 +43,8 @@ def _rows():
 def chatglm3_like_rows(mode: str) -> list:
     from tokenizer_builders import ChatGLM3LikeTokenizer
 
-    from longalign.conversations import read_jsonl
-    from longalign.tokenization import ConversationTokenizer, finish_example
+    from longalign.data.conversations import read_jsonl
+    from longalign.data.tokenization import ConversationTokenizer, finish_example
 
     tokenizer = ChatGLM3LikeTokenizer(str(HERE / "sentencepiece" / "tokenizer.model"))
     conversations = [row.rounds for row in read_jsonl(SAMPLE).rows]
@@ -57,7 +57,7 @@ def chatglm3_like_rows(mode: str) -> list:
 def path_rows(tokenizer: str, family: str, mode: str, scratch: Path) -> list:
     import datasets
 
-    from longalign.pretokenize import PretokenizeConfig, run_pretokenize
+    from longalign.data.tokenize_stage import PretokenizeConfig, run_pretokenize
 
     empty = scratch / "empty.jsonl"
     empty.write_text("")
