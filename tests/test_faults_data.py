@@ -8,7 +8,7 @@ import shutil
 import datasets
 import pytest
 
-from faults_support import (REPO, kill_at, messages, no_write_permission_prefix, run_cli, snapshot,
+from helpers.faults_support import (REPO, kill_at, messages, no_write_permission_prefix, run_cli, snapshot,
                             write_jsonl)
 from longalign import fault_points
 from longalign.json_files import BrokenJsonFileError
@@ -56,6 +56,7 @@ def dataset_dir(tmp_path_factory, tiny_tokenizer_dir):
 
 
 # ---- 1. --output_dir replaced whatever was there -------------------------------------------------
+@pytest.mark.subprocess
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite_output_dir"]])
 def test_output_dir_holding_the_inputs_is_refused_and_nothing_is_deleted(tmp_path, tiny_tokenizer_dir, raw,
                                                                            overwrite):
@@ -65,6 +66,7 @@ def test_output_dir_holding_the_inputs_is_refused_and_nothing_is_deleted(tmp_pat
     assert snapshot(tmp_path / "raw") == before
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite_output_dir"]])
 def test_an_unrelated_folder_or_a_regular_file_is_never_replaced(tmp_path, tiny_tokenizer_dir, raw, overwrite):
     unrelated = tmp_path / "mine"
@@ -80,6 +82,7 @@ def test_an_unrelated_folder_or_a_regular_file_is_never_replaced(tmp_path, tiny_
         assert snapshot(target) == before
 
 
+@pytest.mark.subprocess
 def test_a_previous_output_is_replaced_but_not_what_was_put_in_it(tmp_path, tiny_tokenizer_dir, raw, dataset_dir):
     out = tmp_path / "data"
     shutil.copytree(dataset_dir, out)
@@ -95,6 +98,7 @@ def test_a_previous_output_is_replaced_but_not_what_was_put_in_it(tmp_path, tiny
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.subprocess
 def test_sort_and_group_never_replaces_a_file_at_sort_or_pack(tmp_path, dataset_dir):
     out = tmp_path / "data"
     shutil.copytree(dataset_dir, out)
@@ -128,6 +132,7 @@ def tokenizer_with_code(tokenizer_dir, folder):
     return folder
 
 
+@pytest.mark.subprocess
 def test_tokenizer_code_runs_only_with_trust_remote_code(tmp_path, tiny_tokenizer_dir, raw):
     tokenizer = tokenizer_with_code(tiny_tokenizer_dir, tmp_path / "custom")
     ran, out = tmp_path / "ran", tmp_path / "out"
@@ -150,6 +155,7 @@ SURROGATE_ROWS = [json.dumps(LONG[0]),
                   '{"role": "assistant", "content": "yes"}]}']
 
 
+@pytest.mark.subprocess
 def test_lone_surrogate_rows_are_counted_with_file_and_line(tmp_path, tiny_tokenizer_dir, raw):
     write_jsonl(raw["long"], SURROGATE_ROWS)
     out = tmp_path / "out"
@@ -163,6 +169,7 @@ def test_lone_surrogate_rows_are_counted_with_file_and_line(tmp_path, tiny_token
         (str(raw["long"]), 2, "lone_surrogate"), (str(raw["long"]), 4, "lone_surrogate")]
 
 
+@pytest.mark.subprocess
 def test_strict_stops_at_the_lone_surrogate_naming_file_and_line(tmp_path, tiny_tokenizer_dir, raw):
     write_jsonl(raw["long"], SURROGATE_ROWS)
     done = pre_tokenize(tiny_tokenizer_dir, raw, tmp_path / "out", "--strict")
@@ -171,6 +178,7 @@ def test_strict_stops_at_the_lone_surrogate_naming_file_and_line(tmp_path, tiny_
 
 
 # ---- 6. outputs the next stage cannot read ----------------------------------------------------------
+@pytest.mark.subprocess
 def test_empty_input_exits_nonzero_and_writes_nothing(tmp_path, tiny_tokenizer_dir, raw):
     write_jsonl(raw["long"], [])
     write_jsonl(raw["short"], [])
@@ -179,12 +187,14 @@ def test_empty_input_exits_nonzero_and_writes_nothing(tmp_path, tiny_tokenizer_d
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 def test_max_length_shorter_than_the_template_is_refused_before_tokenizing(tmp_path, tiny_tokenizer_dir, raw):
     done = pre_tokenize(tiny_tokenizer_dir, raw, tmp_path / "out", "--max_length", "3")
     assert done.returncode != 0 and "shorter than the llama chat template" in done.stderr
     assert PROGRESS not in done.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
 def test_sort_and_group_on_an_empty_dataset_is_a_clear_error(tmp_path):
     feature = datasets.List(datasets.Value("int32"))
     empty = tmp_path / "empty"
@@ -197,6 +207,7 @@ def test_sort_and_group_on_an_empty_dataset_is_a_clear_error(tmp_path):
 
 
 # ---- 8. group_size above the dataset; sort/ and pack/ from different runs -------------------------------
+@pytest.mark.subprocess
 def test_group_size_larger_than_the_dataset_is_an_error_unless_asked(tmp_path, dataset_dir):
     out = tmp_path / "data"
     shutil.copytree(dataset_dir, out)
@@ -209,6 +220,7 @@ def test_group_size_larger_than_the_dataset_is_an_error_unless_asked(tmp_path, d
     assert datasets.load_from_disk(str(out / "sort")).num_rows == 100
 
 
+@pytest.mark.subprocess
 def test_kill_between_sort_and_pack_leaves_a_refused_pair_the_next_run_repairs(tmp_path, dataset_dir):
     out = tmp_path / "data"
     shutil.copytree(dataset_dir, out)
@@ -227,6 +239,7 @@ def test_kill_between_sort_and_pack_leaves_a_refused_pair_the_next_run_repairs(t
 
 
 # ---- 9. BOM, interrupted swaps and leftovers, permissions, --output_dir . ----------------------------
+@pytest.mark.subprocess
 def test_a_bom_at_file_start_keeps_the_first_row_and_is_counted(tmp_path, tiny_tokenizer_dir, raw):
     write_jsonl(raw["long"], LONG, prefix=b"\xef\xbb\xbf")
     out = tmp_path / "out"
@@ -247,6 +260,7 @@ SWAP_KILLS = [  # (fault point, two-rename fallback, what the path holds right a
 ]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("point, fallback, holds", SWAP_KILLS)
 def test_a_kill_during_the_swap_keeps_the_output_readable_and_the_next_run_cleans_up(
         tmp_path, tiny_tokenizer_dir, raw, dataset_dir, point, fallback, holds):
@@ -268,6 +282,7 @@ def test_a_kill_during_the_swap_keeps_the_output_readable_and_the_next_run_clean
     assert datasets.load_from_disk(str(out)).num_rows == 5 and not leftovers(out)
 
 
+@pytest.mark.subprocess
 def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, tiny_tokenizer_dir, raw, dataset_dir):
     locked = tmp_path / "locked"
     shutil.copytree(dataset_dir, locked / "data")
@@ -284,6 +299,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, tiny_t
     assert sorted(p.name for p in locked.iterdir()) == ["data"] and not (locked / "data" / "sort").exists()
 
 
+@pytest.mark.subprocess
 def test_output_dir_dot_is_refused_up_front(tmp_path, tiny_tokenizer_dir, raw):
     work = tmp_path / "work"
     work.mkdir()
@@ -292,6 +308,7 @@ def test_output_dir_dot_is_refused_up_front(tmp_path, tiny_tokenizer_dir, raw):
     assert list(work.iterdir()) == []
 
 
+@pytest.mark.subprocess
 def test_outputs_carry_the_marker_and_still_load(dataset_dir):
     marker = json.loads((dataset_dir / OUTPUT_MARKER).read_text())
     assert marker["stage"] == "pre_tokenize" and "stats.json" in marker["entries"]
@@ -326,6 +343,7 @@ def test_a_broken_checkpoint_config_is_named(tmp_path):
         model_family(tmp_path)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script, flag", [("pre_tokenize", "--shuffle_seed"), ("sort_and_group", "--seed")])
 def test_a_negative_seed_is_refused_naming_its_flag(capsys, tmp_path, dataset_dir, script, flag):
     import importlib

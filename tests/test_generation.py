@@ -13,7 +13,7 @@ from longalign.eval.generation import (CHARACTERS, TOKENS, GenerationSettings, L
                                   encode_prompt, encode_text, middle_truncate, prepare_prompt, truncate_query)
 from longalign.data.training_format import build_prompt
 from longalign.tiny_model import TinyShape, save_tiny_model
-from tiny_llama import save_tiny_llama
+from helpers.tiny_llama import save_tiny_llama
 
 SIMPLE_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
 # what this repo's Llama checkpoints carry: exactly templates.py's "[INST]{user}[/INST]"
@@ -184,6 +184,7 @@ def test_attention_implementation_choice(monkeypatch):
     assert generation.attn_implementation_for("llama", "cuda") == "sdpa"
 
 
+@pytest.mark.subprocess
 def test_no_root_model_modules_are_imported():
     code = ("import sys, longalign.eval.generation, longalign.eval.candidates, longalign.eval.served_model; "
             f"print([m for m in {ROOT_MODEL_MODULES!r} if m in sys.modules])")

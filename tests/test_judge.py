@@ -1,9 +1,9 @@
-"""longalign.eval.judge against a real loopback chat-completions server (tests/fake_openai_server.py)."""
+"""longalign.eval.judge against a real loopback chat-completions server (tests/helpers/fake_openai_server.py)."""
 import time
 
 import pytest
 
-from fake_openai_server import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAIServer
+from helpers.fake_openai_server import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAIServer
 from longalign.eval.judge import Judge, JudgeConfigError, judgement_key, parse_rating
 from longalign.eval.openai_api import AuthenticationFailed, RetryPolicy
 from longalign.storage import read_jsonl

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from longalign.constants import IGNORE_INDEX as X
 from longalign.data.tokenization import ConversationTokenizer
-from tokenizer_builders import CHATGLM3_COMMANDS, build_chatglm3_like_tokenizer, build_llama2_sentencepiece_dir
+from helpers.tokenizer_builders import CHATGLM3_COMMANDS, build_chatglm3_like_tokenizer, build_llama2_sentencepiece_dir
 
 CONTROL_STRINGS = "</s> <s> <unk> [INST] [/INST] [gMASK] sop [sMASK] <|user|> <|assistant|> <|observation|>"
 

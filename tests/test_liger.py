@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import longalign.train.speed.liger as liger
 from longalign.constants import IGNORE_INDEX
 from longalign.ops.weighted_loss import causal_lm_loss
-from training_models import tiny_chatglm, tiny_llama
+from helpers.training_models import tiny_chatglm, tiny_llama
 
 
 class _TorchFusedLinearCE(torch.nn.Module):

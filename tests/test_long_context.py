@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longalign.train.collators import PackCollator
-from training_models import tiny_chatglm, tiny_llama
+from helpers.training_models import tiny_chatglm, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 needs_deepspeed = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
@@ -45,6 +45,7 @@ def loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.integration
 @needs_deepspeed
 @pytest.mark.parametrize("build", [tiny_llama, tiny_chatglm], ids=["llama", "chatglm"])
 @pytest.mark.parametrize("piece", ["tile_mlps", "offload_checkpoints_to_cpu", "both"])
@@ -84,6 +85,8 @@ def test_mlp_tiles_follow_deepspeed_rule():
     assert mlp_tiles(65536, 2048) == 32 and mlp_tiles(100, 2048) == 1 and mlp_tiles(2049, 2048) == 2
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @needs_deepspeed
 def test_bench_long_context_smoke(tmp_path):
     """One subprocess per length (CPU, tiny); an out-of-memory child is a recorded row, not a crash."""
@@ -103,6 +106,7 @@ def test_bench_long_context_smoke(tmp_path):
     assert sorted({r["pack_tokens"] for r in rows}) == [256, 512]
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_length_is_recorded_and_longer_ones_skipped(monkeypatch, capsys):
     import bench_long_context as bench
 

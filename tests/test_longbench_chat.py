@@ -7,7 +7,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fake_openai_server import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAIServer
+from helpers.fake_openai_server import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAIServer
 from LongBench_Chat import check_data, eval as lbc_eval
 from longalign.eval.longbench_chat.data import OFFICIAL_SHA256, TEMPLATE, DataError, download, load_data
 from longalign.eval.longbench_chat.run import MAX_NAME_CHARS, model_save_name
@@ -16,7 +16,7 @@ from longalign.eval.openai_api import AuthenticationFailed
 from longalign.eval.prediction_keys import PredictionMismatch
 from longalign.storage import read_jsonl
 from test_storage import LINE_SEPARATORS
-from tiny_llama import save_tiny_llama
+from helpers.tiny_llama import save_tiny_llama
 
 TEMPLATE_TEXT = ("[Question] {}\n[Reference] {}\n[Answer] {}\nRating: [[{}]]\n[Answer] {}\nRating: [[{}]]\n"
                  "[Answer] {}\nRating: [[{}]]\nRate this:\n[Answer] {}\nRating:")

@@ -138,12 +138,11 @@ def test_bf16_weights_get_bf16_grads():
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_bench_loss_memory_smoke(tmp_path):
     import json
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_loss_memory
 
     out = tmp_path / "loss.json"

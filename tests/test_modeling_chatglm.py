@@ -237,6 +237,7 @@ def _enable_checkpointing(model):
     enable()
 
 
+@pytest.mark.integration
 def test_gradient_checkpointing_gives_identical_gradients():
     _, ids, cu, pos = random_pack(256)
     labels = ids.clone()

@@ -125,6 +125,7 @@ def test_sum_reduction_and_logits_none(model):
     torch.testing.assert_close(total.loss, mean.loss * n_seq, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_gradient_checkpointing_identical_grads():
     torch.manual_seed(1)
     model = LlamaForCausalLM(_config())

@@ -14,7 +14,7 @@ from longalign.train.speed.memory_model import (GIB, MEMORY_HEADROOM, MemorySetu
                                    layer_activation_bytes, longest_row_tokens, predicted_peak_bytes,
                                    recompute_ladder)
 from longalign.ops.recompute import decoder_layers
-from training_models import tiny_chatglm, tiny_llama
+from helpers.training_models import tiny_chatglm, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTHS = (9, 14, 6, 11)
@@ -80,6 +80,7 @@ def saved_bytes_of_first_layer(model, dtype):
     return sum(storages.values()), sum(n for ptr, n in storages.items() if ptr in kept)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", ["llama", "chatglm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_none_policy_formula_counts_what_autograd_keeps(family, dtype, monkeypatch):

@@ -105,6 +105,7 @@ def _pack_dataset(path: Path, vocab: int) -> None:
     (path / "pack" / "stats.json").write_text(json.dumps({"group_size": 1}))
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("family", ["llama", "chatglm"])
 def test_trained_checkpoint_loads_without_this_repository(family, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
     init = save_tiny_model(family, tiny_tokenizer_dir, tmp_path / "init", SHAPE)["out"]

@@ -96,6 +96,7 @@ def sentencepiece_like_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+@pytest.mark.integration
 def test_reply_span_is_exact_where_whole_text_tokens_would_straddle_it():
     tokenizer = sentencepiece_like_tokenizer()
     prompt, reply = "[INST]open it[/INST]", ".lock opens"
@@ -329,6 +330,7 @@ def test_interrupted_write_leaves_no_dataset(tmp_path, tiny_tokenizer_dir, monke
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left either
 
 
+@pytest.mark.subprocess
 def test_cli_end_to_end_on_demo_data(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "llama"
     demo = [sys.executable, "-m", "longalign.demo_data", "--out", str(raw), "--num_long", "12",
@@ -353,6 +355,7 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         load_tokenizer(str(tmp_path / "no_tokenizer_here"))
 
 
+@pytest.mark.subprocess
 def test_cli_bad_datanum_and_missing_file_fail_clearly(tmp_path, tiny_tokenizer_dir):
     base = [sys.executable, "pre_tokenize.py", "--model", "llama", "--tokenizer", tiny_tokenizer_dir,
             "--output_dir", str(tmp_path / "o")]

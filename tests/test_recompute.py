@@ -6,7 +6,7 @@ import torch
 import longalign.ops.varlen_attention as attention
 from longalign.constants import IGNORE_INDEX
 from longalign.ops.recompute import apply_recompute, parse_policy
-from training_models import tiny_chatglm, tiny_llama
+from helpers.training_models import tiny_chatglm, tiny_llama
 
 LENGTHS = (7, 12, 5, 9)  # one pack of four sequences
 LAYERS = 4
@@ -65,6 +65,7 @@ def assert_close(got, want, rtol=1e-6):
         assert err <= rtol, (name, float(err))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("policy", POLICIES)
 def test_policy_gradients_equal_no_checkpointing(family, policy, monkeypatch):
@@ -76,6 +77,7 @@ def test_policy_gradients_equal_no_checkpointing(family, policy, monkeypatch):
     assert base_calls == LAYERS and calls == LAYERS + modes.count("full")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_selective_skips_attention_in_backward_full_does_not(family, monkeypatch):
     _, full = grads_and_calls(family, "full", monkeypatch)
@@ -83,6 +85,7 @@ def test_selective_skips_attention_in_backward_full_does_not(family, monkeypatch
     assert (full, selective) == (2 * LAYERS, LAYERS)
 
 
+@pytest.mark.integration
 def test_two_steps_and_reapplying_policy(monkeypatch):
     """Regions are per call (a second step replays nothing stale); re-applying replaces the policy."""
     torch.manual_seed(0)
@@ -96,6 +99,7 @@ def test_two_steps_and_reapplying_policy(monkeypatch):
     assert_close({n: p.grad for n, p in model.named_parameters()}, want)
 
 
+@pytest.mark.integration
 def test_eval_and_no_grad_forward_is_plain():
     torch.manual_seed(0)
     model = llama()
@@ -106,6 +110,7 @@ def test_eval_and_no_grad_forward_is_plain():
     assert torch.equal(model.eval()(**pack()).loss, want)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("policy", ["selective", "full"])
 def test_compiled_layers_same_gradients(policy, monkeypatch):
     """torch.compile of each layer (aot_eager: the dynamo/autograd path without a C++ build)."""
@@ -116,6 +121,7 @@ def test_compiled_layers_same_gradients(policy, monkeypatch):
     assert calls == (LAYERS if policy == "selective" else 2 * LAYERS)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU attention backends")
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("backend", ["torch_varlen", "flex", "flash_attn", "flash_attn_cute", "cudnn"])
@@ -141,12 +147,12 @@ def test_parse_policy():
             parse_policy(bad, 3)
 
 
+@pytest.mark.slow
 def test_bench_train_step_smoke_policies(tmp_path):
     import json
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_train_step
 
     result = bench_train_step.main(["--smoke", "--recompute", "selective:1", "--attn_backend", "reference",
@@ -155,12 +161,12 @@ def test_bench_train_step_smoke_policies(tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["attn_backend"] == "reference"
 
 
+@pytest.mark.slow
 def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys):
     import json
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_train_step
 
     out = tmp_path / "sweep.jsonl"
@@ -173,11 +179,11 @@ def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_train_step_profile_breaks_down_one_step(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_train_step
     import step_profile
 
@@ -198,7 +204,6 @@ def test_step_profile_counts_only_gpu_time_on_cuda():
     from pathlib import Path
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import step_profile
 
     sync = SimpleNamespace(self_device_time_total=0, self_cpu_time_total=1_000_000)
@@ -212,7 +217,6 @@ def test_micro_step_profiler_writes_rank0_tables(tmp_path, monkeypatch):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import step_profile
 
     out = tmp_path / "prof.txt"

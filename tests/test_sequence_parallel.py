@@ -16,8 +16,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import train  # noqa: E402
 from longalign.train.collators import COUNTS_KEY, PackCollator  # noqa: E402
@@ -308,6 +306,8 @@ def run_torchrun(spec: dict, tmp: Path, nproc: int) -> list[dict]:
     return [torch.load(tmp / f"rank{r}.pt") for r in range(nproc)]
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
 @deepspeed_available
 @pytest.mark.parametrize("family,reduction,world,sp", [
     ("chatglm", "sequence", 2, 2),   # DP 1

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from fake_openai_server import PROMPT_TOKENS, FakeOpenAIServer
+from helpers.fake_openai_server import PROMPT_TOKENS, FakeOpenAIServer
 from LongBench_Chat import eval as lbc_eval
 from longalign.eval.prompt_formats import ChatFormat
 from longalign.eval.generation import GenerationSettings, LocalModel, prepare_prompt
@@ -14,7 +14,7 @@ from longalign.eval.served_model import ServedModel
 from longalign.storage import read_jsonl
 from Needle_test import pred as needle_pred, prompt as needle_prompt
 from test_longbench_chat import DOC, N, QUERIES, write_data
-from tiny_llama import save_tiny_llama
+from helpers.tiny_llama import save_tiny_llama
 
 FAST_RETRY = ["--model_backoff_s", "0", "--model_max_attempts", "3"]
 

@@ -90,6 +90,7 @@ def test_inputs_and_the_working_directory_are_never_outputs(tmp_path, monkeypatc
             check_output_dir(path, "s", overwrite=True)
 
 
+@pytest.mark.subprocess
 def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     final = tmp_path / "out"
     dead = _dead_pid()

@@ -10,7 +10,7 @@ from longalign.data.tokenize_stage import run_pretokenize
 from longalign.data.text_encoder import TextEncoder
 from longalign.data.tokenization import ConversationTokenizer, encode_within_budget, finish_example
 from test_pre_tokenize import make_config, messages
-from tokenizer_builders import build_chatglm3_like_tokenizer, build_llama2_sentencepiece_dir
+from helpers.tokenizer_builders import build_chatglm3_like_tokenizer, build_llama2_sentencepiece_dir
 
 MAX_LENGTH = 64
 WORDS = ("The quick brown fox jumps over the lazy dog. key 42, lock; 钥匙在桌子上。 Long context models read "

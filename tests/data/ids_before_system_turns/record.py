@@ -5,7 +5,7 @@ checks that data without system turns still tokenizes to exactly these ids.
     PYTHONPATH=.:tests python tests/data/ids_before_system_turns/record.py
 
 The tokenizers are stored here (byte_level/: the tests' tiny byte-level BPE; sentencepiece/: the
-Llama-2-style tokenizer.model of tests/tokenizer_builders.py), so the ids do not depend on how a
+Llama-2-style tokenizer.model of tests/helpers/tokenizer_builders.py), so the ids do not depend on how a
 later `tokenizers` or `sentencepiece` version would train them.
 """
 import json
@@ -41,7 +41,7 @@ def _rows():
 
 
 def chatglm3_like_rows(mode: str) -> list:
-    from tokenizer_builders import ChatGLM3LikeTokenizer
+    from helpers.tokenizer_builders import ChatGLM3LikeTokenizer
 
     from longalign.data.conversations import read_jsonl
     from longalign.data.tokenization import ConversationTokenizer, finish_example

@@ -13,7 +13,7 @@ from pathlib import Path
 
 # The checkout whose scripts the CLI runs use: this one, or (LONGALIGN_FAULTS_REPO=/path/to/main) another,
 # to watch these tests fail on the code before the fixes.
-REPO = Path(os.environ.get("LONGALIGN_FAULTS_REPO") or Path(__file__).resolve().parents[1])
+REPO = Path(os.environ.get("LONGALIGN_FAULTS_REPO") or Path(__file__).resolve().parents[2])
 CLI_TIMEOUT_S = 300
 PAUSE_WAIT_S = 120
 
