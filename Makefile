@@ -15,7 +15,7 @@ DEEPSPEED = DS_BUILD_OPS=0 $(1)/bin/python -m pip install -q --no-build-isolatio
 # the tested version prints of the extra runs
 VERSIONS := grep -iE "^(torch|transformers|accelerate|datasets|tokenizers|huggingface.hub|numpy|protobuf|deepspeed) "
 
-.PHONY: demo test test-newest test-oldest lock clean-demo
+.PHONY: demo test test-fast test-newest test-oldest lock clean-demo
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv .venv
@@ -28,8 +28,12 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: $(STAMP)
 	bash scripts/demo.sh
 
+# every tier (all run on CPU); test-fast: the unit tier only (markers in pyproject.toml)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not (integration or subprocess or distributed or slow)" tests
 
 # venv NAME, torch as TORCH_SPEC, then the project with EXTRA pip arguments; torch stays as installed
 define fresh_venv

@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     from longalign.constants import DEFAULT_TOKENIZERS
-    from longalign.conversations import parse_datanum
-    from longalign.pretokenize import PretokenizeConfig, run_pretokenize
+    from longalign.data.conversations import parse_datanum
+    from longalign.data.tokenize_stage import PretokenizeConfig, run_pretokenize
 
     parser = build_parser()
     args = parser.parse_args(argv)

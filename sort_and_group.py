@@ -6,7 +6,7 @@ reads the pre_tokenize.py dataset at --train_file and writes, each with a stats.
 - <train_file>/sort: sequences in training order, runs of group_size rows = length-sorted steps;
 - <train_file>/pack: packs of <= --max_length tokens with 1/N_k loss weights and cu_seqlens.
 Formats: DESIGN.md §2. Policies (too long, empty, no targets, incomplete last group, fewer
-sequences than --group_size): longalign/token_sequences.py, longalign/sorting.py, longalign/packing.py.
+sequences than --group_size): longalign/data/token_sequences.py, longalign/data/sorting.py, longalign/data/packing.py.
 Refused, nothing written: an input that is itself a sort/ or pack/ output, or sequences none of
 which keeps a target token (e.g. --max_length 1).
 Both outputs are written complete first, then swapped in one right after the other; both
@@ -28,11 +28,11 @@ from pathlib import Path
 from longalign.arguments import non_negative_int
 from longalign.constants import DEFAULT_GROUP_SIZE, DEFAULT_MAX_LENGTH, PACK_STRATEGIES
 from longalign.fault_points import BETWEEN_SORT_AND_PACK, fault_point
-from longalign.packing import build_pack_table, pack_stats, plan_packs
-from longalign.sorting import (SORT_REMAINDER_POLICIES, build_sort_table, check_enough_sequences,
+from longalign.data.packing import build_pack_table, pack_stats, plan_packs
+from longalign.data.sorting import (SORT_REMAINDER_POLICIES, build_sort_table, check_enough_sequences,
                                check_group_size, plan_sort, sort_stats)
 from longalign.storage import atomic_dir, check_output_dir, data_files_digest
-from longalign.token_sequences import (TOO_LONG_POLICIES, check_has_targets, check_not_grouped_output,
+from longalign.data.token_sequences import (TOO_LONG_POLICIES, check_has_targets, check_not_grouped_output,
                                        format_stats_table, load_token_table, prepare_sequences,
                                        write_table)
 

@@ -10,18 +10,18 @@ family comes from the checkpoint's config.json (model_type chatglm or llama); th
 family's transformers class with LongAlign's packed attention and weighted loss
 (longalign/modeling/), and every saved checkpoint loads without this repository (Llama: stock
 transformers; ChatGLM: with its remote code, `trust_remote_code=True`), its tokenizer carrying
-the training chat template. Data order, loss normalisation and logs: longalign/trainer.py;
-batches and loss weights: longalign/collators.py. Every standard TrainingArguments flag applies.
+the training chat template. Data order, loss normalisation and logs: longalign/train/trainer.py;
+batches and loss weights: longalign/train/collators.py. Every standard TrainingArguments flag applies.
 A non-finite loss or gradient norm stops the run naming the step, and NaN/inf weights are never
-saved (--nan_policy skip: such steps are skipped, counted; longalign/divergence.py).
+saved (--nan_policy skip: such steps are skipped, counted; longalign/train/divergence.py).
 
-Speed (longalign/performance.py), logged in one line at start: on CUDA, without flags, the
+Speed (longalign/train/speed/memory_model.py), logged in one line at start: on CUDA, without flags, the
 recompute policy is the fastest whose predicted peak memory fits the GPU (replacing
 --gradient_checkpointing), decoder layers are compiled (not under ZeRO-3), the attention backend
-is longalign.attention's automatic choice. --recompute / --compile_layers [false] / --liger
+is longalign.ops.varlen_attention's automatic choice. --recompute / --compile_layers [false] / --liger
 override; --paper_exact runs the paper's settings unchanged. Off CUDA only explicit flags apply.
 --sequence_parallel_size N splits each pack across N GPUs on DeepSpeed's Ulysses, with the same
-loss as N = 1 (longalign/sequence_parallel.py; sort_and_group.py --group_size W / N).
+loss as N = 1 (longalign/train/sequence_parallel.py; sort_and_group.py --group_size W / N).
 """
 from __future__ import annotations
 
@@ -32,21 +32,20 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from longalign.arguments import check_seed
-from longalign.chat_template import attach_chat_template
-from longalign.collators import BATCH_METHODS, LOSS_REDUCTIONS, build_collator, with_row_index
-from longalign.divergence import NAN_POLICIES, SKIPPED_LOG_KEY, check_nan_policy
+from longalign.data.jinja_template import attach_chat_template
+from longalign.train.collators import BATCH_METHODS, LOSS_REDUCTIONS, build_collator, with_row_index
+from longalign.train.divergence import NAN_POLICIES, SKIPPED_LOG_KEY, check_nan_policy
 from longalign.modeling.checkpoints import SelfDescribingCheckpoints, make_self_describing
 from longalign.modeling.loading import load_training_model, load_training_tokenizer, model_family, pad_token_id
-from longalign.performance import (SpeedRequest, SpeedSettings, apply_speed_settings, longest_row_tokens,
+from longalign.train.speed.memory_model import (SpeedRequest, SpeedSettings, apply_speed_settings, longest_row_tokens,
                                    training_speed_settings)
 from longalign.progress import PROGRESS_STYLES, use_progress_style
-from longalign.run_state import fingerprint_callback, start_run
-from longalign.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,
-                                         check_sequence_parallel_layout, expose_head_geometry, parallelism_config)
-from longalign.train_data import load_train_dataset
-from longalign.trainer import (DEFAULT_PEAK_TFLOPS, LOSS_DENOMINATORS, LongAlignTrainer, close_process_group,
+from longalign.train.run_state import fingerprint_callback, start_run
+from longalign.train.sequence_parallel import SequenceParallelPlan, check_sequence_parallel_layout, parallelism_config
+from longalign.train.dataset_loading import load_train_dataset
+from longalign.train.trainer import (DEFAULT_PEAK_TFLOPS, LOSS_DENOMINATORS, LongAlignTrainer, close_process_group,
                                resolve_loss_reduction)
-from longalign.validation import check_sort_pack_pair, dataset_directory, validate_training_dataset
+from longalign.data.validation import check_sort_pack_pair, dataset_directory, validate_training_dataset
 
 
 @dataclass
@@ -64,10 +63,10 @@ class LongAlignArguments:
     peak_tflops: float = field(default=DEFAULT_PEAK_TFLOPS, metadata={
         "help": "per-GPU dense bf16 peak in TFLOP/s for the logged MFU"})
     recompute: str | None = field(default=None, metadata={
-        "help": "activation recompute policy of longalign/recompute.py: full | selective | offload | none | "
+        "help": "activation recompute policy of longalign/ops/recompute.py: full | selective | offload | none | "
                 "full:K | selective:K | offload:K (first K layers; offload: selective's tensors in host memory); "
                 "replaces --gradient_checkpointing. Default on "
-                "CUDA: the fastest policy whose predicted peak fits the GPU (longalign/performance.py); "
+                "CUDA: the fastest policy whose predicted peak fits the GPU (longalign/train/speed/memory_model.py); "
                 "elsewhere and with --paper_exact: --gradient_checkpointing's transformers checkpointing"})
     compile_layers: bool | None = field(default=None, metadata={
         "nargs": "?", "const": True,
@@ -77,7 +76,7 @@ class LongAlignArguments:
         "help": "the paper's settings unchanged: transformers' gradient checkpointing as the flags say, no "
                 "compile, no automatic recompute policy (LongAlign's own speed choices all off)"})
     liger: bool = field(default=False, metadata={
-        "help": "Llama on CUDA: liger-kernel's RMSNorm/SwiGLU/RoPE (longalign/liger.py; replaces "
+        "help": "Llama on CUDA: liger-kernel's RMSNorm/SwiGLU/RoPE (longalign/train/speed/liger.py; replaces "
                 "transformers' modeling_llama functions process-wide); the weighted loss stays LongAlign's"})
     rope_ratio: float | None = field(default=None, metadata={
         "help": "ChatGLM only: RoPE base = 10000 * rope_ratio. Default: read from the checkpoint (its "
@@ -98,20 +97,20 @@ class LongAlignArguments:
     nan_policy: str = field(default="stop", metadata={
         "choices": list(NAN_POLICIES),
         "help": "a non-finite loss or gradient norm: stop the run naming the step (default), or skip that "
-                "batch's optimizer step, counted as nonfinite_steps_skipped in the logs (longalign/divergence.py)"})
+                "batch's optimizer step, counted as nonfinite_steps_skipped in the logs (longalign/train/divergence.py)"})
     progress: str = field(default="logs", metadata={
         "choices": list(PROGRESS_STYLES),
         "help": "logs: transformers' progress output (a printed dict per log); bar: one progress bar with "
                 "the latest loss in it (longalign/progress.py); the logs still reach trainer_state.json"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "a fresh run into a used --output_dir moves the previous run into <output_dir>/replaced-<time>/ "
-                "(nothing is deleted; longalign/run_state.py)"})
+                "(nothing is deleted; longalign/train/run_state.py)"})
 
 
 def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser((LongAlignArguments, TrainingArguments))
     # Columns are chosen by our collators (num_sequences etc. are not forward arguments). A non-finite
-    # loss is logged as it is, not as the mean of earlier losses (longalign/divergence.py).
+    # loss is logged as it is, not as the mean of earlier losses (longalign/train/divergence.py).
     parser.set_defaults(report_to="none", remove_unused_columns=False, logging_nan_inf_filter=False)
     return parser
 
@@ -140,7 +139,7 @@ def speed_request(args: LongAlignArguments) -> SpeedRequest:
 
 
 def choose_and_apply_speed_settings(model, args, training_args: TrainingArguments, dataset) -> SpeedSettings:
-    """Choose (longalign/performance.py) and apply the recompute policy, layer compile and kernels."""
+    """Choose (longalign/train/speed/memory_model.py) and apply the recompute policy, layer compile and kernels."""
     settings = training_speed_settings(
         speed_request(args), model, training_args.device,
         tokens=longest_row_tokens(dataset) * training_args.per_device_train_batch_size // args.sequence_parallel_size,
@@ -157,7 +156,16 @@ def model_dtype(training_args: TrainingArguments) -> torch.dtype:
     return torch.bfloat16 if (training_args.bf16 and training_args.deepspeed) else torch.float32
 
 
-def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
+@dataclass(frozen=True)
+class BuiltTraining:
+    """What build_training made: the trainer and the settings main() reports and saves with."""
+    trainer: LongAlignTrainer
+    args: LongAlignArguments
+    family: str
+    speed_settings: SpeedSettings
+
+
+def build_training(argv=None, callbacks=None) -> BuiltTraining:
     """Everything train() needs, from command-line arguments (used by main and the tests)."""
     args, training_args = parse_args(argv)
     dataset, group_size = load_train_dataset(args.train_file, args.batch_method)
@@ -172,10 +180,8 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     validate_training_dataset(dataset, model.get_input_embeddings().num_embeddings, args.batch_method == "pack",
                               str(dataset_directory(dataset)))  # every row, before the first step
     speed = choose_and_apply_speed_settings(model, args, training_args, dataset)
-    sp = args.sequence_parallel_size
-    if sp > 1:
-        check_head_counts(model.config, sp)
-        expose_head_geometry(model.config)
+    sequence_parallel = SequenceParallelPlan(args.sequence_parallel_size, training_args.world_size)
+    sequence_parallel.prepare_model(model.config)
     tokenizer = load_training_tokenizer(args.tokenizer_name or args.model_name_or_path,
                                         trust_remote_code=args.trust_remote_code,
                                         required=args.tokenizer_name is not None)
@@ -185,33 +191,36 @@ def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
     if args.original_warmup_packs:
         dataset = with_row_index(dataset)  # the collator cuts the first packs of the stored order
     collator = build_collator(args.batch_method, args.loss_reduction, pad_id, args.original_warmup_packs)
-    if sp > 1:  # the pack batch, then shifted over the whole pack for the Ulysses data loader
-        collator = SequenceParallelPackCollator(collator, sp)
+    collator = sequence_parallel.wrap_collator(collator)  # SP: shifted over the whole pack for Ulysses
     callbacks = [SelfDescribingCheckpoints(family), fingerprint_callback(fingerprint), *(callbacks or [])]
     trainer = LongAlignTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
                                processing_class=tokenizer, callbacks=callbacks, batch_method=args.batch_method,
                                loss_reduction=args.loss_reduction, group_size=group_size,
                                peak_tflops=args.peak_tflops, loss_denominator=args.loss_denominator,
-                               sequence_parallel_size=sp, nan_policy=args.nan_policy)
+                               sequence_parallel=sequence_parallel, nan_policy=args.nan_policy)
     use_progress_style(trainer, args.progress)
-    trainer.longalign_args, trainer.model_family, trainer.speed_settings = args, family, speed
-    return trainer
+    return BuiltTraining(trainer, args, family, speed)
+
+
+def build_trainer(argv=None, callbacks=None) -> LongAlignTrainer:
+    """The trainer of `build_training` (bench scripts and tests that only run it)."""
+    return build_training(argv, callbacks).trainer
 
 
 def main(argv=None) -> LongAlignTrainer:
-    trainer = build_trainer(argv)
-    args = trainer.longalign_args
+    built = build_training(argv)
+    trainer, args = built.trainer, built.args
     if trainer.is_world_process_zero():
         print(f"batch_method={args.batch_method} loss_reduction={args.loss_reduction} "
               f"rows={len(trainer.train_dataset)} world_size={trainer.args.world_size} "
               f"sequence_parallel_size={args.sequence_parallel_size}", flush=True)
-        print(trainer.speed_settings.log_line(), flush=True)
+        print(built.speed_settings.log_line(), flush=True)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.divergence.check_weights(trainer.model, f"step {trainer.state.global_step}: the final model")
     trainer.save_model(trainer.args.output_dir)  # HF format (ZeRO-3: gathered 16-bit weights)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        make_self_describing(trainer.args.output_dir, trainer.model_family)
+        make_self_describing(trainer.args.output_dir, built.family)
         print(f"model saved to {trainer.args.output_dir}", flush=True)
         if trainer.divergence.skipped:
             print(f"warning: {trainer.divergence.skipped} optimizer steps skipped for a non-finite loss or gradient "

@@ -8,8 +8,8 @@ import argparse
 import sys
 
 
-from longalign.longbench_chat.lbc_data import OFFICIAL_NUM_CASES, DataError, load_data
-from longalign.longbench_chat.lbc_score import detect_language
+from longalign.eval.longbench_chat.data import OFFICIAL_NUM_CASES, DataError, load_data
+from longalign.eval.longbench_chat.score import detect_language
 
 OFFICIAL_WORDS = {True: "the official release's", False: "NOT the official release's", None: "no reference hash"}
 

@@ -15,7 +15,7 @@ import json
 import sys
 
 
-from longalign.longbench_chat.lbc_data import DEFAULT_BASE_URL, OFFICIAL_NUM_CASES, download
+from longalign.eval.longbench_chat.data import DEFAULT_BASE_URL, OFFICIAL_NUM_CASES, download
 
 
 def main(argv=None) -> dict:

@@ -22,14 +22,14 @@ import sys
 from pathlib import Path
 
 
-from longalign.longbench_chat.lbc_data import OFFICIAL_NUM_CASES, load_data
-from longalign.longbench_chat.lbc_run import (default_output_dir, load_predictions, open_log, prediction_settings,
+from longalign.eval.longbench_chat.data import OFFICIAL_NUM_CASES, load_data
+from longalign.eval.longbench_chat.run import (default_output_dir, load_predictions, open_log, prediction_settings,
                                     run_predict, run_score)
-from longalign.longbench_chat.lbc_score import LANGS, select_cases
-from longalign.candidates import add_candidate_arguments, candidate_options, open_candidate
-from longalign.generation import GenerationSettings, default_top_p
-from longalign.judge import DEFAULT_TIMEOUT_S, Judge, JudgeConfigError, RetryPolicy
-from longalign.openai_api import AuthenticationFailed
+from longalign.eval.longbench_chat.score import LANGS, select_cases
+from longalign.eval.candidates import add_candidate_arguments, candidate_options, open_candidate
+from longalign.eval.generation import GenerationSettings, default_top_p
+from longalign.eval.judge import DEFAULT_TIMEOUT_S, Judge, JudgeConfigError, RetryPolicy
+from longalign.eval.openai_api import AuthenticationFailed
 
 STAGES = ("predict", "score", "all")
 PAPER_MAX_NEW_TOKENS = 1024

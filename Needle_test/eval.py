@@ -3,7 +3,7 @@
     python Needle_test/eval.py [--config Needle_test/config-eval.yaml] [--scorer judge|match]
         [--pred_file FILE] [--save_dir DIR] [--judge_base_url URL] [--judge_timeout_s S] [--prompt_dir DIR]
 
-The judge uses longalign.judge (OPENAI_API_KEY, --judge_base_url or OPENAI_BASE_URL), cached in
+The judge uses longalign.eval.judge (OPENAI_API_KEY, --judge_base_url or OPENAI_BASE_URL), cached in
 <save_dir>/judge_cache.jsonl. Predictions are read with the settings pred.py stored beside them
 (duplicate ids or records of other settings are refused) and scored against the needle and question
 recorded there, never a copy in the config (a `prompt:` section naming others is refused; key_facts
@@ -19,12 +19,12 @@ import sys
 from pathlib import Path
 
 
-from longalign.needle_test.config import EVAL_SCHEMA, SCORERS, load_config, resolve
-from longalign.needle_test.scoring import (JUDGE_PROMPT_SHA256, JUDGE_RUNS, check_config_needle, check_key_facts,
+from longalign.eval.needle_test.config import EVAL_SCHEMA, SCORERS, load_config, resolve
+from longalign.eval.needle_test.scoring import (JUDGE_PROMPT_SHA256, JUDGE_RUNS, check_config_needle, check_key_facts,
                                            judge_key, judge_messages, match_score, recorded_needle)
-from longalign.judge import DEFAULT_TIMEOUT_S, Judge, JudgeConfigError, RetryPolicy
-from longalign.openai_api import AuthenticationFailed
-from longalign.prediction_keys import open_stored_log
+from longalign.eval.judge import DEFAULT_TIMEOUT_S, Judge, JudgeConfigError, RetryPolicy
+from longalign.eval.openai_api import AuthenticationFailed
+from longalign.eval.prediction_keys import open_stored_log
 from longalign.storage import write_json_atomic
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-eval.yaml"

@@ -9,7 +9,7 @@ Reads the prompt set that prompt.py wrote (manifest.json). Appends one JSON line
 save_file as it finishes, with <save_file>.settings.json beside it (model and its fingerprint,
 tokenizer, chat format, generation parameters, the prompt set's sha256, needle and question — eval.py
 scores against these): a rerun under any other setting — a regenerated prompt set included — is
-refused, never mixed. The config is checked first (longalign/needle_test/config.py). Writes
+refused, never mixed. The config is checked first (longalign/eval/needle_test/config.py). Writes
 <save_file>.stats.json (with the local model's position limit and the prompts beyond it, warned).
 """
 from __future__ import annotations
@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 
 
-from longalign.needle_test.config import PRED_SCHEMA, load_config, resolve
-from longalign.needle_test.needle import over_position_limit, position_limit
-from longalign.needle_test.prompt_set import needle_of, read_prompt_set
-from longalign.candidates import add_candidate_arguments, candidate_options, open_candidate, predict_all
-from longalign.generation import GenerationSettings, default_top_p
-from longalign.openai_api import AuthenticationFailed
-from longalign.prediction_keys import PredictionLog, prompt_sha256
+from longalign.eval.needle_test.config import PRED_SCHEMA, load_config, resolve
+from longalign.eval.needle_test.needle import over_position_limit, position_limit
+from longalign.eval.needle_test.prompt_set import needle_of, read_prompt_set
+from longalign.eval.candidates import add_candidate_arguments, candidate_options, open_candidate, predict_all
+from longalign.eval.generation import GenerationSettings, default_top_p
+from longalign.eval.openai_api import AuthenticationFailed
+from longalign.eval.prediction_keys import PredictionLog, prompt_sha256
 from longalign.storage import write_json_atomic
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-pred.yaml"

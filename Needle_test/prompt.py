@@ -7,7 +7,7 @@ Replaces <save_dir> as a unit (Needle_test/prompt_set.py): <id>.json per prompt 
 len{L}_depth{d}), stats.json and manifest.json (every id with the sha256 of its prompt). A
 save_dir that prompt.py did not write is refused. A tokenizer folder with its own code (ChatGLM)
 loads only with --trust_remote_code (or tokenizer.trust_remote_code: true in the config). The config
-is checked first (longalign/needle_test/config.py). Prompts longer than the model's positions (the
+is checked first (longalign/eval/needle_test/config.py). Prompts longer than the model's positions (the
 tokenizer folder's config.json) are written, warned about and counted in stats.json.
 """
 from __future__ import annotations
@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 
-from longalign.needle_test.config import PROMPT_SCHEMA, load_config, resolve
-from longalign.needle_test.needle import (context_lengths, depth_percents, haystack_ids, make_prompt,
+from longalign.eval.needle_test.config import PROMPT_SCHEMA, load_config, resolve
+from longalign.eval.needle_test.needle import (context_lengths, depth_percents, haystack_ids, make_prompt,
                                           over_position_limit, read_haystack, read_position_limit,
                                           sentence_end_patterns)
-from longalign.needle_test.prompt_set import write_prompt_set
-from longalign.generation import load_tokenizer
-from longalign.prediction_keys import TOKENIZER_FILE_SUFFIXES, directory_fingerprint, resolve_model_dir
+from longalign.eval.needle_test.prompt_set import write_prompt_set
+from longalign.remote_code import load_tokenizer
+from longalign.eval.prediction_keys import TOKENIZER_FILE_SUFFIXES, directory_fingerprint, resolve_model_dir
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-prompt.yaml"
 

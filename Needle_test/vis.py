@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 
-from longalign.needle_test.config import EVAL_SCHEMA, load_config, resolve
+from longalign.eval.needle_test.config import EVAL_SCHEMA, load_config, resolve
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config-eval.yaml"
 SCORE_RANGE = (1, 10)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from longalign.attention import BACKENDS, available_backends, varlen_attention
+from longalign.ops.varlen_attention import BACKENDS, available_backends, varlen_attention
 
 LONG_RANGE, SHORT_RANGE, LONG_FRACTION = (8192, 32768), (256, 4096), 0.5
 FULL_PACK = 65536  # the ranges above are for a 64k pack; smaller packs scale them down

@@ -1,4 +1,4 @@
-"""Naive vs sorted vs packed batching through train.py on the same sequences (issue 8, item 3).
+"""Naive vs sorted vs packed batching through train.py on the same sequences.
 
     python bench/bench_batching.py --num_gpus 2 --out $OUT/batching.json     # 2-4 GPUs, ZeRO-3, bf16
     python bench/bench_batching.py --smoke --num_gpus 1                      # CPU, tiny, no DeepSpeed
@@ -216,7 +216,7 @@ def batch_cost_features(inputs: dict) -> dict:
     Packed (cu_seq_lens_q): sum l and sum l^2 over its sequences (block-diagonal attention). Padded
     (B, L): B L and B L^2, since the padded rows are computed too.
     """
-    from longalign.collators import COUNT_FIELDS, COUNTS_KEY
+    from longalign.train.collators import COUNT_FIELDS, COUNTS_KEY
 
     counts = dict(zip(COUNT_FIELDS, (int(v) for v in inputs[COUNTS_KEY].tolist())))
     if "cu_seq_lens_q" in inputs:
@@ -270,7 +270,7 @@ def instrument(trainer) -> dict:
 def worker_main(spec_path: str) -> None:
     import train
 
-    from longalign.trainer import close_process_group
+    from longalign.train.trainer import close_process_group
 
     spec = json.loads(Path(spec_path).read_text())
     trainer = train.build_trainer(spec["argv"])

@@ -1,4 +1,4 @@
-"""Single-GPU long-context reach (issue 19): how long a pack the 1.36B bench model trains, how fast.
+"""Single-GPU long-context reach: how long a pack the 1.36B bench model trains, how fast.
 
     python bench/bench_long_context.py --out long.jsonl                                  # GPU
     python bench/bench_long_context.py --lengths 1048576,2097152 --configs "--recompute full" \
@@ -7,13 +7,13 @@
 
 The model and packs are bench_train_step.py's (`build_model`, `synthetic_packs`), the timing and
 figures step_timing.py's (`measured_peak_flops`, `time_steps`, `measurement`), imported: random-init Llama (hidden 2048, 24 layers, 16 heads, vocab 32000), bf16,
-fused AdamW, the chunked loss, the attention backend chosen by longalign.attention (FlashAttention-4
+fused AdamW, the chunked loss, the attention backend chosen by longalign.ops.varlen_attention (FlashAttention-4
 where installed) unless a configuration names one. A pack of T tokens is T / --document_tokens
 of bench_train_step's LongAlign-like 64k packs laid end to end (what sort_and_group.py
 --max_length T makes of LongAlign data, whose sequences are at most 64k: attention work grows
 like T); --document_tokens 0 makes it one synthetic pack of T tokens (documents up to T tokens:
 attention work grows like T^2, a 1M-token step takes minutes). For each configuration (a flag
-string: --recompute POLICY, --attn_backend NAME, --tiled_mlp, --offload_checkpoints; longalign/long_context.py) and each
+string: --recompute POLICY, --attn_backend NAME, --tiled_mlp, --offload_checkpoints; longalign/train/speed/long_context.py) and each
 pack length, in ascending order, one child process (this script with --child) trains --warmup +
 --steps packs of that length (--long_warmup / --long_steps beyond LONG_LENGTH, where a step takes
 tens of seconds) and reports one JSON line: tokens/s, MFU and peak memory as bench_train_step
@@ -22,7 +22,7 @@ reports them (step_timing.measurement), and the memory breakdown in GiB (memory_
     checkpointed_activations            allocated after the forward minus at the step's start (kept for backward)
     peak_above_step_start               the peak minus the step's start: activations, grads and the
                                         largest transient (a layer's recompute and backward, the loss)
-    loss_chunk_estimate                 2 x chunk x vocab x 4 B of fp32 logits + an fp32 dW (longalign/loss.py)
+    loss_chunk_estimate                 2 x chunk x vocab x 4 B of fp32 logits + an fp32 dW (longalign/ops/weighted_loss.py)
     peak_allocated, capacity            the allocator's peak over all steps, and the GPU's memory
     host_rss_peak, host_total           this process's peak resident memory (offloaded checkpoints live
                                         there: ~4 KiB per token per layer) and the machine's RAM.
@@ -50,10 +50,10 @@ import torch
 
 import bench_train_step as step_bench
 from config_runs import run_budgeted, run_in_subprocess
-from longalign.attention import ENV_VAR as ATTN_ENV, choose_backend
-from longalign.collators import PackCollator
-from longalign.loss import DEFAULT_CHUNK_TOKENS
-from longalign.performance import GIB
+from longalign.ops.varlen_attention import ENV_VAR as ATTN_ENV, choose_backend
+from longalign.train.collators import PackCollator
+from longalign.ops.weighted_loss import DEFAULT_CHUNK_TOKENS
+from longalign.train.speed.memory_model import GIB
 from longalign.storage import write_bytes_atomic
 from step_timing import device_batch, measured_peak_flops, measurement, pack_counts, time_steps
 
@@ -108,7 +108,7 @@ def model_args(args) -> argparse.Namespace:
 
 
 def apply_alst(model, args) -> None:
-    from longalign import long_context
+    from longalign.train.speed import long_context
     if args.tiled_mlp:
         long_context.tile_mlps(model)
     if args.offload_checkpoints:
@@ -152,7 +152,7 @@ def concatenated(rows: list[dict]) -> dict:
 
 def loss_and_grads(model, batch) -> tuple[float, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss = model(**batch, loss_reduction="mean").loss
+    loss = model(**batch, loss_aggregation="mean").loss
     loss.backward()
     grads = [p.grad.detach().float().clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad(set_to_none=True)
@@ -164,7 +164,7 @@ def verify_alst(model, args, vocab: int, device) -> dict:
     tokens = args.verify_tokens
     row = step_bench.synthetic_packs(1, tokens, vocab, args.seed + 1)[0]
     batch = device_batch(PackCollator("sequence")([row]), device)
-    from longalign.recompute import apply_recompute
+    from longalign.ops.recompute import apply_recompute
 
     policy = "none" if args.offload_checkpoints else args.recompute
     apply_recompute(model, "full")  # the reference: plain full recompute, nothing tiled or offloaded
@@ -181,10 +181,11 @@ def verify_alst(model, args, vocab: int, device) -> dict:
 
 def host_offload_bytes(margs, args) -> int:
     """Host memory the offloaded activations of one step take (module docstring)."""
-    from longalign.performance import LayerShape, layer_activation_bytes
+    from longalign.modeling.shape import ModelShape
+    from longalign.train.speed.memory_model import layer_activation_bytes
 
     config = step_bench.model_config(margs, margs.layers)
-    per_layer = layer_activation_bytes(LayerShape.from_config(config), args.pack_tokens, 2)
+    per_layer = layer_activation_bytes(ModelShape.from_config(config), args.pack_tokens, 2)
     if args.offload_checkpoints:
         return margs.layers * per_layer["full"]
     return margs.layers * per_layer["selective"] if margs.recompute.startswith("offload") else 0
@@ -207,7 +208,7 @@ class InstrumentedStep:
     def __call__(self, batch):
         self.values["start"] = self.allocated()
         self.phase = "forward"
-        loss = self.model(**batch, loss_reduction="mean").loss
+        loss = self.model(**batch, loss_aggregation="mean").loss
         self.values["after_forward"] = self.allocated()
         self.phase = "backward"
         loss.backward()

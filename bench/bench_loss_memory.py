@@ -6,7 +6,7 @@
 For each vocabulary (65024: ChatGLM3, 32000: Llama-2) and method, forward + backward of the loss
 of hidden states (T, 4096) bf16 under an LM head (V, 4096) bf16:
 - `unchunked`: logits = h W^T, .float(), F.cross_entropy (what a stock HF forward does);
-- `chunked_<c>`: longalign.loss.causal_lm_loss with chunk_size c.
+- `chunked_<c>`: longalign.ops.weighted_loss.causal_lm_loss with chunk_size c.
 Peak = torch.cuda.max_memory_allocated during the step minus the memory held before it (inputs
 and weights), in GiB. For reference, fp32 logits of the whole pack take T * V * 4 bytes
 (64k x 65024 -> 15.9 GiB). A method that runs out of memory is recorded as "OOM".
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from longalign.constants import IGNORE_INDEX
-from longalign.loss import causal_lm_loss
+from longalign.ops.weighted_loss import causal_lm_loss
 
 GIB = 2**30
 

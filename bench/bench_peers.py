@@ -1,4 +1,4 @@
-"""This project against what a stock transformers / TRL user runs, side by side in one run (issue 18).
+"""This project against what a stock transformers / TRL user runs, side by side in one run.
 
     python bench/bench_peers.py --out peers.json          # GPU: CONFIGS in order, ~8 min budget
     python bench/bench_peers.py --only project-fa4-full stock-flex-gc-liger --out peers.json
@@ -11,8 +11,8 @@ count and the same peak measurement (bench/step_timing.py), fused AdamW, warm-up
 --out gets the JSON (rewritten after every configuration) and <out>.md the markdown table.
 
 - `project`: LongAlign's training class, attention "longalign_varlen" with the named backend,
-  longalign.recompute's policy, optional layer compile / liger kernels (bench_train_step.run).
-  `project-defaults` is what train.py picks without flags (longalign.performance).
+  longalign.ops.recompute's policy, optional layer compile / liger kernels (bench_train_step.run).
+  `project-defaults` is what train.py picks without flags (longalign.train.speed.memory_model).
 - `stock`: `transformers.LlamaForCausalLM` with `attn_implementation` = flex_attention | sdpa |
   flash_attention_4, fed padding-free as `DataCollatorWithFlattening` emits it (one flat row,
   `position_ids` restarting per sequence, the first label of every sequence -100; `+kwargs`:
@@ -22,7 +22,7 @@ count and the same peak measurement (bench/step_timing.py), fused AdamW, warm-up
   position_ids into a packed-sequence mask for sdpa (a dense (T, T) mask) and flex (a BlockMask),
   and into cu_seqlens for flash attention (its max length a 0-d tensor, unless given as kwargs).
 - `loss`: one pack's LM-head loss forward + backward, LongAlign's chunked weighted loss against
-  Liger's fused linear cross-entropy with reduction="none" weighted the same way (longalign.liger):
+  Liger's fused linear cross-entropy with reduction="none" weighted the same way (longalign.train.speed.liger):
   time, peak memory, agreement.
 
 Headline (`headline`), from the measured rows only:

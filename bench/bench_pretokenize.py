@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_once(raw: Path, out: Path, args) -> dict:
-    from longalign.pretokenize import PretokenizeConfig, run_pretokenize
+    from longalign.data.tokenize_stage import PretokenizeConfig, run_pretokenize
 
     config = PretokenizeConfig(family=args.family, tokenizer=str(raw / "tokenizer"),
                                long_path=str(raw / "long.jsonl"), short_path=str(raw / "sharegpt.jsonl"),

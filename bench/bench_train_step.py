@@ -1,15 +1,15 @@
-"""Single-GPU training-step benchmark: random-init ~1.4B Llama on 64k-token packs (issue 8).
+"""Single-GPU training-step benchmark: random-init ~1.4B Llama on 64k-token packs.
 
     python bench/bench_train_step.py --out bench/train_step.json          # GPU, bf16
     python bench/bench_train_step.py --smoke                              # CPU, tiny, seconds
     python bench/bench_train_step.py --recompute selective --attn_backend flex --compile
     python bench/bench_train_step.py --sweep --out bench/train_sweep.jsonl  # DEFAULT_SWEEP, one process each
 
-One step = forward + backward (recompute policy --recompute: longalign.recompute) + AdamW step on
-one packed batch (DESIGN.md §3, built by longalign.collators.PackCollator), bf16 weights, no
+One step = forward + backward (recompute policy --recompute: longalign.ops.recompute) + AdamW step on
+one packed batch (DESIGN.md §3, built by longalign.train.collators.PackCollator), bf16 weights, no
 offload. Reported as one JSON line (also written to --out): tokens/s, step seconds (median over
 --steps after --warmup), peak memory, and MFU = model FLOPs / (step seconds x measured peak), model FLOPs = 6 N T + 6 n_layers d sum L^2
-(longalign.trainer.training_flops: attention included, recomputation not counted), the peak being
+(longalign.train.trainer.training_flops: attention included, recomputation not counted), the peak being
 the best of a bf16 (fp32 with --smoke) square-matmul timing on this device.
 
 Sequence lengths are synthetic, "LongAlign-like": a seeded mixture of short chat turns
@@ -32,11 +32,11 @@ for compilation (the table marks it).
 The paper's model widths: `--width llama2-7b` (hidden 4096, 32 heads, MLP 11008, vocab 32000,
 32 layers) and `--width chatglm3-6b` (`--family chatglm`: this repo's ChatGLM3 code, hidden 4096,
 32 heads in 2 key/value groups, MLP 13696, vocab 65024, 28 layers). `--layers auto` takes as many
-of the width's layers as longalign.performance predicts to fit this GPU with the optimizer under
+of the width's layers as longalign.train.speed.memory_model predicts to fit this GPU with the optimizer under
 the run's policy; `--recompute auto` is train.py's automatic choice (the same memory model). Every
 run reports that model's `predicted_peak_gib` beside the measured peak, and with fewer layers than
 the release `step_seconds_scaled_to_depth` (step time x depth / layers: scaled, not measured).
-`--liger` applies liger-kernel's RMSNorm/SwiGLU/RoPE (longalign.liger; Llama, CUDA);
+`--liger` applies liger-kernel's RMSNorm/SwiGLU/RoPE (longalign.train.speed.liger; Llama, CUDA);
 `--speed_defaults` takes recompute policy and compile as train.py would choose them without flags.
 """
 from __future__ import annotations
@@ -54,17 +54,19 @@ from transformers import LlamaConfig
 from config_runs import run_budgeted, run_in_subprocess
 from step_timing import measured_peak_flops, measurement, pack_counts, time_steps
 
-from longalign.attention import ENV_VAR as ATTN_ENV, choose_backend
-from longalign.collators import PackCollator
+from longalign.ops.varlen_attention import ENV_VAR as ATTN_ENV, choose_backend
+from longalign.train.collators import PackCollator
 from longalign.constants import IGNORE_INDEX
-from longalign.liger import apply_liger_kernels
+from longalign.train.speed.liger import apply_liger_kernels
 from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
 from longalign.modeling.weighted_lm import TRAINING_CLASSES
-from longalign.loss import DEFAULT_CHUNK_TOKENS
-from longalign.performance import (GIB, MEMORY_HEADROOM, Kernels, LayerShape, MemorySetup, SpeedRequest,
-                                   choose_recompute, choose_speed_settings, parameter_counts, predicted_peak_bytes)
-from longalign.recompute import apply_recompute, decoder_layers
+from longalign.ops.weighted_loss import DEFAULT_CHUNK_TOKENS
+from longalign.modeling.shape import ModelShape
+from longalign.train.speed.memory_model import (GIB, MEMORY_HEADROOM, Kernels, MemorySetup, SpeedRequest,
+                                                choose_recompute, choose_speed_settings, parameter_counts,
+                                                predicted_peak_bytes)
+from longalign.ops.recompute import apply_recompute, decoder_layers
 
 SHORT_MIN, SHORT_MAX, LONG_MIN, LONG_FRACTION = 64, 4096, 8192, 0.5
 PROMPT_FRACTION = 0.9  # long-context SFT: most tokens are the (unlabelled) document
@@ -103,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu_gib", type=float, default=None, help="GPU memory for the memory model (default: this GPU's)")
     p.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm/SwiGLU/RoPE (Llama, CUDA)")
     p.add_argument("--speed_defaults", action="store_true",
-                   help="recompute policy and compile as train.py chooses them without flags (longalign.performance)")
+                   help="recompute policy and compile as train.py chooses them without flags (longalign.train.speed.memory_model)")
     p.add_argument("--pack_tokens", type=int, default=65536)
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -112,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="also write the JSON line here")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (tests)")
     p.add_argument("--recompute", default="full",
-                   help="full | selective | none | partial:K | selective:K (longalign.recompute) | auto")
+                   help="full | selective | none | partial:K | selective:K (longalign.ops.recompute) | auto")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (dynamic)")
     p.add_argument("--compile_backend", default="inductor")
     p.add_argument("--attn_backend", default=None, help="sets LONGALIGN_ATTN_BACKEND")
@@ -192,10 +194,10 @@ def memory_plan(args, tokens: int, gpu_bytes: int | None, device, dtype) -> dict
     with torch.device("meta"):  # parameter counts without allocating
         meta = TRAINING_CLASSES[args.family](config)
     params, layer_params = parameter_counts(meta, decoder_layers(meta)[0])
-    shape = LayerShape.from_config(config)
+    shape = ModelShape.from_config(config)
 
     def plan(layers: int) -> tuple[str, int]:
-        sized = LayerShape(**{**shape.__dict__, "layers": layers})
+        sized = ModelShape(**{**shape.__dict__, "layers": layers})
         setup = MemorySetup(params - (shape.layers - layers) * layer_params, layer_params, 2)
         kernels = Kernels(fused=args.compile or args.liger, attention=choose_backend(device, dtype))
         if args.recompute == "auto":
@@ -205,7 +207,7 @@ def memory_plan(args, tokens: int, gpu_bytes: int | None, device, dtype) -> dict
                                                     kernels)
 
     if args.speed_defaults:  # train.py's own choice for this model, packs and GPU
-        sized = LayerShape(**{**shape.__dict__, "layers": args.layers})
+        sized = ModelShape(**{**shape.__dict__, "layers": args.layers})
         settings = choose_speed_settings(SpeedRequest(), device, sized, MemorySetup(params, layer_params, 2), tokens,
                                          True, choose_backend(device, dtype), gpu_bytes=gpu_bytes)
         args.recompute, args.compile = settings.recompute or "none", settings.compile_layers
@@ -251,7 +253,7 @@ def run(args) -> dict:
     collate = PackCollator("sequence")
 
     def train_step(batch):
-        loss = model(**batch, loss_reduction="mean").loss
+        loss = model(**batch, loss_aggregation="mean").loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

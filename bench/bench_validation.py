@@ -6,7 +6,7 @@ Builds random sequences (lengths uniform in [--min_len, --max_len], half prompt,
 packs them with sort_and_group's own code (best-fit decreasing, 1/N_k weights, cu_seqlens),
 keeps the first --rows packs, saves them with save_to_disk in a temporary folder and reloads them
 memory-mapped, as train.py does. Then times, --repeats times (median reported):
-- `longalign.validation.validate_training_dataset` (every row: geometry, ids, weights);
+- `longalign.data.validation.validate_training_dataset` (every row: geometry, ids, weights);
 - `longalign.storage.data_files_digest` (the data fingerprint saved with each checkpoint).
 Prints one JSON line (and writes it to --out when given).
 """
@@ -24,10 +24,10 @@ import numpy as np
 import pyarrow as pa
 
 from longalign.constants import IGNORE_INDEX
-from longalign.packing import build_pack_table, plan_packs
+from longalign.data.packing import build_pack_table, plan_packs
 from longalign.storage import data_files_digest
-from longalign.token_sequences import prepare_sequences
-from longalign.validation import validate_training_dataset
+from longalign.data.token_sequences import prepare_sequences
+from longalign.data.validation import validate_training_dataset
 
 VOCAB = 32000
 

@@ -58,7 +58,7 @@ def make_data(cfg: dict, tmp: str):
 
 def needle_and_question() -> tuple[str, str]:
     """The needle test's own needle (with its surrounding newlines) and retrieval question."""
-    from longalign.needle_test.config import PROMPT_SCHEMA, load_config
+    from longalign.eval.needle_test.config import PROMPT_SCHEMA, load_config
     prompt = load_config(NEEDLE_CONFIG, PROMPT_SCHEMA)["prompt"]
     return prompt["needle"], prompt["retrieval_question"]
 
@@ -70,7 +70,7 @@ def eval_sets(cfg: dict, tok, enc, training_texts: list[str]) -> tuple[dict, dic
     from longalign import demo_data as D
     from longalign.demo.tasks import LONG_TASKS
     from longalign.demo_eval import RetrievalExample, check_disjoint, held_out_examples, held_out_seed
-    from longalign.needle_test.needle import haystack_ids, make_prompt, sentence_end_patterns
+    from longalign.eval.needle_test.needle import haystack_ids, make_prompt, sentence_end_patterns
     examples = held_out_examples(tok, cfg["context"], cfg["eval_per_task"], held_out_seed(cfg["data_seed"]))
     needle, question = needle_and_question()
     hay = haystack_ids(tok, "\n\n".join(D.generate_haystack(cfg["data_seed"])), max(NEEDLE_LENGTHS))
@@ -123,7 +123,7 @@ def write_line(cfg: dict, line: dict) -> None:
 def prepare(cfg: dict):
     """(tokenizer, training rows as (ids, labels) cut to max_tokens, evaluation sets, disjointness)."""
     from longalign.demo_data import rounds_of
-    from longalign.tokenization import ConversationTokenizer
+    from longalign.data.tokenization import ConversationTokenizer
     with tempfile.TemporaryDirectory() as tmp:
         tok, long_rows, short_rows = make_data(cfg, tmp)
         enc = ConversationTokenizer(tok, "llama")
@@ -151,7 +151,7 @@ def build_model(cfg: dict, tok):
 
 def endless_packs(data, max_tokens: int, rng: random.Random):
     """Row indices of each pack: every epoch a new shuffle, packed greedily (the paper's walk)."""
-    from longalign.packing import greedy_pack
+    from longalign.data.packing import greedy_pack
     while True:
         order = list(range(len(data)))
         rng.shuffle(order)
@@ -162,8 +162,8 @@ def endless_packs(data, max_tokens: int, rng: random.Random):
 def pack_batch(collator, data, members: list[int]) -> dict:
     import numpy as np
 
-    from longalign.collators import COUNTS_KEY
-    from longalign.packing import cu_seqlens_values
+    from longalign.train.collators import COUNTS_KEY
+    from longalign.pack_geometry import cu_seqlens_values
     cu = cu_seqlens_values(np.array([len(data[i][0]) for i in members]), np.array([len(members)]))
     batch = collator([{"input_ids": [t for i in members for t in data[i][0]],
                        "labels": [t for i in members for t in data[i][1]], "cu_seqlens": cu.tolist()}])
@@ -174,7 +174,7 @@ def pack_batch(collator, data, members: list[int]) -> dict:
 def train_and_evaluate(cfg: dict) -> list[dict]:
     import torch
 
-    from longalign.collators import PackCollator
+    from longalign.train.collators import PackCollator
     cfg = {**DEFAULTS, **cfg}
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"] if torch.cuda.is_available() else "cpu")
@@ -193,7 +193,7 @@ def train_and_evaluate(cfg: dict) -> list[dict]:
         step_started, members = time.time(), next(packs)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
                  for k, v in pack_batch(collator, data, members).items()}
-        loss = model(**batch, loss_reduction="sum").loss / len(members)  # Eq. 2 over this pack
+        loss = model(**batch, loss_aggregation="sum").loss / len(members)  # Eq. 2 over this pack
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -1,4 +1,4 @@
-"""The memory model of longalign/performance.py against every peak recorded under bench/measured/.
+"""The memory model of longalign/train/speed/memory_model.py against every peak recorded under bench/measured/.
 
     python bench/measured_memory.py               # one line per recorded run, the largest error last
     python bench/measured_memory.py --record      # also memory_model_max_error in bench/results.json
@@ -27,10 +27,11 @@ import torch
 
 import bench_long_context
 import bench_train_step
-from longalign.loss import DEFAULT_CHUNK_TOKENS
+from longalign.ops.weighted_loss import DEFAULT_CHUNK_TOKENS
 from longalign.modeling.weighted_lm import TRAINING_CLASSES
-from longalign.performance import GIB, Kernels, LayerShape, MemorySetup, parameter_counts, predicted_peak_bytes
-from longalign.recompute import decoder_layers
+from longalign.modeling.shape import ModelShape
+from longalign.train.speed.memory_model import GIB, Kernels, MemorySetup, parameter_counts, predicted_peak_bytes
+from longalign.ops.recompute import decoder_layers
 
 MEASURED = Path(__file__).resolve().parent / "measured"
 RECORDED = ("h200_session4/peers.json", "h200_session4/widths.jsonl", "h200_session4/long_full.jsonl",
@@ -62,14 +63,14 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _model(row: dict):
-    """(LayerShape, MemorySetup) of the bench model this row trained."""
+    """(ModelShape, MemorySetup) of the bench model this row trained."""
     argv = ["--width", row["width"]] if row.get("width") else []
     args = bench_train_step.parse_args(argv + ["--layers", str(row.get("layers") or 24)])
     config = bench_train_step.model_config(args, args.layers)
     with torch.device("meta"):
         model = TRAINING_CLASSES[args.family](config)
     params, layer_params = parameter_counts(model, decoder_layers(model)[0])
-    return LayerShape.from_config(config), MemorySetup(params, layer_params, 2), args.vocab
+    return ModelShape.from_config(config), MemorySetup(params, layer_params, 2), args.vocab
 
 
 def _step_tokens(row: dict, vocab: int) -> list[int]:

@@ -15,10 +15,10 @@ from transformers import DataCollatorWithFlattening, LlamaForCausalLM
 
 import bench_train_step
 from step_timing import measured_peak_flops, measurement, pack_counts, synchronize, time_steps
-from longalign.collators import PackCollator
-from longalign.liger import liger_weighted_loss
-from longalign.loss import causal_lm_loss
-from longalign.performance import GIB
+from longalign.train.collators import PackCollator
+from longalign.train.speed.liger import liger_weighted_loss
+from longalign.ops.weighted_loss import causal_lm_loss
+from longalign.train.speed.memory_model import GIB
 
 LOSS_INIT_STD = 0.02  # LM-head weights of the loss comparison (transformers' initializer_range)
 

@@ -65,17 +65,17 @@ from pathlib import Path
 
 from reproduce_mini_report import ARMS, EXPERIMENTS, markdown, plan_lines, planned_run, summarize
 
-from longalign.collators import COUNT_FIELDS, COUNTS_KEY
+from longalign.train.collators import COUNT_FIELDS, COUNTS_KEY
 from longalign.demo.base import DEFAULT_BASE, prepare_model_init
 from longalign.demo.tasks import HELD_OUT_TASKS, LONG_TASKS
 from longalign.demo.words import filler
 from longalign.demo_data import generate_haystack, generate_short, rounds_of, write_demo_data
 from longalign.demo_eval import (RetrievalExample, check_disjoint, held_out_examples, held_out_seed,
                                  teacher_forced_scores, training_texts)
-from longalign.generation import encode_text
-from longalign.pretokenize import PretokenizeConfig, run_pretokenize
+from longalign.eval.generation import encode_text
+from longalign.data.tokenize_stage import PretokenizeConfig, run_pretokenize
 from longalign.storage import write_json_atomic
-from longalign.tokenization import ConversationTokenizer
+from longalign.data.tokenization import ConversationTokenizer
 
 REPO = Path(__file__).resolve().parents[1]  # train.py and sort_and_group.py (imported in-process)
 WORKDIR_MARKER = "reproduce_mini.workdir"  # a --workdir holding this is ours to replace
@@ -181,7 +181,7 @@ def needle_examples(tokenizer, longest: int) -> list[RetrievalExample]:
     """The needle test's own needle and question in the demo's held-out haystack, lengths x depths."""
     from demo_sweep import NEEDLE_BUFFER, needle_and_question
 
-    from longalign.needle_test.needle import haystack_ids, make_prompt, sentence_end_patterns
+    from longalign.eval.needle_test.needle import haystack_ids, make_prompt, sentence_end_patterns
 
     needle, question = needle_and_question()
     step = (longest - NEEDLE_MIN_LENGTH) / (NEEDLE_COUNT - 1)
@@ -320,7 +320,7 @@ def group_data(args, built: dict, seed: int) -> dict:
 
 def plan(args, built: dict, grouping: dict) -> list[dict]:
     """Per run of one seed, about how many optimizer steps and tokens (`reproduce_mini_report.planned_run`)."""
-    from longalign.token_sequences import load_token_table, row_lengths
+    from longalign.data.token_sequences import load_token_table, row_lengths
 
     lengths = {data: row_lengths(load_token_table(quantity["path"]).column("input_ids"))
                for data, quantity in built["quantities"].items()}

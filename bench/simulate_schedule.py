@@ -18,8 +18,8 @@ use different attention kernels (SDPA vs varlen).
 Schedules, as train.py runs them (world size W, per-device batch b):
 - naive: a seeded permutation, consecutive runs of W b rows = one micro-step, rank r the r-th
   b rows (HF random sampler sharded by accelerate), padded to the longest of each rank's b;
-- sort: `longalign.sorting.sorted_group_order(lengths, W b, seed)`, the same cut;
-- pack: `longalign.packing.plan_packs(lengths, max_length, strategy, W, seed)`, one pack per GPU.
+- sort: `longalign.data.sorting.sorted_group_order(lengths, W b, seed)`, the same cut;
+- pack: `longalign.data.packing.plan_packs(lengths, max_length, strategy, W, seed)`, one pack per GPU.
 Lengths: the synthetic LongAlign-like mix of bench/bench_sort_and_group.py (10k long 8k-64k +
 60k short 100-4k) or the `input_ids` lengths of a real dataset directory.
 
@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from longalign.constants import DEFAULT_MAX_LENGTH
-from longalign.packing import plan_packs
-from longalign.sorting import sorted_group_order
+from longalign.data.packing import plan_packs
+from longalign.data.sorting import sorted_group_order
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@
 
 Step seconds are the median of the timed steps (device synchronised around each); peak memory is
 torch.cuda.max_memory_allocated over warm-up and timed steps (reset before the first); MFU =
-longalign.trainer.training_flops (6 N T + 6 n_layers d sum L^2: the same count for every system
+longalign.train.trainer.training_flops (6 N T + 6 n_layers d sum L^2: the same count for every system
 run on the same packs and model, recomputation not counted) / (step seconds x the bf16 matmul peak
 measured in the same process before the model is built).
 """
@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from longalign.collators import PackCollator
-from longalign.performance import GIB
-from longalign.trainer import matmul_parameters, training_flops
+from longalign.train.collators import PackCollator
+from longalign.train.speed.memory_model import GIB
+from longalign.train.trainer import matmul_parameters, training_flops
 
 
 def measured_peak_flops(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 10,

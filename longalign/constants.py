@@ -9,6 +9,7 @@ DEFAULT_TOKENIZERS = {  # released LongAlign models, whose tokenizers the data w
 }
 LONGALIGN_HF_DATASET = "THUDM/LongAlign-10k"
 ZERO_WIDTH_CHARS = ("\u200b", "\u200c", "\u200d", "\ufeff")
+ZERO_WIDTH_TABLE = str.maketrans(dict.fromkeys(ZERO_WIDTH_CHARS))  # text.translate(...) removes them
 TOKEN_COLUMNS = ("input_ids", "labels")  # DESIGN.md §1: the columns every tokenized dataset has
 DEFAULT_GROUP_SIZE = 8  # sequences (sort) or packs (pack) per data-parallel step: the paper's 8 GPUs
 # best-fit-decreasing (default), the paper's greedy walk, or the original code's greedy rule for rule
@@ -20,3 +21,10 @@ LEFT_TRUNCATION_KEEP_HEAD = 2  # --truncate left keeps this many leading tokens 
 TRUNCATION_MODES = ("right", "left", "skip")
 DEFAULT_LONG_JSONL = "data/raw/long.jsonl"
 DEFAULT_SHORT_JSONL = "data/raw/sharegpt.jsonl"
+
+
+def check_family(family: str) -> str:
+    """`family` if it is one of MODEL_FAMILIES, else a ValueError naming the choices."""
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {MODEL_FAMILIES}")
+    return family

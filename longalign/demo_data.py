@@ -36,7 +36,7 @@ from longalign.demo.words import (ACTIVITY_ADJECTIVES, ACTIVITY_OBJECTS, ACTIVIT
                                   ADJECTIVES, CHINESE_NUMERAL_REPLY, NOUNS, PAST_VERBS, PLACE_WORDS, PREPOSITIONS,
                                   TIMES, VERBS, WEATHER, code, essay, filler, name, sentence)
 from longalign.storage import atomic_dir, write_json_atomic
-from longalign.templates import conversation_text
+from longalign.data.training_format import conversation_text
 
 DEFAULT_SEED = 1234
 HAYSTACK_SEED_OFFSET = 7919  # the needle test's filler comes from seed + this (not the training text)

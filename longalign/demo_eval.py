@@ -34,13 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from longalign.collators import COUNTS_KEY, PackCollator, segment_ids
+from longalign.train.collators import COUNTS_KEY, PackCollator
 from longalign.constants import IGNORE_INDEX
 from longalign.demo.tasks import ALL_TASKS, HELD_OUT_TASKS, LONG_TASKS
 from longalign.demo_data import DEFAULT_MIX, DEFAULT_SEED, SHORT_MIXES
-from longalign.generation import GenerationSettings, LocalModel, encode_text
-from longalign.loss import shift_targets
-from longalign.packing import cu_seqlens_values, greedy_pack
+from longalign.eval.generation import GenerationSettings, LocalModel, encode_text
+from longalign.ops.weighted_loss import shift_targets
+from longalign.pack_geometry import cu_seqlens_values, segment_ids
+from longalign.data.packing import greedy_pack
 from longalign.storage import write_json_atomic
 
 EVAL_SEED_OFFSET = 4444  # held-out examples: the data seed + this

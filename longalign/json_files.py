@@ -2,8 +2,8 @@
 
 A truncated tokenizer.json or a hand-edited tokenizer_config.json otherwise surfaces from
 transformers as a bare `JSONDecodeError: Expecting ',' delimiter: line 5 column 37`, which names
-no file. Every stage loads tokenizers through `longalign.tokenization.load_tokenizer` or
-`longalign.generation.load_tokenizer`; both check the folder's JSON files here first.
+no file. Every stage loads tokenizers through `longalign.data.tokenization.load_tokenizer` or
+`longalign.eval.generation.load_tokenizer`; both check the folder's JSON files here first.
 """
 from __future__ import annotations
 

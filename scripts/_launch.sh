@@ -5,7 +5,7 @@
 # decay, per-device batch 1. Every default can be overridden from the environment; the caller's
 # extra arguments go on to train.py (e.g. --max_steps 20, --recompute selective).
 # Speed: by default train.py picks its fastest settings that fit the GPU (recompute policy by memory,
-# compiled layers; logged at start, longalign/performance.py); PAPER_EXACT=1 adds --paper_exact,
+# compiled layers; logged at start, longalign/train/speed/memory_model.py); PAPER_EXACT=1 adds --paper_exact,
 # which runs exactly the flags below (transformers' gradient checkpointing, no compile).
 # SP=N (pack scripts): each pack is split over N GPUs (DeepSpeed Ulysses, train.py
 # --sequence_parallel_size) and the gradient accumulation is multiplied by N, so a step still
@@ -16,12 +16,12 @@
 #                            starts every host over ssh (pdsh). The world size is the sum of the slots.
 #   NNODES=M NODE_RANK=R MASTER_ADDR=A [MASTER_PORT=P]   one launcher per node (Slurm, Kubernetes):
 #                            run on every node with its own R; NUM_GPUS (the same on every node) per node.
-# Before anything starts, longalign/launch.py counts the world size W (NUM_GPUS, the slots, or
+# Before anything starts, longalign/train/launch.py counts the world size W (NUM_GPUS, the slots, or
 # NNODES x NUM_GPUS) and stops unless the data's group_size (DATA/<sort|pack>/stats.json) is a multiple
 # of W / SP, naming both and the sort_and_group.py command that fixes it. PORT is MASTER_PORT's old name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python3}  # runs longalign/launch.py (standard library only)
+PY=${PY:-python3}  # runs longalign/train/launch.py (standard library only)
 if [ -z "${HOSTFILE:-}" ]; then NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}; fi
 DS_CONFIG=${DS_CONFIG:-ds_config/stage3.json}
 EPOCHS=${EPOCHS:-2}
@@ -41,7 +41,7 @@ if [ -n "${NNODES:-}" ]; then
     NODE_HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/longalign_hostfile.XXXXXX")
     trap 'rm -f "$NODE_HOSTFILE"' EXIT
 fi
-LAUNCHER_LINES=$("$PY" -m longalign.launch --train_file "$DATA" --batch_method "$METHOD" \
+LAUNCHER_LINES=$("$PY" -m longalign.train.launch --train_file "$DATA" --batch_method "$METHOD" \
     --sequence_parallel_size "$SP" --per_device_batch "$PER_DEVICE_BATCH" --num_gpus "${NUM_GPUS:-}" \
     --hostfile "${HOSTFILE:-}" --nnodes "${NNODES:-}" --node_rank "${NODE_RANK:-}" \
     --master_addr "${MASTER_ADDR:-}" --master_port "$MASTER_PORT" --node_hostfile "$NODE_HOSTFILE")

@@ -1,8 +1,15 @@
-"""Shared fixtures: a tokenizer trained on the spot (no downloads in tests).
+"""Shared fixtures: a tokenizer trained on the spot (no downloads in tests), and the tiers.
 
-The project is an installed package (`pip install -e .`); the repository root (train.py,
-pre_tokenize.py, the script folders Needle_test/ and LongBench_Chat/) and bench/ (whose scripts
-import their sibling modules as a script run does) are put on the path for the tests that import them.
+The project is an installed package (`pip install -e .`). The one sys.path setup of the suite:
+the repository root (train.py, pre_tokenize.py, the script folders Needle_test/ and
+LongBench_Chat/), bench/ (whose scripts import their sibling modules as a script run does) and
+tests/ (the `helpers` package). A test file run as a worker script (torchrun) finds `helpers`
+in its own folder and the root through the PYTHONPATH its test sets.
+
+Tiers (markers registered in pyproject.toml): unit tests carry none; `integration` (several
+stages, or a real training run), `subprocess` (a real exit code, signal or kill is the point),
+`distributed` (torchrun launches) and `slow` (bench smoke runs, the demo) are the other tiers.
+`make test-fast` runs the unit tier, `make test` every tier (all run on CPU).
 """
 import sys
 from pathlib import Path
@@ -10,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-for _path in (REPO, REPO / "bench"):
+for _path in (REPO, REPO / "bench", REPO / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -38,3 +45,16 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+# The demo's and the paper-findings' test files train and evaluate whole miniature runs: their tier
+# is set here, by file, so those files stay as their owner keeps them.
+WHOLE_RUN_FILES = ("test_demo.py", "test_demo_base.py", "test_demo_data.py", "test_demo_eval.py",
+                   "test_demo_sweep.py", "test_reproduce_mini.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in WHOLE_RUN_FILES:
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.slow)

@@ -1,12 +1,12 @@
-"""longalign.attention: every backend that runs here equals the reference, which equals a dense
+"""longalign.ops.varlen_attention: every backend that runs here equals the reference, which equals a dense
 masked softmax written out below; GQA/MQA; no token sees another sequence."""
 import math
 
 import pytest
 import torch
 
-from longalign import attention
-from longalign.attention import available_backends, choose_backend, varlen_attention
+from longalign.ops import varlen_attention as attention
+from longalign.ops.varlen_attention import available_backends, choose_backend, varlen_attention
 
 LENGTHS = [5, 1, 17, 9, 32]
 HEAD_DIM = 16
@@ -99,12 +99,12 @@ def test_bad_cu_seqlens_rejected():
         varlen_attention(q, k, v, cu[:-1], backend="reference")
 
 
+@pytest.mark.slow
 def test_bench_attention_smoke(tmp_path):
     import json
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_attention
 
     assert sum(bench_attention.longalign_like_lengths(65536)) == 65536
@@ -144,7 +144,7 @@ def _install_fake_fa4(tmp_path, monkeypatch):
         "                           causal=False, **kw):\n"
         "    assert qv is None and causal and cu_seqlens_q is cu_seqlens_k\n"
         "    CALLS.append((max_seqlen_q, max_seqlen_k, softmax_scale))\n"
-        "    from longalign.attention import _reference\n"
+        "    from longalign.ops.varlen_attention import _reference\n"
         "    return _reference(q, k, v, cu_seqlens_q, softmax_scale), None\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("flash_attn", "flash_attn.cute"):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from bench import bench_batching as bb
 from bench import simulate_schedule as sim
@@ -49,7 +48,7 @@ def test_zero_config_drops_the_optimizer_and_allows_torch_adamw_with_offload():
 
 
 def test_batch_cost_features_padded_and_packed():
-    from longalign.collators import PackCollator, PaddedCollator
+    from longalign.train.collators import PackCollator, PaddedCollator
 
     rows = [{"input_ids": [1, 2, 3], "labels": [X := IGNORE_INDEX, 2, 3]}, {"input_ids": [4, 5], "labels": [X, 5]}]
     padded = bb.batch_cost_features(PaddedCollator("sequence", 0)(rows))
@@ -85,6 +84,7 @@ def test_merge_records_takes_the_slowest_rank_and_counts_every_sequence():
         {"speedup_pack_vs_naive": 2.0}
 
 
+@pytest.mark.slow
 def test_launch_commands():
     args = bb.parse_args(["--num_gpus", "4"])
     command = bb.launch_command(args, Path("/x/spec.json"))
@@ -99,6 +99,8 @@ def test_launch_commands():
         bb.parse_args(["--num_gpus", "5"])  # 168 sequences do not split over 5 GPUs
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("num_gpus,methods", [(1, ["pack", "sort", "naive"]), (2, ["pack", "naive"])])
 def test_smoke_run_end_to_end_and_simulator_fit(tmp_path, num_gpus, methods):
     out = tmp_path / "batching.json"

@@ -10,7 +10,7 @@ from transformers import DataCollatorWithFlattening
 import bench_peers
 import bench_train_step
 import peer_models
-from longalign.collators import PackCollator
+from longalign.train.collators import PackCollator
 
 
 def row(name, system, seconds, peak, attention, recompute="full", compile=False, liger=False, mfu=None):
@@ -79,6 +79,7 @@ def test_stock_batches_are_the_project_packs_padding_free():
     assert (stock["labels"][0, starts] == -100).all()  # no target crosses a sequence start
 
 
+@pytest.mark.slow
 def test_smoke_run_one_process_per_configuration(tmp_path):
     out = tmp_path / "peers.json"
     names = ["project-reference-full", "stock-sdpa-gc+kwargs", "stock-sdpa-gc-liger"]
@@ -98,6 +99,7 @@ def test_smoke_run_one_process_per_configuration(tmp_path):
     assert all(name in table for name in names) and "| goal |" in table
 
 
+@pytest.mark.slow
 def test_budget_spent_configurations_are_recorded_as_skipped(tmp_path):
     out = tmp_path / "peers.json"
     bench_peers.main(["--smoke", "--budget_s", "0", "--out", str(out)])
@@ -106,6 +108,7 @@ def test_budget_spent_configurations_are_recorded_as_skipped(tmp_path):
     assert all(r["system"] for r in rows)  # the configuration is described even when skipped
 
 
+@pytest.mark.slow
 def test_loss_comparison_runs_the_project_loss_and_records_the_other():
     result = peer_models.loss_comparison(bench_train_step.parse_args(["--smoke"]))
     ours = result["losses"]["project_chunked"]
@@ -114,6 +117,7 @@ def test_loss_comparison_runs_the_project_loss_and_records_the_other():
     assert ("error" in theirs) == (result["agreement"] is None)
 
 
+@pytest.mark.slow
 def test_width_presets_and_layers_auto():
     glm = bench_train_step.main(["--smoke", "--width", "chatglm3-6b", "--layers", "auto", "--recompute", "auto",
                                  "--gpu_gib", "0.005", "--attn_backend", "reference"])

@@ -1,14 +1,14 @@
-"""longalign.chat_template renders exactly the training prompt of longalign.templates (both
+"""longalign.data.jinja_template renders exactly the training prompt of longalign.data.training_format (both
 families, multi-round, with and without a generation prompt); the ChatGLM remote code's chat()
 builds the same prompt."""
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from longalign.chat_template import attach_chat_template, jinja_chat_template
+from longalign.data.jinja_template import attach_chat_template, jinja_chat_template
 from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
-from longalign.templates import build_prompt, conversation_text
+from longalign.data.training_format import build_prompt, conversation_text
 
 ROUNDS = [("What is the key?", "  The key is 42.\n"), ("问：钥匙在哪里？", "在桌子上。\n\n第二段"),
           ("Quote: '[INST]' and \\n and {{ braces }}", "It's fine.")]

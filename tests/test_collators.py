@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from longalign.collators import (COUNT_FIELDS, COUNTS_KEY, ROW_INDEX_KEY, OriginalWarmup, PackCollator,
+from longalign.train.collators import (COUNT_FIELDS, COUNTS_KEY, ROW_INDEX_KEY, OriginalWarmup, PackCollator,
                                  PaddedCollator, build_collator, pack_weights_and_counts)
 from longalign.constants import IGNORE_INDEX as X
 
@@ -121,3 +121,14 @@ def test_original_warmup_packs_cut_and_double():
         PackCollator("token", warmup)
     with pytest.raises(ValueError, match="--batch_method pack"):
         build_collator("sort", "sequence", 0, original_warmup=True)
+
+
+def test_pack_collator_reads_the_stored_loss_weights_for_the_sequence_reduction():
+    stored = {**PACK_A, "loss_weights": [0, .25, .75, 0, 1]}  # not the 1/N_k the labels give
+    assert PackCollator("sequence")([stored])["loss_weights"].tolist() == [[0, .25, .75, 0, 1]]
+    warm = PackCollator("sequence", OriginalWarmup(packs=1, tokens=4))([{**stored, ROW_INDEX_KEY: 0}])
+    assert warm["loss_weights"].tolist() == [[0, .5, 1.5, 0]]  # the original: stored weights, cut, doubled
+    mean = PackCollator("pack_mean")([stored])  # the other reductions are derived from the labels
+    assert torch.allclose(mean["loss_weights"][0], torch.tensor([0, 1 / 3, 1 / 3, 0, 1 / 3]))
+    with pytest.raises(ValueError, match="loss_weights: expected 5 values"):
+        PackCollator("sequence")([{**PACK_A, "loss_weights": [0, .5, .5, 0]}])

@@ -94,7 +94,7 @@ def test_demo_training_loss_fell(demo):
 
 
 def test_demo_model_reloads_and_differs_from_init(demo):
-    from longalign.generation import load_model_and_tokenizer
+    from longalign.eval.generation import load_model_and_tokenizer
 
     out, stdout, _ = demo
     assert printed(stdout, "[demo] trained model:") == [str(out / "model")]

@@ -2,7 +2,7 @@
 import json
 import random
 
-from longalign.conversations import Conversation, read_jsonl
+from longalign.data.conversations import Conversation, read_jsonl
 from longalign.demo.tasks import LONG_TASKS, NEEDLE_QUESTION
 from longalign.demo_data import generate_haystack, generate_long, generate_short, write_demo_data
 

@@ -7,7 +7,7 @@ import torch
 from longalign.demo_data import write_demo_data
 from longalign.demo_eval import (RetrievalExample, check_disjoint, evaluate_model, held_out_short_examples,
                                  size_window, held_out_examples, score_examples, training_texts)
-from longalign.generation import Candidate, encode_text
+from longalign.eval.generation import Candidate, encode_text
 from longalign.tiny_model import TinyShape, save_tiny_model
 
 CONTEXT = 300
@@ -111,7 +111,7 @@ def test_evaluate_model_end_to_end_on_an_untrained_model(raw, tmp_path):
 
 def test_teacher_forced_exact_match_is_greedy_exact_match_and_packing_changes_nothing(raw, tmp_path):
     from longalign.demo_eval import teacher_forced_scores
-    from longalign.generation import LocalModel, encode_prompt, prepare_prompt
+    from longalign.eval.generation import LocalModel, encode_prompt, prepare_prompt
     from longalign.modeling.loading import load_training_model
 
     save_tiny_model("llama", raw / "tokenizer", tmp_path / "m",

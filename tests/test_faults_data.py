@@ -8,12 +8,12 @@ import shutil
 import datasets
 import pytest
 
-from faults_support import (REPO, kill_at, messages, no_write_permission_prefix, run_cli, snapshot,
+from helpers.faults_support import (REPO, kill_at, messages, no_write_permission_prefix, run_cli, snapshot,
                             write_jsonl)
 from longalign import fault_points
 from longalign.json_files import BrokenJsonFileError
 from longalign.storage import OUTPUT_MARKER, clean_leftovers
-from longalign.validation import DatasetValidationError, check_sort_pack_pair
+from longalign.data.validation import DatasetValidationError, check_sort_pack_pair
 
 LONG = [messages(f"Question {i}: what is the key?", f"The key is {i}.") for i in range(4)]
 SHORT = [messages(f"hi {i}", f"hello {i}") for i in range(3)]
@@ -56,8 +56,9 @@ def dataset_dir(tmp_path_factory, tiny_tokenizer_dir):
 
 
 # ---- 1. --output_dir replaced whatever was there -------------------------------------------------
+@pytest.mark.subprocess
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite_output_dir"]])
-def test_1_output_dir_holding_the_inputs_is_refused_and_nothing_is_deleted(tmp_path, tiny_tokenizer_dir, raw,
+def test_output_dir_holding_the_inputs_is_refused_and_nothing_is_deleted(tmp_path, tiny_tokenizer_dir, raw,
                                                                            overwrite):
     before = snapshot(tmp_path / "raw")
     done = pre_tokenize(tiny_tokenizer_dir, raw, tmp_path / "raw", *overwrite)
@@ -65,8 +66,9 @@ def test_1_output_dir_holding_the_inputs_is_refused_and_nothing_is_deleted(tmp_p
     assert snapshot(tmp_path / "raw") == before
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite_output_dir"]])
-def test_1_an_unrelated_folder_or_a_regular_file_is_never_replaced(tmp_path, tiny_tokenizer_dir, raw, overwrite):
+def test_an_unrelated_folder_or_a_regular_file_is_never_replaced(tmp_path, tiny_tokenizer_dir, raw, overwrite):
     unrelated = tmp_path / "mine"
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("keep me")
@@ -80,7 +82,8 @@ def test_1_an_unrelated_folder_or_a_regular_file_is_never_replaced(tmp_path, tin
         assert snapshot(target) == before
 
 
-def test_1_a_previous_output_is_replaced_but_not_what_was_put_in_it(tmp_path, tiny_tokenizer_dir, raw, dataset_dir):
+@pytest.mark.subprocess
+def test_a_previous_output_is_replaced_but_not_what_was_put_in_it(tmp_path, tiny_tokenizer_dir, raw, dataset_dir):
     out = tmp_path / "data"
     shutil.copytree(dataset_dir, out)
     assert sort_and_group(out, "--group_size", "1").returncode == 0  # sort/, pack/ inside the dataset
@@ -95,7 +98,8 @@ def test_1_a_previous_output_is_replaced_but_not_what_was_put_in_it(tmp_path, ti
     assert done.returncode == 0, done.stderr
 
 
-def test_1_sort_and_group_never_replaces_a_file_at_sort_or_pack(tmp_path, dataset_dir):
+@pytest.mark.subprocess
+def test_sort_and_group_never_replaces_a_file_at_sort_or_pack(tmp_path, dataset_dir):
     out = tmp_path / "data"
     shutil.copytree(dataset_dir, out)
     (out / "pack").write_text("not a dataset")
@@ -128,7 +132,8 @@ def tokenizer_with_code(tokenizer_dir, folder):
     return folder
 
 
-def test_2_tokenizer_code_runs_only_with_trust_remote_code(tmp_path, tiny_tokenizer_dir, raw):
+@pytest.mark.subprocess
+def test_tokenizer_code_runs_only_with_trust_remote_code(tmp_path, tiny_tokenizer_dir, raw):
     tokenizer = tokenizer_with_code(tiny_tokenizer_dir, tmp_path / "custom")
     ran, out = tmp_path / "ran", tmp_path / "out"
     env = {"REMOTE_CODE_RAN": str(ran), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
@@ -150,7 +155,8 @@ SURROGATE_ROWS = [json.dumps(LONG[0]),
                   '{"role": "assistant", "content": "yes"}]}']
 
 
-def test_3_lone_surrogate_rows_are_counted_with_file_and_line(tmp_path, tiny_tokenizer_dir, raw):
+@pytest.mark.subprocess
+def test_lone_surrogate_rows_are_counted_with_file_and_line(tmp_path, tiny_tokenizer_dir, raw):
     write_jsonl(raw["long"], SURROGATE_ROWS)
     out = tmp_path / "out"
     done = pre_tokenize(tiny_tokenizer_dir, raw, out)
@@ -163,7 +169,8 @@ def test_3_lone_surrogate_rows_are_counted_with_file_and_line(tmp_path, tiny_tok
         (str(raw["long"]), 2, "lone_surrogate"), (str(raw["long"]), 4, "lone_surrogate")]
 
 
-def test_3_strict_stops_at_the_lone_surrogate_naming_file_and_line(tmp_path, tiny_tokenizer_dir, raw):
+@pytest.mark.subprocess
+def test_strict_stops_at_the_lone_surrogate_naming_file_and_line(tmp_path, tiny_tokenizer_dir, raw):
     write_jsonl(raw["long"], SURROGATE_ROWS)
     done = pre_tokenize(tiny_tokenizer_dir, raw, tmp_path / "out", "--strict")
     assert done.returncode != 0 and f"{raw['long']}:2: invalid row (lone_surrogate)" in done.stderr
@@ -171,7 +178,8 @@ def test_3_strict_stops_at_the_lone_surrogate_naming_file_and_line(tmp_path, tin
 
 
 # ---- 6. outputs the next stage cannot read ----------------------------------------------------------
-def test_6_empty_input_exits_nonzero_and_writes_nothing(tmp_path, tiny_tokenizer_dir, raw):
+@pytest.mark.subprocess
+def test_empty_input_exits_nonzero_and_writes_nothing(tmp_path, tiny_tokenizer_dir, raw):
     write_jsonl(raw["long"], [])
     write_jsonl(raw["short"], [])
     done = pre_tokenize(tiny_tokenizer_dir, raw, tmp_path / "out")
@@ -179,13 +187,15 @@ def test_6_empty_input_exits_nonzero_and_writes_nothing(tmp_path, tiny_tokenizer
     assert not (tmp_path / "out").exists()
 
 
-def test_6_max_length_shorter_than_the_template_is_refused_before_tokenizing(tmp_path, tiny_tokenizer_dir, raw):
+@pytest.mark.subprocess
+def test_max_length_shorter_than_the_template_is_refused_before_tokenizing(tmp_path, tiny_tokenizer_dir, raw):
     done = pre_tokenize(tiny_tokenizer_dir, raw, tmp_path / "out", "--max_length", "3")
     assert done.returncode != 0 and "shorter than the llama chat template" in done.stderr
     assert PROGRESS not in done.stderr and not (tmp_path / "out").exists()
 
 
-def test_6_sort_and_group_on_an_empty_dataset_is_a_clear_error(tmp_path):
+@pytest.mark.subprocess
+def test_sort_and_group_on_an_empty_dataset_is_a_clear_error(tmp_path):
     feature = datasets.List(datasets.Value("int32"))
     empty = tmp_path / "empty"
     datasets.Dataset.from_dict({"input_ids": [], "labels": []},
@@ -197,7 +207,8 @@ def test_6_sort_and_group_on_an_empty_dataset_is_a_clear_error(tmp_path):
 
 
 # ---- 8. group_size above the dataset; sort/ and pack/ from different runs -------------------------------
-def test_8_group_size_larger_than_the_dataset_is_an_error_unless_asked(tmp_path, dataset_dir):
+@pytest.mark.subprocess
+def test_group_size_larger_than_the_dataset_is_an_error_unless_asked(tmp_path, dataset_dir):
     out = tmp_path / "data"
     shutil.copytree(dataset_dir, out)
     done = sort_and_group(out, "--group_size", "100")
@@ -209,7 +220,8 @@ def test_8_group_size_larger_than_the_dataset_is_an_error_unless_asked(tmp_path,
     assert datasets.load_from_disk(str(out / "sort")).num_rows == 100
 
 
-def test_8_kill_between_sort_and_pack_leaves_a_refused_pair_the_next_run_repairs(tmp_path, dataset_dir):
+@pytest.mark.subprocess
+def test_kill_between_sort_and_pack_leaves_a_refused_pair_the_next_run_repairs(tmp_path, dataset_dir):
     out = tmp_path / "data"
     shutil.copytree(dataset_dir, out)
     assert sort_and_group(out, "--group_size", "1", "--seed", "1").returncode == 0
@@ -227,7 +239,8 @@ def test_8_kill_between_sort_and_pack_leaves_a_refused_pair_the_next_run_repairs
 
 
 # ---- 9. BOM, interrupted swaps and leftovers, permissions, --output_dir . ----------------------------
-def test_9_a_bom_at_file_start_keeps_the_first_row_and_is_counted(tmp_path, tiny_tokenizer_dir, raw):
+@pytest.mark.subprocess
+def test_a_bom_at_file_start_keeps_the_first_row_and_is_counted(tmp_path, tiny_tokenizer_dir, raw):
     write_jsonl(raw["long"], LONG, prefix=b"\xef\xbb\xbf")
     out = tmp_path / "out"
     done = pre_tokenize(tiny_tokenizer_dir, raw, out)
@@ -247,8 +260,9 @@ SWAP_KILLS = [  # (fault point, two-rename fallback, what the path holds right a
 ]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("point, fallback, holds", SWAP_KILLS)
-def test_9_a_kill_during_the_swap_keeps_the_output_readable_and_the_next_run_cleans_up(
+def test_a_kill_during_the_swap_keeps_the_output_readable_and_the_next_run_cleans_up(
         tmp_path, tiny_tokenizer_dir, raw, dataset_dir, point, fallback, holds):
     out = tmp_path / "data"
     shutil.copytree(dataset_dir, out)  # the old output: 7 rows
@@ -268,7 +282,8 @@ def test_9_a_kill_during_the_swap_keeps_the_output_readable_and_the_next_run_cle
     assert datasets.load_from_disk(str(out)).num_rows == 5 and not leftovers(out)
 
 
-def test_9_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, tiny_tokenizer_dir, raw, dataset_dir):
+@pytest.mark.subprocess
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, tiny_tokenizer_dir, raw, dataset_dir):
     locked = tmp_path / "locked"
     shutil.copytree(dataset_dir, locked / "data")
     prefix = no_write_permission_prefix(locked)
@@ -284,7 +299,8 @@ def test_9_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, tiny
     assert sorted(p.name for p in locked.iterdir()) == ["data"] and not (locked / "data" / "sort").exists()
 
 
-def test_9_output_dir_dot_is_refused_up_front(tmp_path, tiny_tokenizer_dir, raw):
+@pytest.mark.subprocess
+def test_output_dir_dot_is_refused_up_front(tmp_path, tiny_tokenizer_dir, raw):
     work = tmp_path / "work"
     work.mkdir()
     done = pre_tokenize(tiny_tokenizer_dir, raw, ".", cwd=work)
@@ -292,17 +308,19 @@ def test_9_output_dir_dot_is_refused_up_front(tmp_path, tiny_tokenizer_dir, raw)
     assert list(work.iterdir()) == []
 
 
+@pytest.mark.subprocess
 def test_outputs_carry_the_marker_and_still_load(dataset_dir):
     marker = json.loads((dataset_dir / OUTPUT_MARKER).read_text())
     assert marker["stage"] == "pre_tokenize" and "stats.json" in marker["entries"]
     assert datasets.load_from_disk(str(dataset_dir)).num_rows == 7
 
 
-# ---- errors that name the file or flag at fault (issue 25) ---------------------------------------------
+# ---- errors that name the file or flag at fault ---------------------------------------------
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
 def test_a_broken_tokenizer_file_is_named_by_every_stage(tmp_path, tiny_tokenizer_dir, raw, name):
     import pre_tokenize as pre_tokenize_script
-    from longalign import generation, tokenization
+    from longalign.eval import generation
+    from longalign.data import tokenization
 
     folder = shutil.copytree(tiny_tokenizer_dir, tmp_path / "tokenizer")
     text = (folder / name).read_text(encoding="utf-8")
@@ -325,6 +343,7 @@ def test_a_broken_checkpoint_config_is_named(tmp_path):
         model_family(tmp_path)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script, flag", [("pre_tokenize", "--shuffle_seed"), ("sort_and_group", "--seed")])
 def test_a_negative_seed_is_refused_naming_its_flag(capsys, tmp_path, dataset_dir, script, flag):
     import importlib

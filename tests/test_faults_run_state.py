@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from longalign.run_state import (FINGERPRINT_FILE, RUN_MARKER, RunStateError, check_resume, check_same_data,
+from longalign.train.run_state import (FINGERPRINT_FILE, RUN_MARKER, RunStateError, check_resume, check_same_data,
                                  data_fingerprint, main as run_state_main, missing_checkpoint_files,
                                  prepare_fresh_output_dir)
 from test_train import argv_for, make_model_dir, make_sequences, make_train_file
@@ -36,6 +36,7 @@ def trained(tmp_path_factory):
     return root, Path(data), out / "checkpoint-2"
 
 
+@pytest.mark.integration
 def test_a_checkpoint_hf_trainer_wrote_is_complete_and_carries_the_fingerprint(trained):
     _, data, checkpoint = trained
     assert missing_checkpoint_files(checkpoint, settings()) == []
@@ -43,6 +44,7 @@ def test_a_checkpoint_hf_trainer_wrote_is_complete_and_carries_the_fingerprint(t
     assert saved == data_fingerprint(data / "pack")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("removed", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
                                      "model.safetensors"])
 def test_a_checkpoint_without_a_file_hf_wrote_is_incomplete(trained, tmp_path, removed):
@@ -54,6 +56,7 @@ def test_a_checkpoint_without_a_file_hf_wrote_is_incomplete(trained, tmp_path, r
         check_resume(copy, tmp_path / "new", settings(), data_fingerprint(Path(data) / "pack"))
 
 
+@pytest.mark.integration
 def test_other_world_size_and_fp16_need_their_own_files(trained):
     _, _, checkpoint = trained
     assert missing_checkpoint_files(checkpoint, settings(world_size=2)) == ["rng_state_0.pth", "rng_state_1.pth"]
@@ -99,6 +102,7 @@ def test_deepspeed_scheduler_pt_only_for_hf_schedulers(tmp_path):
     assert missing_checkpoint_files(checkpoint, settings(1, {**config, "scheduler": {"type": "WarmupLR"}})) == []
 
 
+@pytest.mark.integration
 def test_resume_on_other_data_is_refused_naming_what_changed(trained, tmp_path):
     _, data, checkpoint = trained
     copy = shutil.copytree(checkpoint, tmp_path / "checkpoint-2")
@@ -113,6 +117,7 @@ def test_resume_on_other_data_is_refused_naming_what_changed(trained, tmp_path):
         check_same_data(copy, other)
 
 
+@pytest.mark.integration
 def test_later_checkpoints_in_the_output_folder_are_never_overwritten(trained, tmp_path):
     _, data, checkpoint = trained
     out = tmp_path / "out"
@@ -178,7 +183,7 @@ class RankArgs(SimpleNamespace):
 def test_only_the_saving_process_inspects_a_fresh_output_folder(tmp_path):
     """A non-saving rank must not read the folder the main rank is writing: a multi-process run
     once failed when rank 1 found rank 0's half-written run marker (its atomic temp file)."""
-    from longalign.run_state import start_run
+    from longalign.train.run_state import start_run
 
     data = tmp_path / "data"
     data.mkdir()

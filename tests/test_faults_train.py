@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from faults_support import REPO, kill_at, run_cli
+from helpers.faults_support import REPO, kill_at, run_cli
 from longalign import fault_points
-from longalign.divergence import DivergenceGuard, TrainingDiverged, check_nan_policy
+from longalign.train.divergence import DivergenceGuard, TrainingDiverged, check_nan_policy
 from longalign.constants import IGNORE_INDEX
-from longalign.validation import DatasetValidationError
+from longalign.data.validation import DatasetValidationError
 from sort_and_group import sort_and_group
 from test_train import VOCAB, argv_for, make_model_dir, make_sequences
 from train import main as train_main
-from training_models import tiny_llama
+from helpers.training_models import tiny_llama
 
 SAVE = ["--save_strategy", "steps", "--save_steps", "2"]
 
@@ -55,8 +55,9 @@ def steps_saved(out: Path) -> list[str]:
 
 
 # ---- 4. resume: complete checkpoints, same data ------------------------------------------------
+@pytest.mark.subprocess
 @pytest.mark.parametrize("removed", ["optimizer.pt", "scheduler.pt"])
-def test_4_resume_from_a_checkpoint_without_optimizer_or_scheduler_state_is_refused(setup, tmp_path, removed):
+def test_resume_from_a_checkpoint_without_optimizer_or_scheduler_state_is_refused(setup, tmp_path, removed):
     _, model, _ = setup
     data, out = fresh_data(setup, tmp_path), tmp_path / "out"
     assert train(model, data, out, "--max_steps", "2", *SAVE).returncode == 0
@@ -66,7 +67,8 @@ def test_4_resume_from_a_checkpoint_without_optimizer_or_scheduler_state_is_refu
     assert steps_saved(out) == ["checkpoint-2"] and "'loss'" not in done.stdout  # it never trained
 
 
-def test_4_resume_after_sort_and_group_was_rerun_with_another_seed_is_refused(setup, tmp_path):
+@pytest.mark.subprocess
+def test_resume_after_sort_and_group_was_rerun_with_another_seed_is_refused(setup, tmp_path):
     _, model, _ = setup
     data, out = fresh_data(setup, tmp_path, seed=1), tmp_path / "out"
     assert train(model, data, out, "--max_steps", "2", *SAVE).returncode == 0
@@ -84,7 +86,8 @@ def test_4_resume_after_sort_and_group_was_rerun_with_another_seed_is_refused(se
 
 
 # ---- 5. a fresh run into another run's folder --------------------------------------------------
-def test_5_a_fresh_run_into_a_used_output_folder_is_refused_or_moves_the_old_run_aside(setup, tmp_path):
+@pytest.mark.subprocess
+def test_a_fresh_run_into_a_used_output_folder_is_refused_or_moves_the_old_run_aside(setup, tmp_path):
     _, model, _ = setup
     data, out = fresh_data(setup, tmp_path), tmp_path / "out"
     assert train(model, data, out, "--max_steps", "4", *SAVE).returncode == 0
@@ -111,12 +114,13 @@ def corrupt_row(data: Path, row: int, change) -> None:
     (data / "pack" / "stats.json").write_text(stats)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("what, change, message", [
     ("collapsed cu_seqlens", lambda r: r.update(cu_seqlens=[0, len(r["input_ids"])]), "num_sequences differs"),
     ("token id >= vocab", lambda r: r["input_ids"].__setitem__(1, VOCAB), "input_ids outside"),
     ("labels shorter than ids", lambda r: r.update(labels=r["labels"][:-1]), "differ in length"),
 ])
-def test_7_a_corrupt_pack_row_is_refused_before_the_first_step_by_its_dataset_row(setup, tmp_path, what, change,
+def test_a_corrupt_pack_row_is_refused_before_the_first_step_by_its_dataset_row(setup, tmp_path, what, change,
                                                                                     message):
     _, model, _ = setup
     data = fresh_data(setup, tmp_path)
@@ -128,7 +132,8 @@ def test_7_a_corrupt_pack_row_is_refused_before_the_first_step_by_its_dataset_ro
 
 
 # ---- 8. sort/ and pack/ from different sort_and_group.py runs ------------------------------------------
-def test_8_train_refuses_a_sort_pack_pair_left_by_a_killed_sort_and_group(setup, tmp_path):
+@pytest.mark.subprocess
+def test_train_refuses_a_sort_pack_pair_left_by_a_killed_sort_and_group(setup, tmp_path):
     _, model, _ = setup
     data = fresh_data(setup, tmp_path, seed=1)
     kill_at([REPO / "sort_and_group.py", "--train_file", data, "--group_size", "1", "--max_length", "64",
@@ -140,10 +145,11 @@ def test_8_train_refuses_a_sort_pack_pair_left_by_a_killed_sort_and_group(setup,
         assert not (tmp_path / method).exists()
 
 
-# ---- a diverging run (issue 25 item 2) ------------------------------------------------------------------
+# ---- a diverging run ------------------------------------------------------------------
 DIVERGING = ["--learning_rate", "1e30"]  # the second step's update makes every activation overflow
 
 
+@pytest.mark.subprocess
 def test_a_diverging_run_exits_nonzero_naming_the_step_and_saves_no_final_model(setup, tmp_path):
     _, model, _ = setup
     data, out = fresh_data(setup, tmp_path), tmp_path / "out"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from longalign.constants import IGNORE_INDEX as X
-from longalign.validation import DatasetValidationError, validate_training_dataset
+from longalign.data.validation import DatasetValidationError, validate_training_dataset
 from sort_and_group import sort_and_group
 
 VOCAB = 1000
@@ -91,7 +91,7 @@ def test_rows_longer_than_max_length_and_empty_rows_are_refused(pack_rows):
 
 
 def test_rows_past_the_first_slice_are_named_by_their_dataset_row(pack_rows, monkeypatch):
-    from longalign import validation
+    from longalign.data import validation
 
     monkeypatch.setattr(validation, "ROWS_PER_SLICE", 2)  # BAD_ROW sits in the second slice
     with pytest.raises(DatasetValidationError, match=f"row {BAD_ROW}: .*outside"):

@@ -1,4 +1,4 @@
-"""longalign.generation / chat_formats: truncation, chat formats, remote code, local generation."""
+"""longalign.eval.generation / chat_formats: truncation, chat formats, remote code, local generation."""
 import json
 import subprocess
 import sys
@@ -6,16 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from longalign import generation
-from longalign.chat_formats import ChatFormat, render_prompt, resolve_chat_format
-from longalign.generation import (CHARACTERS, TOKENS, GenerationSettings, LocalModel, RemoteCodeRequired,
+from longalign.eval import generation
+from longalign.eval.prompt_formats import ChatFormat, render_prompt, resolve_chat_format
+from longalign.remote_code import RemoteCodeRequired
+from longalign.eval.generation import (CHARACTERS, TOKENS, GenerationSettings, LocalModel,
                                   encode_prompt, encode_text, middle_truncate, prepare_prompt, truncate_query)
-from longalign.templates import build_prompt
+from longalign.data.training_format import build_prompt
 from longalign.tiny_model import TinyShape, save_tiny_model
-from tiny_llama import save_tiny_llama
+from helpers.tiny_llama import save_tiny_llama
 
 SIMPLE_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
-# what this repo's Llama checkpoints carry after issue 13: exactly templates.py's "[INST]{user}[/INST]"
+# what this repo's Llama checkpoints carry: exactly templates.py's "[INST]{user}[/INST]"
 LLAMA_TRAINING_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST]{{ m['content'] }}[/INST]"
                            "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
 QUERY = "The quick brown fox jumps over the lazy dog. " * 30
@@ -183,8 +184,9 @@ def test_attention_implementation_choice(monkeypatch):
     assert generation.attn_implementation_for("llama", "cuda") == "sdpa"
 
 
+@pytest.mark.subprocess
 def test_no_root_model_modules_are_imported():
-    code = ("import sys, longalign.generation, longalign.candidates, longalign.served_model; "
+    code = ("import sys, longalign.eval.generation, longalign.eval.candidates, longalign.eval.served_model; "
             f"print([m for m in {ROOT_MODEL_MODULES!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[1]))
@@ -192,11 +194,11 @@ def test_no_root_model_modules_are_imported():
 
 
 def test_chatglm_checkpoint_loads_through_auto_classes(tiny_tokenizer_dir, tmp_path):
-    """A ChatGLM checkpoint of this repo: remote code through AutoModelForCausalLM (issue 13)."""
+    """A ChatGLM checkpoint of this repo: remote code through AutoModelForCausalLM."""
     shape = TinyShape(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64, max_positions=512)
     out = save_tiny_model("chatglm", tiny_tokenizer_dir, tmp_path / "my-run", shape)["out"]
     if "auto_map" not in json.loads((Path(out) / "config.json").read_text()):
-        pytest.skip("ChatGLM checkpoints carry no remote code yet (issue 13, the lead's change); runs after it lands")
+        pytest.skip("ChatGLM checkpoints carry no remote code yet (the lead's change); runs after it lands")
     with pytest.raises(RemoteCodeRequired):
         LocalModel(out)
     model = LocalModel(out, trust_remote_code=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from longalign.conversations import InvalidInputError, validate_row
-from longalign.input_files import UnreadableSourceError
-from longalign.pretokenize import INVALID_REPORT, run_pretokenize
-from longalign.templates import conversation_text
+from longalign.data.conversations import InvalidInputError, validate_row
+from longalign.data.input_files import UnreadableSourceError
+from longalign.data.tokenize_stage import INVALID_REPORT, run_pretokenize
+from longalign.data.training_format import conversation_text
 from test_pre_tokenize import load_rows, make_config, messages, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,6 +234,7 @@ def test_the_same_file_as_long_and_short_is_refused(tmp_path, tiny_tokenizer_dir
     run_pretokenize(make_config(tmp_path, tiny_tokenizer_dir, [], [], long_path=path, short_path=path, datanum=0))
 
 
+@pytest.mark.integration
 def test_the_same_file_as_long_and_short_fails_on_the_command_line(tmp_path, tiny_tokenizer_dir):
     import pre_tokenize
 
@@ -253,11 +254,11 @@ def test_data_without_system_turns_tokenizes_exactly_as_before(tmp_path, case):
     """tests/data/ids_before_system_turns: ids and labels recorded from the code before system
     turns, ShareGPT and the text budget; sample.jsonl read as messages and, converted, as ShareGPT."""
     import datasets
-    from tokenizer_builders import ChatGLM3LikeTokenizer
+    from helpers.tokenizer_builders import ChatGLM3LikeTokenizer
 
-    from longalign.conversations import read_jsonl
-    from longalign.pretokenize import PretokenizeConfig
-    from longalign.tokenization import ConversationTokenizer, finish_example
+    from longalign.data.conversations import read_jsonl
+    from longalign.data.tokenize_stage import PretokenizeConfig
+    from longalign.data.tokenization import ConversationTokenizer, finish_example
 
     expected = before_cases()[case]
     name, mode = case.split("/")
@@ -282,6 +283,7 @@ def test_data_without_system_turns_tokenizes_exactly_as_before(tmp_path, case):
 
 
 # ---- end to end: a ShareGPT dump into training ----------------------------------------------
+@pytest.mark.subprocess
 def test_sharegpt_json_with_system_turns_trains_end_to_end(tmp_path, tiny_tokenizer_dir):
     """pre_tokenize.py --short sharegpt.json (a ShareGPT array, system turns) -> sort_and_group.py
     -> train.py for 2 steps; the trained tokenizer's chat_template renders the trained text."""

@@ -1,11 +1,11 @@
-"""longalign.judge against a real loopback chat-completions server (tests/fake_openai_server.py)."""
+"""longalign.eval.judge against a real loopback chat-completions server (tests/helpers/fake_openai_server.py)."""
 import time
 
 import pytest
 
-from fake_openai_server import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAIServer
-from longalign.judge import Judge, JudgeConfigError, judgement_key, parse_rating
-from longalign.openai_api import AuthenticationFailed, RetryPolicy
+from helpers.fake_openai_server import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAIServer
+from longalign.eval.judge import Judge, JudgeConfigError, judgement_key, parse_rating
+from longalign.eval.openai_api import AuthenticationFailed, RetryPolicy
 from longalign.storage import read_jsonl
 
 TOKENS = PROMPT_TOKENS + COMPLETION_TOKENS

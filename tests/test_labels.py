@@ -1,4 +1,4 @@
-"""Exact ids and labels of both families (issue 14), on the tokenizers the families really use:
+"""Exact ids and labels of both families, on the tokenizers the families really use:
 a sentencepiece Llama-2-style tokenizer directory (converted to a fast tokenizer) and a python
 ChatGLM3-like tokenizer (`[gMASK] sop` prefix, role commands), plus the byte-level demo one.
 
@@ -12,8 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from longalign.constants import IGNORE_INDEX as X
-from longalign.tokenization import ConversationTokenizer
-from tokenizer_builders import CHATGLM3_COMMANDS, build_chatglm3_like_tokenizer, build_llama2_sentencepiece_dir
+from longalign.data.tokenization import ConversationTokenizer
+from helpers.tokenizer_builders import CHATGLM3_COMMANDS, build_chatglm3_like_tokenizer, build_llama2_sentencepiece_dir
 
 CONTROL_STRINGS = "</s> <s> <unk> [INST] [/INST] [gMASK] sop [sMASK] <|user|> <|assistant|> <|observation|>"
 

@@ -1,4 +1,4 @@
-"""The paper's scripts on one node or several: scripts/_launch.sh and longalign/launch.py.
+"""The paper's scripts on one node or several: scripts/_launch.sh and longalign/train/launch.py.
 
 The scripts run under bash with stub `deepspeed`, `scontrol` and `srun` executables first on PATH
 (the stub launcher records its arguments and a copy of the hostfile it is given), on data that is
@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from longalign import launch
+from longalign.train import launch
 from test_scripts import write_stub
 
 LAUNCH_ENV = ("NUM_GPUS", "MODEL", "DATA", "OUT", "HOSTFILE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
@@ -70,6 +70,7 @@ def launcher_words(words: list[str]) -> list[str]:
     return words[:words.index("train.py")]
 
 
+@pytest.mark.subprocess
 def test_one_node_is_the_paper_command_after_the_group_size_check(bin_dir, tmp_path):
     data = fake_data(tmp_path, group_size=8)
     proc, words = run_script("llama_pack.sh", bin_dir, tmp_path, NUM_GPUS="8", DATA=data)
@@ -79,6 +80,7 @@ def test_one_node_is_the_paper_command_after_the_group_size_check(bin_dir, tmp_p
     assert f"{data}/pack/stats.json: group_size 8 fits 8 rows per micro-step" in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_hostfile_form_counts_the_slots_of_every_host(bin_dir, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\n\ngpu-a slots=8\ngpu-b slots=4\n")
@@ -93,6 +95,7 @@ def test_hostfile_form_counts_the_slots_of_every_host(bin_dir, tmp_path):
                                          "--master_port", "29500"]
 
 
+@pytest.mark.subprocess
 def test_per_node_form_runs_deepspeed_without_ssh_on_a_hostfile_of_all_nodes(bin_dir, tmp_path):
     data = fake_data(tmp_path, group_size=16)
     proc, words = run_script("chatglm_pack.sh", bin_dir, tmp_path, "--max_steps", "20", NNODES="2", NODE_RANK="1",
@@ -119,6 +122,7 @@ def test_deepspeed_reads_the_hostfiles_as_the_launcher_counts_them(tmp_path):
     assert dict(fetch_hostfile(str(hostfile))) == {"node0": 8, "node1": 8, "node2": 8}  # W = 24 for DeepSpeed too
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("form", ["nnodes", "hostfile", "sequence_parallel"])
 def test_group_size_mismatch_stops_before_any_launcher_starts(bin_dir, tmp_path, form):
     """Data grouped for one 8-GPU node, launched on two: an error naming both numbers and the fix."""
@@ -203,6 +207,7 @@ def test_group_size_of_several_micro_steps_is_accepted_as_train_py_accepts_it(tm
     assert "group_size 32 fits 16 rows per micro-step, each group split over 2" in capsys.readouterr().err
 
 
+@pytest.mark.subprocess
 def test_slurm_example_starts_one_launcher_per_node(bin_dir, tmp_path):
     data = fake_data(tmp_path, group_size=16)
     proc, words = run_script("slurm/multinode.sh", bin_dir, tmp_path, "--max_steps", "20", DATA=data,
@@ -228,6 +233,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.subprocess
 @deepspeed_available
 def test_one_node_of_a_multi_node_job_trains_two_steps_on_gloo(tmp_path):
     """NNODES=1 NODE_RANK=0 on 2 CPU processes: the launcher words _launch.sh uses, DeepSpeed's own

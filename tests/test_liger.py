@@ -1,4 +1,4 @@
-"""longalign.liger: what it asks of liger-kernel's API, and its weighted loss glue.
+"""longalign.train.speed.liger: what it asks of liger-kernel's API, and its weighted loss glue.
 
 liger-kernel's kernels are Triton (GPU): here a stand-in package records the entry-point call and
 computes the per-token cross-entropy in torch, so the tests check this package's side: the loss
@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import longalign.liger as liger
+import longalign.train.speed.liger as liger
 from longalign.constants import IGNORE_INDEX
-from longalign.loss import causal_lm_loss
-from training_models import tiny_chatglm, tiny_llama
+from longalign.ops.weighted_loss import causal_lm_loss
+from helpers.training_models import tiny_chatglm, tiny_llama
 
 
 class _TorchFusedLinearCE(torch.nn.Module):

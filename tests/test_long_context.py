@@ -1,4 +1,4 @@
-"""ALST's single-GPU pieces (longalign/long_context.py) leave the step unchanged; bench_long_context smoke."""
+"""ALST's single-GPU pieces (longalign/train/speed/long_context.py) leave the step unchanged; bench_long_context smoke."""
 import json
 import subprocess
 import sys
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from longalign.collators import PackCollator
-from training_models import tiny_chatglm, tiny_llama
+from longalign.train.collators import PackCollator
+from helpers.training_models import tiny_chatglm, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 needs_deepspeed = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
@@ -40,11 +40,12 @@ def one_rank_deepspeed():
 
 def loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    loss = model(**batch, loss_reduction="mean").loss
+    loss = model(**batch, loss_aggregation="mean").loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.integration
 @needs_deepspeed
 @pytest.mark.parametrize("build", [tiny_llama, tiny_chatglm], ids=["llama", "chatglm"])
 @pytest.mark.parametrize("piece", ["tile_mlps", "offload_checkpoints_to_cpu", "both"])
@@ -52,7 +53,7 @@ def test_alst_pieces_give_the_same_step(build, piece, one_rank_deepspeed, monkey
     """On the CPU the offload runs DeepSpeed's GPU code path (its asynchronous offload engine): the
     CPU accelerator is reported as not synchronized, which is what selects that path."""
     from deepspeed.accelerator import get_accelerator
-    from longalign import long_context
+    from longalign.train.speed import long_context
     if piece != "tile_mlps" and not torch.cuda.is_available():
         monkeypatch.setattr(get_accelerator(), "is_synchronized_device", lambda: False)
     torch.manual_seed(0)
@@ -72,7 +73,7 @@ def test_alst_pieces_give_the_same_step(build, piece, one_rank_deepspeed, monkey
 
 @needs_deepspeed
 def test_offload_refuses_the_cpu_accelerator_with_the_reason(one_rank_deepspeed):
-    from longalign.long_context import offload_checkpoints_to_cpu
+    from longalign.train.speed.long_context import offload_checkpoints_to_cpu
     if torch.cuda.is_available():
         pytest.skip("runs on a GPU there")
     with pytest.raises(NotImplementedError, match="empties it"):
@@ -80,10 +81,12 @@ def test_offload_refuses_the_cpu_accelerator_with_the_reason(one_rank_deepspeed)
 
 
 def test_mlp_tiles_follow_deepspeed_rule():
-    from longalign.long_context import mlp_tiles
+    from longalign.train.speed.long_context import mlp_tiles
     assert mlp_tiles(65536, 2048) == 32 and mlp_tiles(100, 2048) == 1 and mlp_tiles(2049, 2048) == 2
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @needs_deepspeed
 def test_bench_long_context_smoke(tmp_path):
     """One subprocess per length (CPU, tiny); an out-of-memory child is a recorded row, not a crash."""
@@ -103,6 +106,7 @@ def test_bench_long_context_smoke(tmp_path):
     assert sorted({r["pack_tokens"] for r in rows}) == [256, 512]
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_length_is_recorded_and_longer_ones_skipped(monkeypatch, capsys):
     import bench_long_context as bench
 

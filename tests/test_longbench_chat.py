@@ -7,16 +7,16 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fake_openai_server import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAIServer
+from helpers.fake_openai_server import COMPLETION_TOKENS, PROMPT_TOKENS, FakeOpenAIServer
 from LongBench_Chat import check_data, eval as lbc_eval
-from longalign.longbench_chat.lbc_data import OFFICIAL_SHA256, TEMPLATE, DataError, download, load_data
-from longalign.longbench_chat.lbc_run import MAX_NAME_CHARS, model_save_name
-from longalign.longbench_chat.lbc_score import detect_language, judge_messages, select_cases
-from longalign.openai_api import AuthenticationFailed
-from longalign.prediction_keys import PredictionMismatch
+from longalign.eval.longbench_chat.data import OFFICIAL_SHA256, TEMPLATE, DataError, download, load_data
+from longalign.eval.longbench_chat.run import MAX_NAME_CHARS, model_save_name
+from longalign.eval.longbench_chat.score import detect_language, judge_messages, select_cases
+from longalign.eval.openai_api import AuthenticationFailed
+from longalign.eval.prediction_keys import PredictionMismatch
 from longalign.storage import read_jsonl
 from test_storage import LINE_SEPARATORS
-from tiny_llama import save_tiny_llama
+from helpers.tiny_llama import save_tiny_llama
 
 TEMPLATE_TEXT = ("[Question] {}\n[Reference] {}\n[Answer] {}\nRating: [[{}]]\n[Answer] {}\nRating: [[{}]]\n"
                  "[Answer] {}\nRating: [[{}]]\nRate this:\n[Answer] {}\nRating:")
@@ -132,7 +132,7 @@ def run_eval(tmp_path, *extra, out="out"):
 
 
 def test_predict_resumes_after_a_crash(tmp_path, tiny_llama_dir, monkeypatch):
-    from longalign.generation import LocalModel
+    from longalign.eval.generation import LocalModel
 
     write_data(tmp_path / "data")
     real, calls = LocalModel.respond, []

@@ -237,6 +237,7 @@ def _enable_checkpointing(model):
     enable()
 
 
+@pytest.mark.integration
 def test_gradient_checkpointing_gives_identical_gradients():
     _, ids, cu, pos = random_pack(256)
     labels = ids.clone()
@@ -265,10 +266,10 @@ def test_padded_batch_equals_unpadded_rows(side):
     labels = ids.clone()  # padding positions are ignored through attention_mask
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
-        loss_sum = model(ids, labels=labels, attention_mask=mask, loss_reduction="sum").loss
+        loss_sum = model(ids, labels=labels, attention_mask=mask, loss_aggregation="sum").loss
         ref_sum = 0.0
         for b, r in enumerate(rows):
             alone = model(r[None]).logits[0]
             assert (logits[b, spans[b]] - alone).abs().max().item() <= 1e-5
-            ref_sum += model(r[None], labels=r[None], loss_reduction="sum").loss
+            ref_sum += model(r[None], labels=r[None], loss_aggregation="sum").loss
     assert abs(loss_sum.item() - float(ref_sum)) <= 1e-5 * abs(float(ref_sum))

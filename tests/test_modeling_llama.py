@@ -6,8 +6,8 @@ import torch.nn.functional as F
 import transformers
 
 from longalign.constants import IGNORE_INDEX
-from longalign.attention import positions_from_cu_seqlens
-from longalign.loss import LMHeadWithLoss
+from longalign.pack_geometry import positions_from_cu_seqlens
+from longalign.ops.weighted_loss import LMHeadWithLoss
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, packed_attention_mask, register_packed_attention
 from longalign.modeling.weighted_lm import LongAlignLlamaForCausalLM as LlamaForCausalLM
 
@@ -119,12 +119,13 @@ def test_sum_reduction_and_logits_none(model):
     _, _, batch = _pack(2)
     with torch.no_grad():
         mean = model(**batch)
-        total = model(**batch, loss_reduction="sum")
+        total = model(**batch, loss_aggregation="sum")
     assert mean.logits is None and total.logits is None
     n_seq = sum(1 for w in batch["loss_weights"][0].split(LENGTHS) if w.sum() > 0)
     torch.testing.assert_close(total.loss, mean.loss * n_seq, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_gradient_checkpointing_identical_grads():
     torch.manual_seed(1)
     model = LlamaForCausalLM(_config())
@@ -248,3 +249,9 @@ def test_cuda_bf16_padded_and_packed_batches_match_stock(tmp_path):
     scale = ref.abs().max().item()
     assert (torch.cat([padded[b, :len(s)] for b, s in enumerate(seqs)]) - ref).abs().max().item() <= 2e-2 * scale
     assert (packed - ref).abs().max().item() <= 2e-2 * scale
+
+
+def test_forward_refuses_the_papers_reduction_keyword(model):
+    _, _, batch = _pack()
+    with pytest.raises(TypeError, match="loss_aggregation"):
+        model(**batch, loss_reduction="sum")

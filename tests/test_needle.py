@@ -8,20 +8,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fake_openai_server import FakeOpenAIServer
+from helpers.fake_openai_server import FakeOpenAIServer
 from Needle_test import eval as needle_eval, pred as needle_pred, prompt as needle_prompt, vis as needle_vis
-from longalign.needle_test.config import EVAL_SCHEMA, PRED_SCHEMA, PROMPT_SCHEMA, NeedleConfigError, load_config
-from longalign.needle_test.needle import (build_context, context_lengths, depth_percents, encode, haystack_ids,
+from longalign.eval.needle_test.config import EVAL_SCHEMA, PRED_SCHEMA, PROMPT_SCHEMA, NeedleConfigError, load_config
+from longalign.eval.needle_test.needle import (build_context, context_lengths, depth_percents, encode, haystack_ids,
                                 read_haystack, sentence_end_patterns)
-from longalign.needle_test.prompt_set import PromptSetError
-from longalign.needle_test.scoring import JUDGE_PROMPT_SHA256, match_score
-from longalign.generation import RemoteCodeRequired
-from longalign.openai_api import AuthenticationFailed
-from longalign.prediction_keys import PredictionLog, PredictionMismatch, prompt_sha256
+from longalign.eval.needle_test.prompt_set import PromptSetError
+from longalign.eval.needle_test.scoring import JUDGE_PROMPT_SHA256, match_score
+from longalign.remote_code import RemoteCodeRequired
+from longalign.eval.openai_api import AuthenticationFailed
+from longalign.eval.prediction_keys import PredictionLog, PredictionMismatch, prompt_sha256
 from longalign.storage import OUTPUT_MARKER, read_jsonl
 from longalign.tiny_model import save_tiny_model
 from test_storage import LINE_SEPARATORS
-from tiny_llama import TEST_SHAPE, save_tiny_llama
+from helpers.tiny_llama import TEST_SHAPE, save_tiny_llama
 
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -89,6 +89,7 @@ def test_missing_haystack_is_a_clear_error(tmp_path):
         read_haystack(None)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("which", ["bpe", "unigram"])
 def test_exact_length_depth_and_sentence_boundary(which, tiny_tokenizer, unigram_tokenizer):
     tokenizer = tiny_tokenizer if which == "bpe" else unigram_tokenizer
@@ -108,6 +109,7 @@ def test_exact_length_depth_and_sentence_boundary(which, tiny_tokenizer, unigram
             assert found and tokenizer.decode(ids[:start]).rstrip()[-1] in ".。"
 
 
+@pytest.mark.integration
 def test_period_ids_come_from_each_tokenizer(tiny_tokenizer, unigram_tokenizer):
     bpe, uni = sentence_end_patterns(tiny_tokenizer), sentence_end_patterns(unigram_tokenizer)
     assert bpe.ids and uni.ids and bpe.ids != uni.ids
@@ -183,7 +185,7 @@ def pred_config(tmp_path, model_dir, temperature=0.1, save_file="pred/preds.json
 
 
 def test_pred_is_resumable(tmp_path, tiny_tokenizer_dir, tiny_llama_dir, haystack_dir, monkeypatch):
-    from longalign.generation import LocalModel
+    from longalign.eval.generation import LocalModel
 
     needle_prompt.main(["--config", prompt_config(tmp_path, tiny_tokenizer_dir, haystack_dir, (200,), (0, 50, 100))])
     config = pred_config(tmp_path, tiny_llama_dir)

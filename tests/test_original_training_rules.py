@@ -19,7 +19,7 @@ from test_train import (FAMILIES, REPO, argv_for, make_model_dir, make_sequences
 import train
 from longalign.constants import IGNORE_INDEX as X
 from longalign.modeling.loading import load_training_model
-from longalign.trainer import close_process_group
+from longalign.train.trainer import close_process_group
 
 MICRO_STEP = ("--loss_denominator", "micro_step")
 
@@ -59,6 +59,8 @@ def worker_main(spec_file: str) -> None:
     close_process_group()
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_micro_step_denominator_is_the_originals_average_of_means(workdir, tmp_path):
     """1 rank x GA 4 and 2 ranks x GA 2 each equal the original's rule for their micro-steps, and
     differ from the project's default (one K for the whole step)."""
@@ -85,6 +87,7 @@ def test_micro_step_denominator_is_the_originals_average_of_means(workdir, tmp_p
     assert abs(ranks[0]["loss"] - ref_loss) < 1e-5 * abs(ref_loss)
 
 
+@pytest.mark.integration
 def test_original_warmup_packs_double_the_first_32_packs(workdir):
     """With the learning rate at 0 every step sees the same model: the steps over packs 0..31
     (8 steps x GA 4) log twice the loss without the flag, the step over packs 32..35 the same

@@ -1,5 +1,7 @@
 """The project is an installed package with one-way imports: no sys.path edits outside tests, no
-import cycle inside `longalign`, and the ChatGLM remote code imports torch and transformers only."""
+import cycle inside `longalign`, imports run down the layers shared -> ops -> modeling -> data ->
+train / eval -> demo -> scripts (DESIGN.md §11), and the ChatGLM remote code imports torch and
+transformers only."""
 import ast
 from pathlib import Path
 
@@ -70,3 +72,74 @@ def test_remote_code_is_self_contained():
         assert tops <= {"torch", "transformers", "__future__", "math", "typing"}, (name, tops)
         relative = [n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.level]
         assert set(relative) <= {"configuration_chatglm"}, (name, relative)
+
+
+# ---- layers: shared -> ops -> modeling -> data -> train / eval -> demo -> scripts ----------------
+# A module may import its own layer or a lower one; train and eval never import each other.
+SHARED = {"longalign", "longalign.constants", "longalign.storage", "longalign.fault_points", "longalign.pack_geometry",
+          "longalign.json_files", "longalign.remote_code", "longalign.arguments"}
+LAYERS = {"shared": 0, "ops": 1, "modeling": 2, "data": 3, "train": 4, "eval": 4, "demo": 5}
+# the embedded demo's modules that still sit at the package top (the demo layer); train.py's progress bar
+TOP_LEVEL_DEMO = {"demo_data", "demo_eval", "demo_report", "tiny_model", "tiny_tokenizer"}
+TOP_LEVEL_TRAIN = {"progress"}
+SCRIPTS = {"train", "pre_tokenize", "sort_and_group", "LongBench_Chat", "Needle_test", "bench",
+           "modeling_chatglm", "modeling_llama", "llama_flash_attn_monkey_patch"}
+
+
+def layer_of(module: str) -> str:
+    if module in SHARED:
+        return "shared"
+    part = module.split(".")[1]
+    if part in TOP_LEVEL_DEMO:
+        return "demo"
+    if part in TOP_LEVEL_TRAIN:
+        return "train"
+    if part not in LAYERS:
+        raise AssertionError(f"{module}: not in a stage subpackage nor listed as shared (test_package_layout.SHARED)")
+    return part
+
+
+def _package_edges():
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges = []
+    for name, path in modules.items():
+        for imported in _imports(path):
+            if imported.split(".")[0] in SCRIPTS:
+                edges.append((name, imported))
+                continue
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                edges.append((name, imported))
+    return modules, edges
+
+
+def back_edges(edges) -> list[str]:
+    bad = []
+    for source, target in edges:
+        if target.split(".")[0] in SCRIPTS:
+            bad.append(f"{source} -> {target} (a script)")
+            continue
+        s, t = layer_of(source), layer_of(target)
+        if LAYERS[t] > LAYERS[s] or (LAYERS[t] == LAYERS[s] and s != t):
+            bad.append(f"{source} ({s}) -> {target} ({t})")
+    return bad
+
+
+def test_every_module_has_a_layer():
+    modules, _ = _package_edges()
+    for name in modules:
+        layer_of(name)
+
+
+def test_imports_run_down_the_layers():
+    _, edges = _package_edges()
+    assert back_edges(edges) == []
+
+
+def test_a_back_edge_is_caught():
+    assert back_edges([("longalign.ops.varlen_attention", "longalign.train.trainer")]) != []
+    assert back_edges([("longalign.eval.judge", "longalign.train.collators")]) != []
+    assert back_edges([("longalign.data.packing", "train")]) != []
+    assert back_edges([("longalign.train.trainer", "longalign.data.validation"),
+                       ("longalign.modeling.loading", "longalign.remote_code")]) == []

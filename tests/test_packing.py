@@ -2,10 +2,9 @@
 import numpy as np
 import pytest
 
-from longalign.packing import (attention_costs, balanced_group_order, best_fit_decreasing_pack, greedy_original_pack,
-                               cu_seqlens_values, greedy_pack, group_imbalance, plan_packs,
-                               sequence_loss_weights, split_packs_to_fill_groups)
-from longalign.sorting import fill_last_group, group_padding_fractions, original_sorted_group_order, sorted_group_order
+from longalign.data.packing import (attention_costs, balanced_group_order, best_fit_decreasing_pack, greedy_original_pack,
+                               greedy_pack, group_imbalance, plan_packs, split_packs_to_fill_groups)
+from longalign.data.sorting import fill_last_group, group_padding_fractions, original_sorted_group_order, sorted_group_order
 
 MAX = 10
 LENGTHS = [10, 3, 4, 5, 2, 8]  # one exactly MAX long
@@ -78,12 +77,6 @@ def test_balanced_group_order_groups_similar_costs_and_seed_shuffles():
 def test_attention_cost_and_imbalance():
     assert attention_costs([[0, 1], [2]], [3, 4, 5]).tolist() == [25, 25]
     assert group_imbalance([4, 2, 3, 3], 2).tolist() == pytest.approx([4 / 3, 1.0])
-
-
-def test_loss_weights_and_cu_seqlens():
-    assert sequence_loss_weights(np.array([4, 0, 1])).tolist() == [0.25, 0.0, 1.0]
-    assert sequence_loss_weights(np.array([4])).dtype == np.float32
-    assert cu_seqlens_values(np.array([3, 2, 4]), np.array([2, 1])).tolist() == [0, 3, 5, 0, 4]
 
 
 def test_plan_packs_completes_groups_for_both_strategies():

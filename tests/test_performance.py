@@ -1,4 +1,4 @@
-"""longalign.performance: the activation-memory formula counted against what autograd keeps, the
+"""longalign.train.speed.memory_model: the activation-memory formula counted against what autograd keeps, the
 static-memory terms, the recompute chooser on fake GPU sizes, and the speed-settings rules."""
 import json
 from pathlib import Path
@@ -7,13 +7,14 @@ import pytest
 import torch
 
 import longalign.modeling.packed_attention as packed_attention
-from longalign.attention import varlen_attention
-from longalign.performance import (GIB, MEMORY_HEADROOM, Kernels, LayerShape, MemorySetup, SpeedRequest,
+from longalign.ops.varlen_attention import varlen_attention
+from longalign.modeling.shape import ModelShape
+from longalign.train.speed.memory_model import (GIB, MEMORY_HEADROOM, Kernels, MemorySetup, SpeedRequest,
                                    choose_recompute, choose_speed_settings, deepspeed_memory_fields,
                                    layer_activation_bytes, longest_row_tokens, predicted_peak_bytes,
                                    recompute_ladder)
-from longalign.recompute import decoder_layers
-from training_models import tiny_chatglm, tiny_llama
+from longalign.ops.recompute import decoder_layers
+from helpers.training_models import tiny_chatglm, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTHS = (9, 14, 6, 11)
@@ -79,6 +80,7 @@ def saved_bytes_of_first_layer(model, dtype):
     return sum(storages.values()), sum(n for ptr, n in storages.items() if ptr in kept)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", ["llama", "chatglm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_none_policy_formula_counts_what_autograd_keeps(family, dtype, monkeypatch):
@@ -86,7 +88,7 @@ def test_none_policy_formula_counts_what_autograd_keeps(family, dtype, monkeypat
     torch.manual_seed(0)
     model = tiny_llama(vocab_size=100) if family == "llama" else tiny_chatglm(padded_vocab_size=100)
     total, kernel = saved_bytes_of_first_layer(model, dtype)
-    shape = LayerShape.from_config(model.config)
+    shape = ModelShape.from_config(model.config)
     tokens, b = sum(LENGTHS), DTYPE_BYTES[dtype]
     predicted = layer_activation_bytes(shape, tokens, b)
     attention_only = layer_activation_bytes(shape, tokens, b)["selective"] - tokens * b * shape.hidden
@@ -99,7 +101,7 @@ def test_none_policy_formula_counts_what_autograd_keeps(family, dtype, monkeypat
 def test_fused_formula_counts_what_a_compiled_layer_keeps(family, dtype, monkeypatch):
     """Each layer compiled through inductor's decompositions and min-cut partition (on the CPU
     without code generation: aot_eager_decomp_partition) keeps F + A (module docstring)."""
-    from longalign.recompute import apply_recompute
+    from longalign.ops.recompute import apply_recompute
 
     torch._dynamo.reset()
     monkeypatch.setattr(packed_attention, "varlen_attention", flash_like)
@@ -107,7 +109,7 @@ def test_fused_formula_counts_what_a_compiled_layer_keeps(family, dtype, monkeyp
     model = tiny_llama(vocab_size=100) if family == "llama" else tiny_chatglm(padded_vocab_size=100)
     apply_recompute(model, "none", compile=True, compile_backend="aot_eager_decomp_partition")
     total, kernel = saved_bytes_of_first_layer(model, dtype)
-    shape, b = LayerShape.from_config(model.config), DTYPE_BYTES[dtype]
+    shape, b = ModelShape.from_config(model.config), DTYPE_BYTES[dtype]
     fused = layer_activation_bytes(shape, sum(LENGTHS), b, Kernels(fused=True))
     assert total == fused["none"] < layer_activation_bytes(shape, sum(LENGTHS), b)["none"]
     torch._dynamo.reset()
@@ -117,9 +119,6 @@ def test_memory_model_matches_every_recorded_peak():
     """Every peak recorded on the GPU under bench/measured/ (compiled and eager, FA4 / flex /
     torch varlen / cuDNN, 64k-512k packs, three widths) within 10% of the model's prediction for
     the packs that run trained (bench/measured_memory.py rebuilds them)."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "bench"))
     import measured_memory
 
     runs = measured_memory.recorded_runs()
@@ -144,7 +143,7 @@ def test_offload_keeps_less_on_the_gpu_than_selective():
     assert "offload" not in recompute_ladder(LLAMA_1B.layers, packed=True)
 
 
-LLAMA_1B = LayerShape("llama", layers=24, hidden=2048, heads=16, kv_heads=16, head_dim=128, intermediate=5632,
+LLAMA_1B = ModelShape("llama", layers=24, hidden=2048, heads=16, kv_heads=16, head_dim=128, intermediate=5632,
                       vocab=32000)
 LAYER_PARAMS = 4 * 2048 * 2048 + 3 * 2048 * 5632 + 2 * 2048
 SETUP_1B = MemorySetup(params=24 * LAYER_PARAMS + 2 * 32000 * 2048 + 2048, layer_params=LAYER_PARAMS)
@@ -203,7 +202,7 @@ def test_chooser_examples():
 
 
 def test_paper_7b_on_8_gpus_under_zero3_offload():
-    shape = LayerShape("llama", 32, 4096, 32, 32, 128, 11008, 32000)
+    shape = ModelShape("llama", 32, 4096, 32, 32, 128, 11008, 32000)
     layer = 4 * 4096 ** 2 + 3 * 4096 * 11008 + 2 * 4096
     setup = MemorySetup(32 * layer + 2 * 32000 * 4096, layer, world_size=8,
                         **deepspeed_memory_fields(REPO / "ds_config" / "stage3.json"))
@@ -259,7 +258,7 @@ def test_speed_settings_rules():
 def test_training_settings_from_a_loaded_model_with_a_fake_gpu():
     """train.py's path: shape and parameter counts from the model, ZeRO terms from a DeepSpeed
     config, then the wrappers applied (compile is lazy: nothing runs here)."""
-    from longalign.performance import apply_speed_settings, training_speed_settings
+    from longalign.train.speed.memory_model import apply_speed_settings, training_speed_settings
 
     model = tiny_llama(num_hidden_layers=4)
     tiny_gpu = 2 * 2 ** 20  # 2 MiB: the tiny model at 4096 tokens needs recomputation

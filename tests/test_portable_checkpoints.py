@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from longalign.modeling.loading import load_training_model
-from longalign.templates import build_prompt
+from longalign.data.training_format import build_prompt
 from longalign.tiny_model import TinyShape, save_tiny_model
 from longalign.constants import IGNORE_INDEX
-from longalign.tokenization import ConversationTokenizer, special_token_frame
+from longalign.data.tokenization import ConversationTokenizer, special_token_frame
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=256)
@@ -105,6 +105,7 @@ def _pack_dataset(path: Path, vocab: int) -> None:
     (path / "pack" / "stats.json").write_text(json.dumps({"group_size": 1}))
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("family", ["llama", "chatglm"])
 def test_trained_checkpoint_loads_without_this_repository(family, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
     init = save_tiny_model(family, tiny_tokenizer_dir, tmp_path / "init", SHAPE)["out"]

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from longalign.constants import IGNORE_INDEX
-from longalign.conversations import InvalidInputError, parse_datanum, read_jsonl
-from longalign.pretokenize import (INVALID_REPORT, STATS_FILE, NothingToWriteError, PretokenizeConfig,
+from longalign.data.conversations import InvalidInputError, parse_datanum, read_jsonl
+from longalign.data.tokenize_stage import (INVALID_REPORT, STATS_FILE, NothingToWriteError, PretokenizeConfig,
                                   run_pretokenize)
-from longalign.templates import conversation_text, round_prompt
-from longalign.tokenization import ConversationTokenizer, finish_example, truncate
+from longalign.data.training_format import conversation_text, round_prompt
+from longalign.data.tokenization import ConversationTokenizer, finish_example, truncate
 
 REPO = Path(__file__).resolve().parents[1]
 MULTI = [("What is the key?", "The key is 42."), ("And the lock?", ".lock opens"), ("Bye", "Bye!")]
@@ -96,6 +96,7 @@ def sentencepiece_like_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+@pytest.mark.integration
 def test_reply_span_is_exact_where_whole_text_tokens_would_straddle_it():
     tokenizer = sentencepiece_like_tokenizer()
     prompt, reply = "[INST]open it[/INST]", ".lock opens"
@@ -329,6 +330,7 @@ def test_interrupted_write_leaves_no_dataset(tmp_path, tiny_tokenizer_dir, monke
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left either
 
 
+@pytest.mark.subprocess
 def test_cli_end_to_end_on_demo_data(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "llama"
     demo = [sys.executable, "-m", "longalign.demo_data", "--out", str(raw), "--num_long", "12",
@@ -347,12 +349,13 @@ def test_cli_end_to_end_on_demo_data(tmp_path):
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
-    from longalign.tokenization import load_tokenizer
+    from longalign.remote_code import load_tokenizer
 
     with pytest.raises(OSError, match=r"cannot load tokenizer.*--tokenizer"):
         load_tokenizer(str(tmp_path / "no_tokenizer_here"))
 
 
+@pytest.mark.subprocess
 def test_cli_bad_datanum_and_missing_file_fail_clearly(tmp_path, tiny_tokenizer_dir):
     base = [sys.executable, "pre_tokenize.py", "--model", "llama", "--tokenizer", tiny_tokenizer_dir,
             "--output_dir", str(tmp_path / "o")]

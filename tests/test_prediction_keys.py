@@ -1,11 +1,11 @@
-"""longalign.prediction_keys: fingerprints, settings diffs, a prediction log that refuses to mix settings."""
+"""longalign.eval.prediction_keys: fingerprints, settings diffs, a prediction log that refuses to mix settings."""
 import hashlib
 import json
 import os
 
 import pytest
 
-from longalign.prediction_keys import (TOKENIZER_FILE_SUFFIXES, PredictionLog, PredictionMismatch,
+from longalign.eval.prediction_keys import (TOKENIZER_FILE_SUFFIXES, PredictionLog, PredictionMismatch,
                                        directory_fingerprint, file_digest, open_stored_log, prompt_sha256,
                                        settings_diff, settings_key)
 

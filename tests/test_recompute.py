@@ -1,12 +1,12 @@
-"""longalign.recompute on tiny packed models, fp32 CPU: every policy (offload too) gives the gradients of no
+"""longalign.ops.recompute on tiny packed models, fp32 CPU: every policy (offload too) gives the gradients of no
 checkpointing, and `selective` runs the attention kernel once per layer where `full` runs it twice."""
 import pytest
 import torch
 
-import longalign.attention as attention
+import longalign.ops.varlen_attention as attention
 from longalign.constants import IGNORE_INDEX
-from longalign.recompute import apply_recompute, parse_policy
-from training_models import tiny_chatglm, tiny_llama
+from longalign.ops.recompute import apply_recompute, parse_policy
+from helpers.training_models import tiny_chatglm, tiny_llama
 
 LENGTHS = (7, 12, 5, 9)  # one pack of four sequences
 LAYERS = 4
@@ -65,6 +65,7 @@ def assert_close(got, want, rtol=1e-6):
         assert err <= rtol, (name, float(err))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("policy", POLICIES)
 def test_policy_gradients_equal_no_checkpointing(family, policy, monkeypatch):
@@ -76,6 +77,7 @@ def test_policy_gradients_equal_no_checkpointing(family, policy, monkeypatch):
     assert base_calls == LAYERS and calls == LAYERS + modes.count("full")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_selective_skips_attention_in_backward_full_does_not(family, monkeypatch):
     _, full = grads_and_calls(family, "full", monkeypatch)
@@ -83,6 +85,7 @@ def test_selective_skips_attention_in_backward_full_does_not(family, monkeypatch
     assert (full, selective) == (2 * LAYERS, LAYERS)
 
 
+@pytest.mark.integration
 def test_two_steps_and_reapplying_policy(monkeypatch):
     """Regions are per call (a second step replays nothing stale); re-applying replaces the policy."""
     torch.manual_seed(0)
@@ -96,6 +99,7 @@ def test_two_steps_and_reapplying_policy(monkeypatch):
     assert_close({n: p.grad for n, p in model.named_parameters()}, want)
 
 
+@pytest.mark.integration
 def test_eval_and_no_grad_forward_is_plain():
     torch.manual_seed(0)
     model = llama()
@@ -106,6 +110,7 @@ def test_eval_and_no_grad_forward_is_plain():
     assert torch.equal(model.eval()(**pack()).loss, want)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("policy", ["selective", "full"])
 def test_compiled_layers_same_gradients(policy, monkeypatch):
     """torch.compile of each layer (aot_eager: the dynamo/autograd path without a C++ build)."""
@@ -116,6 +121,7 @@ def test_compiled_layers_same_gradients(policy, monkeypatch):
     assert calls == (LAYERS if policy == "selective" else 2 * LAYERS)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU attention backends")
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("backend", ["torch_varlen", "flex", "flash_attn", "flash_attn_cute", "cudnn"])
@@ -142,12 +148,12 @@ def test_parse_policy():
             parse_policy(bad, 3)
 
 
+@pytest.mark.slow
 def test_bench_train_step_smoke_policies(tmp_path):
     import json
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_train_step
 
     result = bench_train_step.main(["--smoke", "--recompute", "selective:1", "--attn_backend", "reference",
@@ -156,12 +162,12 @@ def test_bench_train_step_smoke_policies(tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["attn_backend"] == "reference"
 
 
+@pytest.mark.slow
 def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys):
     import json
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_train_step
 
     out = tmp_path / "sweep.jsonl"
@@ -174,11 +180,11 @@ def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys):
     assert "FAILED" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_train_step_profile_breaks_down_one_step(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_train_step
     import step_profile
 
@@ -199,7 +205,6 @@ def test_step_profile_counts_only_gpu_time_on_cuda():
     from pathlib import Path
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import step_profile
 
     sync = SimpleNamespace(self_device_time_total=0, self_cpu_time_total=1_000_000)
@@ -213,7 +218,6 @@ def test_micro_step_profiler_writes_rank0_tables(tmp_path, monkeypatch):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import step_profile
 
     out = tmp_path / "prof.txt"
@@ -239,7 +243,7 @@ def test_micro_step_profiler_writes_rank0_tables(tmp_path, monkeypatch):
 def test_padded_batches_use_the_sdpa_kernels_the_environment_allows(family, monkeypatch):
     """Both models' padded path (no cu_seq_lens_q) runs under padded_sdpa_context: cuDNN alone has no
     CPU kernel, so the forward fails; math alone gives the unrestricted logits."""
-    from longalign import attention
+    from longalign.ops import varlen_attention as attention
 
     torch.manual_seed(0)
     model = FAMILIES[family]().eval()
@@ -289,10 +293,11 @@ def test_offload_keeps_no_attention_tensor_alive_after_the_forward(monkeypatch):
 
 def test_offload_packs_what_selective_keeps(monkeypatch):
     """Per layer call the host copies are the layer input and the fused kernel's q, k, v, out, lse:
-    longalign.performance's `selective` bytes, each tensor once (the replayed output is the kernel's)."""
+    longalign.train.speed.memory_model's `selective` bytes, each tensor once (the replayed output is the kernel's)."""
     import longalign.modeling.packed_attention as packed_attention
-    import longalign.recompute as recompute
-    from longalign.performance import LayerShape, layer_activation_bytes
+    import longalign.ops.recompute as recompute
+    from longalign.modeling.shape import ModelShape
+    from longalign.train.speed.memory_model import layer_activation_bytes
     from test_performance import flash_like
 
     monkeypatch.setattr(packed_attention, "varlen_attention", flash_like)
@@ -313,14 +318,14 @@ def test_offload_packs_what_selective_keeps(monkeypatch):
     model = llama().train()
     apply_recompute(model, "offload")
     model(**pack()).loss.backward()
-    want = layer_activation_bytes(LayerShape.from_config(model.config), sum(LENGTHS), 4)["selective"]
+    want = layer_activation_bytes(ModelShape.from_config(model.config), sum(LENGTHS), 4)["selective"]
     assert list(host_bytes.values()) == [want] * LAYERS
 
 
 def test_offload_prefetches_the_layer_before(monkeypatch):
     """In the backward, unpacking a layer's tensors first fetches the previous layer's copies; those
     are then used (not fetched again)."""
-    import longalign.recompute as recompute
+    import longalign.ops.recompute as recompute
 
     served = []
     unpack_one = recompute._LayerOffload.unpack
@@ -338,7 +343,7 @@ def test_offload_prefetches_the_layer_before(monkeypatch):
 def test_offload_gradient_check_catches_a_broken_offload(broken, monkeypatch):
     """The equality check used above fails for a wrong offload: host copies that come back zeroed,
     or a prefetch that hands a tensor another same-shaped tensor's copy (q for k, ...)."""
-    import longalign.recompute as recompute
+    import longalign.ops.recompute as recompute
 
     want, _ = grads_and_calls("llama", None, monkeypatch)
     if broken == "zeroed_copy":

@@ -6,13 +6,11 @@ PATH; the stub launcher records its arguments, which are then parsed by train.py
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import train
 
@@ -51,6 +49,8 @@ def test_there_are_the_five_paper_scripts():
                                          "llama_sort.sh", "llama_sort_13b.sh"}
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_arguments_parse_against_train_py(script, stub_bin, tmp_path):
     text = script.read_text()
@@ -74,6 +74,8 @@ def test_script_arguments_parse_against_train_py(script, stub_bin, tmp_path):
     train.resolve_loss_reduction(method, ns["pack_loss"], ns["loss_reduction"])
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
 def test_environment_overrides_defaults(stub_bin, tmp_path):
     words = launch(REPO / "scripts" / "llama_pack.sh", stub_bin, tmp_path, NUM_GPUS="8", MODEL="/m",
                    DATA="/d", OUT="/o", DS_CONFIG="ds_config/stage3_no_offload.json")
@@ -119,6 +121,8 @@ def test_tuned_zero3_configs_differ_from_the_default_only_in_bucket_and_persiste
         assert set(zero) - set(zero_base) == added and set(zero_base) <= set(zero)
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_paper_exact_launches_the_same_flags_plus_paper_exact(script, stub_bin, tmp_path):
     """PAPER_EXACT=1: the paper's command line word for word, plus --paper_exact (train.py then keeps

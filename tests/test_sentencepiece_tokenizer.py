@@ -3,6 +3,7 @@
 Llama-2 checkpoints ship). transformers 5 converts it to a fast tokenizer, which needs
 `protobuf`. Acceptance item of issues 13 and 14; a standalone test on purpose."""
 import json
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import datasets
 from transformers import AutoTokenizer
 
 from longalign.constants import IGNORE_INDEX
-from longalign.tokenization import ConversationTokenizer
-from tokenizer_builders import build_llama2_sentencepiece_dir
+from longalign.data.tokenization import ConversationTokenizer
+from helpers.tokenizer_builders import build_llama2_sentencepiece_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,7 @@ ROWS = [
 ]
 
 
+@pytest.mark.subprocess
 def test_pre_tokenize_cli_with_sentencepiece_only_llama2_directory(tmp_path):
     tokenizer_dir = Path(build_llama2_sentencepiece_dir(tmp_path / "llama2"))
     assert sorted(p.name for p in tokenizer_dir.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]

@@ -1,4 +1,4 @@
-"""Sequence parallelism (longalign/sequence_parallel.py): DeepSpeed Ulysses on gloo against SP = 1.
+"""Sequence parallelism (longalign/train/sequence_parallel.py): DeepSpeed Ulysses on gloo against SP = 1.
 
 End to end: `torchrun --nproc_per_node N tests/test_sequence_parallel.py worker SPEC` runs train.py's
 build_trainer -> Trainer.train with --sequence_parallel_size N under DeepSpeed ZeRO-3 (CPU
@@ -16,16 +16,14 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 import train  # noqa: E402
-from longalign.collators import COUNTS_KEY, PackCollator  # noqa: E402
+from longalign.train.collators import COUNTS_KEY, PackCollator  # noqa: E402
 from longalign.constants import IGNORE_INDEX as X  # noqa: E402
-from longalign.loss import causal_lm_loss, labels_for_targets, shift_targets  # noqa: E402
-from longalign.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,  # noqa: E402
+from longalign.ops.weighted_loss import causal_lm_loss, labels_for_targets, shift_targets  # noqa: E402
+from longalign.train.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,  # noqa: E402
                                          check_sequence_parallel_layout, sequence_parallel_order, valid_sizes)
-from longalign.trainer import close_process_group  # noqa: E402
+from longalign.train.trainer import close_process_group  # noqa: E402
 from test_train import VOCAB, argv_for, make_model_dir, reference_step, run_one_step, save_dataset  # noqa: E402
 
 DS_CONFIG = str(REPO / "ds_config" / "stage3_no_offload.json")
@@ -181,7 +179,7 @@ def test_train_py_refuses_sequence_parallelism_without_deepspeed(tmp_path):
 
 
 def test_group_size_error_names_the_data_parallel_size():
-    from longalign.trainer import check_data_parallel_layout
+    from longalign.train.trainer import check_data_parallel_layout
     assert check_data_parallel_layout(2, 8, 1, sequence_parallel_size=4) == 1
     with pytest.raises(ValueError, match=r"data-parallel size 4 \(world size 8 / --sequence_parallel_size 2\).*"
                                          r"--group_size 4"):
@@ -308,6 +306,8 @@ def run_torchrun(spec: dict, tmp: Path, nproc: int) -> list[dict]:
     return [torch.load(tmp / f"rank{r}.pt") for r in range(nproc)]
 
 
+@pytest.mark.distributed
+@pytest.mark.subprocess
 @deepspeed_available
 @pytest.mark.parametrize("family,reduction,world,sp", [
     ("chatglm", "sequence", 2, 2),   # DP 1

@@ -4,17 +4,17 @@ import json
 import pytest
 import yaml
 
-from fake_openai_server import PROMPT_TOKENS, FakeOpenAIServer
+from helpers.fake_openai_server import PROMPT_TOKENS, FakeOpenAIServer
 from LongBench_Chat import eval as lbc_eval
-from longalign.chat_formats import ChatFormat
-from longalign.generation import GenerationSettings, LocalModel, prepare_prompt
-from longalign.openai_api import AuthenticationFailed
-from longalign.prediction_keys import PredictionMismatch
-from longalign.served_model import ServedModel
+from longalign.eval.prompt_formats import ChatFormat
+from longalign.eval.generation import GenerationSettings, LocalModel, prepare_prompt
+from longalign.eval.openai_api import AuthenticationFailed
+from longalign.eval.prediction_keys import PredictionMismatch
+from longalign.eval.served_model import ServedModel
 from longalign.storage import read_jsonl
 from Needle_test import pred as needle_pred, prompt as needle_prompt
 from test_longbench_chat import DOC, N, QUERIES, write_data
-from tiny_llama import save_tiny_llama
+from helpers.tiny_llama import save_tiny_llama
 
 FAST_RETRY = ["--model_backoff_s", "0", "--model_max_attempts", "3"]
 
@@ -114,7 +114,7 @@ def test_chat_api_refuses_a_client_side_format(tmp_path):
 
 
 def test_needle_pred_through_a_served_chatglm_format(tmp_path, tiny_tokenizer_dir):
-    """The chatglm prompt path end to end through the server (a local ChatGLM load waits for issue 13)."""
+    """The chatglm prompt path end to end through the server."""
     haystack = tmp_path / "hay"
     haystack.mkdir()
     (haystack / "a.txt").write_text("Sentence about the river and the town. " * 200)

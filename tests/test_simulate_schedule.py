@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from bench import simulate_schedule as sim
 
@@ -128,6 +127,7 @@ def test_too_few_packed_points_borrow_the_padded_model_and_say_so():
     assert "borrowed" not in fits["padded"][1]
 
 
+@pytest.mark.subprocess
 def test_cli_with_bench_json_and_real_dataset_lengths(tmp_path):
     import datasets
 

@@ -180,6 +180,7 @@ def test_bad_group_size_writes_nothing(train_file, group_size):
     assert sorted(p.name for p in train_file.iterdir() if p.is_dir()) == []
 
 
+@pytest.mark.subprocess
 def test_cli(train_file):
     command = [sys.executable, "sort_and_group.py", "--train_file", str(train_file),
                "--group_size", "2", "--max_length", str(MAX), "--pack_strategy", "greedy"]
@@ -204,7 +205,7 @@ def test_stored_weights_match_the_trainers_targets(train_file, strategy):
     token (s4 labels it) has weight 0."""
     import torch
 
-    from longalign.collators import pack_weights_and_counts
+    from longalign.train.collators import pack_weights_and_counts
 
     _, _, pack = run(train_file, strategy=strategy)
     for row in pack:
@@ -322,6 +323,7 @@ def test_sort_remainder_drop_equals_the_originals_groups(tmp_path):
     assert {len(ids[i]) for i in by_length[kept:]} == {max(map(len, ids)), sorted(map(len, ids))[-2]}
 
 
+@pytest.mark.subprocess
 def test_cli_original_flags(train_file):
     command = [sys.executable, "sort_and_group.py", "--train_file", str(train_file), "--group_size", "1",
                "--max_length", str(MAX), "--pack_strategy", "greedy_original", "--sort_remainder", "drop"]

@@ -38,7 +38,7 @@ def test_a_failed_write_leaves_the_old_output_and_no_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
 
 
-# ---- what a stage may replace (issue 15; the CLI-level cases are in test_faults_data.py) -----------
+# ---- what a stage may replace (the CLI-level cases are in test_faults_data.py) -----------
 def write_output(folder, stage="s", files=("a",), **policy):
     with atomic_dir(folder, stage=stage, **policy) as tmp:
         for name in files:
@@ -90,6 +90,7 @@ def test_inputs_and_the_working_directory_are_never_outputs(tmp_path, monkeypatc
             check_output_dir(path, "s", overwrite=True)
 
 
+@pytest.mark.subprocess
 def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     final = tmp_path / "out"
     dead = _dead_pid()

@@ -1,7 +1,7 @@
 """Chat templates (DESIGN.md §7): exact strings and agreement between training text and prompts."""
 import pytest
 
-from longalign.templates import (CLOSE, CONTROL, PROMPT, REPLY, build_prompt, conversation_segments,
+from longalign.data.training_format import (CLOSE, CONTROL, PROMPT, REPLY, build_prompt, conversation_segments,
                                  conversation_text, round_prompt)
 
 ROUNDS = [("Hi", "Hello!"), ("What is 2+2?", "4"), ("Thanks", "You're welcome.")]

@@ -1,16 +1,16 @@
 """Memory per row is bounded by --max_length: an over-long conversation is cut to a text budget
-before tokenizing (longalign.text_budget), and the ids and labels kept are those of the whole text."""
+before tokenizing (longalign.data.text_budget), and the ids and labels kept are those of the whole text."""
 import random
 
 import pytest
 from transformers import AutoTokenizer
 
-from longalign import text_budget
-from longalign.pretokenize import run_pretokenize
-from longalign.text_encoder import TextEncoder
-from longalign.tokenization import ConversationTokenizer, encode_within_budget, finish_example
+from longalign.data import text_budget
+from longalign.data.tokenize_stage import run_pretokenize
+from longalign.data.text_encoder import TextEncoder
+from longalign.data.tokenization import ConversationTokenizer, encode_within_budget, finish_example
 from test_pre_tokenize import make_config, messages
-from tokenizer_builders import build_chatglm3_like_tokenizer, build_llama2_sentencepiece_dir
+from helpers.tokenizer_builders import build_chatglm3_like_tokenizer, build_llama2_sentencepiece_dir
 
 MAX_LENGTH = 64
 WORDS = ("The quick brown fox jumps over the lazy dog. key 42, lock; 钥匙在桌子上。 Long context models read "
@@ -74,7 +74,7 @@ def test_a_budget_too_small_for_the_kept_tokens_grows_until_it_holds(tokenizers,
     monkeypatch.setattr(text_budget, "CHARS_PER_TOKEN_BOUND", 1)
     budgets = []
     real = text_budget.text_budget
-    monkeypatch.setattr("longalign.tokenization.text_budget", lambda *a: budgets.append(a) or real(*a))
+    monkeypatch.setattr("longalign.data.tokenization.text_budget", lambda *a: budgets.append(a) or real(*a))
     [cut] = encode_within_budget(encoder, [rounds], [None], MAX_LENGTH, mode)
     scales = [scale for *_, scale in budgets[1:]]  # budgets[0]: the check whether to cut at all
     assert len(scales) >= 2 and scales == [2 ** i for i in range(len(scales))]

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import train
 from longalign.constants import IGNORE_INDEX as X
@@ -22,7 +21,7 @@ from longalign.modeling.checkpoints import make_self_describing
 from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.loading import load_training_model
 from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
-from longalign.trainer import check_data_parallel_layout, close_process_group, resolve_loss_reduction
+from longalign.train.trainer import check_data_parallel_layout, close_process_group, resolve_loss_reduction
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
@@ -100,6 +99,7 @@ def workdir(tmp_path_factory):
 
 
 # ---------- training ----------
+@pytest.mark.integration
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method,extra", [("naive", []), ("sort", []), ("pack", ["--pack_loss"]), ("pack", [])])
 def test_each_batch_method_trains_with_falling_loss(workdir, family, method, extra):
@@ -116,6 +116,7 @@ def test_each_batch_method_trains_with_falling_loss(workdir, family, method, ext
     assert logs[0]["step_sequences"] > 0 and logs[0]["step_tokens"] >= logs[0]["step_sequences"]
 
 
+@pytest.mark.integration
 def test_saved_model_reloads(workdir):
     root, models, data = workdir
     out = root / "out_reload"
@@ -129,6 +130,7 @@ def test_saved_model_reloads(workdir):
         assert torch.equal(value, trained[name]), name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", ["pack", "naive"])
 def test_resume_continues_at_the_next_batch(workdir, method):
     root, models, data = workdir
@@ -225,6 +227,9 @@ def relative_error(a: dict, b: dict) -> float:
     return float(diff / torch.sqrt(sum((b[n] ** 2).sum() for n in b)))
 
 
+@pytest.mark.distributed
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_gradients_are_invariant_to_world_size_and_accumulation(workdir, tmp_path):
     import datasets
     root, models, data = workdir
@@ -267,6 +272,7 @@ def test_default_reductions_reproduce_the_paper_rows():
         resolve_loss_reduction("pack", True, "token")
 
 
+@pytest.mark.integration
 def test_group_size_must_be_a_multiple_of_world_size_times_batch(workdir):
     assert check_data_parallel_layout(8, 8, 1) == 1
     assert check_data_parallel_layout(8, 2, 2) == 2
@@ -278,6 +284,7 @@ def test_group_size_must_be_a_multiple_of_world_size_times_batch(workdir):
                                      "--per_device_train_batch_size", "3"))
 
 
+@pytest.mark.integration
 def test_missing_sorted_dataset_is_a_clear_error(workdir, tmp_path):
     root, models, _ = workdir
     save_dataset({"input_ids": [[1, 2]], "labels": [[X, 2]]}, tmp_path / "only_naive")
@@ -286,6 +293,8 @@ def test_missing_sorted_dataset_is_a_clear_error(workdir, tmp_path):
 
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bench_train_step_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_train_step.py"), "--smoke", "--out",
                            str(tmp_path / "b.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -298,6 +307,7 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     worker_main(sys.argv[2])
 
 
+@pytest.mark.integration
 def test_recompute_policy_gives_the_same_step(workdir, tmp_path):
     """--recompute selective (attention kept, the rest recomputed), full and offload: the same gradients
     and loss as plain training, through train.py's own path."""
@@ -311,6 +321,6 @@ def test_recompute_policy_gives_the_same_step(workdir, tmp_path):
         assert policied["loss"] == pytest.approx(plain["loss"], rel=1e-6)
     trainer = train.build_trainer(argv_for(models["llama"], data, str(tmp_path / "o"), "pack",
                                            "--recompute", "selective", "--gradient_checkpointing"))
-    from longalign.recompute import decoder_layers
+    from longalign.ops.recompute import decoder_layers
     assert all("forward" in vars(layer) for layer in decoder_layers(trainer.model))  # wrapped
     assert not trainer.args.gradient_checkpointing  # transformers' checkpointing stays off

@@ -26,7 +26,7 @@ from longalign.demo.card import write_card
 from longalign.demo.corpus import DOCUMENT_MIX, documents, parse_mix
 from longalign.modeling.checkpoints import make_self_describing
 from longalign.storage import atomic_dir, write_json_atomic
-from longalign.templates import conversation_text
+from longalign.data.training_format import conversation_text
 from longalign.tiny_model import TinyShape, build_model, special_ids
 from longalign.tiny_tokenizer import train_tiny_tokenizer
 

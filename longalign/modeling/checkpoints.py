@@ -7,7 +7,7 @@
   torch + transformers only) are copied in and `auto_map` points at them, so
   `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it anywhere;
   Llama checkpoints are stock transformers and need no code.
-The tokenizer's chat template is set before training (`longalign.chat_template`) and saved with it.
+The tokenizer's chat template is set before training (`longalign.data.jinja_template`) and saved with it.
 `SelfDescribingCheckpoints` does the same for every `checkpoint-N` the Trainer writes.
 """
 from __future__ import annotations

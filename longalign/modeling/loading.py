@@ -27,7 +27,7 @@ from longalign.constants import MODEL_FAMILIES
 from longalign.json_files import read_json_file
 from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION, register_packed_attention
 from longalign.modeling.weighted_lm import TRAINING_CLASSES
-from longalign.tokenization import load_tokenizer
+from longalign.remote_code import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def load_training_model(model_path: str | Path, dtype, rope_ratio: float | None 
 
 
 def load_training_tokenizer(name: str | Path, trust_remote_code: bool = False, required: bool = True):
-    """The tokenizer of `name` (longalign.tokenization.load_tokenizer: remote code only with
+    """The tokenizer of `name` (longalign.data.tokenization.load_tokenizer: remote code only with
     `trust_remote_code`); None when the folder has no tokenizer file and `required` is False."""
     folder = Path(name)
     if not required and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):

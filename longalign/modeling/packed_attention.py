@@ -5,7 +5,7 @@
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION)
 
 `register_packed_attention()` adds one name to transformers' public registries:
-- `AttentionInterface`: `packed_attention_forward`, which runs `longalign.attention.varlen_attention`
+- `AttentionInterface`: `packed_attention_forward`, which runs `longalign.ops.varlen_attention.varlen_attention`
   (block-diagonal causal over a flat (1, T) pack; FlashAttention-4, FA2, torch varlen, flex,
   cuDNN or the per-sequence reference, as chosen there) whenever the call carries the pack
   geometry. It reads the keyword arguments that transformers documents for packed batches
@@ -19,7 +19,7 @@
 
 Models of both families call it through transformers' registry (`ALL_ATTENTION_FUNCTIONS`), so
 Llama is stock transformers and ChatGLM's remote code never imports this package. The kernel is
-called through `longalign.recompute.saved_attention`, so the `selective` recompute policy can keep
+called through `longalign.ops.recompute.saved_attention`, so the `selective` recompute policy can keep
 its output instead of re-running it in backward.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from longalign.attention import padded_sdpa_context, varlen_attention
-from longalign.recompute import saved_attention
+from longalign.ops.varlen_attention import padded_sdpa_context, varlen_attention
+from longalign.ops.recompute import saved_attention
 
 ATTN_IMPLEMENTATION = "longalign_varlen"
 FALLBACK_IMPLEMENTATION = "sdpa"  # transformers' own, for padded batches and generation

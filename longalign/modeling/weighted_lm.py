@@ -2,20 +2,21 @@
 
     model = LongAlignLlamaForCausalLM.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION)
     out = model(input_ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m,
-                max_length_k=m, labels=labels, loss_weights=w, loss_reduction="sum")
+                max_length_k=m, labels=labels, loss_weights=w, loss_aggregation="sum")
 
 Each class is the family's public model class with one change: its top-level `forward` (the
-public keyword contract) also takes `loss_weights` and `loss_reduction`, and with `labels` it
-returns the weighted, chunked loss of `longalign.loss.causal_lm_loss` computed from the hidden
+public keyword contract) also takes `loss_weights` and `loss_aggregation` ("mean" | "sum": over
+the weighted token losses; not the paper's `--loss_reduction`, which chooses the weights), and with `labels` it
+returns the weighted, chunked loss of `longalign.ops.weighted_loss.causal_lm_loss` computed from the hidden
 states, so the (T, V) logits of a 64k pack are never built:
 
     loss = sum_i w_i l_i / sum_i w_i   ("mean")   or   sum_i w_i l_i   ("sum")
 
 with targets shifted *within* each sequence of a pack (DESIGN.md §3-4). The LM head is
-`longalign.loss.LMHeadWithLoss` (an nn.Linear with the same `weight` key), and the loss is
+`longalign.ops.weighted_loss.LMHeadWithLoss` (an nn.Linear with the same `weight` key), and the loss is
 computed inside its forward, so DeepSpeed ZeRO-3 gathers the head there. Without `labels` the
 forward is the family's own (logits, generation, any `attn_implementation`). In a padded batch
-(B, L) with `attention_mask`, padding is never a target (`longalign.loss.mask_padding_labels`).
+(B, L) with `attention_mask`, padding is never a target (`longalign.ops.weighted_loss.mask_padding_labels`).
 
 A packed batch (DESIGN.md §3) is flat, (1, T), and carries transformers' packed-attention keyword
 arguments; the forward completes and checks them once (`complete_pack_kwargs`): position ids
@@ -32,11 +33,11 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from longalign.attention import check_pack, positions_from_cu_seqlens
-from longalign.loss import DEFAULT_CHUNK_TOKENS, LMHeadWithLoss, mask_padding_labels
+from longalign.ops.varlen_attention import check_pack
+from longalign.pack_geometry import positions_from_cu_seqlens
+from longalign.ops.weighted_loss import DEFAULT_CHUNK_TOKENS, LMHeadWithLoss, mask_padding_labels
 from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
 
-PACK_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def complete_pack_kwargs(input_ids, inputs_embeds, position_ids, kwargs: dict):
@@ -82,10 +83,13 @@ class WeightedLossMixin:
         self.set_output_embeddings(LMHeadWithLoss(head.in_features, head.out_features, bias=head.bias is not None))
         self.post_init()
 
-    def forward(self, input_ids=None, labels=None, loss_weights=None, loss_reduction="mean",
+    def forward(self, input_ids=None, labels=None, loss_weights=None, loss_aggregation="mean",
                 position_ids=None, inputs_embeds=None, shift_labels=None, shift_loss_weights=None, **kwargs):
         """`shift_labels` / `shift_loss_weights`: targets and weights already shifted over the
-        whole pack (a sequence-parallel shard: `longalign.sequence_parallel`), instead of labels."""
+        whole pack (a sequence-parallel shard: `longalign.train.sequence_parallel`), instead of labels."""
+        if "loss_reduction" in kwargs:
+            raise TypeError("the forward's mean|sum is `loss_aggregation`; `loss_reduction` is train.py's choice "
+                            "of weights (sequence|pack_mean|token)")
         position_ids, kwargs = complete_pack_kwargs(input_ids, inputs_embeds, position_ids, kwargs)
         if labels is None and shift_labels is None:
             return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
@@ -98,7 +102,7 @@ class WeightedLossMixin:
         hidden = self.base_model(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
                                  **kwargs).last_hidden_state
         loss = self.get_output_embeddings()(hidden, labels=labels, loss_weights=loss_weights,
-                                            cu_seqlens=kwargs.get("cu_seq_lens_q"), reduction=loss_reduction,
+                                            cu_seqlens=kwargs.get("cu_seq_lens_q"), reduction=loss_aggregation,
                                             chunk_size=self.loss_chunk_size, shift_labels=shift_labels,
                                             shift_weights=shift_loss_weights)
         return CausalLMOutputWithPast(loss=loss)

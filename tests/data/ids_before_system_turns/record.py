@@ -5,7 +5,7 @@ checks that data without system turns still tokenizes to exactly these ids.
     PYTHONPATH=.:tests python tests/data/ids_before_system_turns/record.py
 
 The tokenizers are stored here (byte_level/: the tests' tiny byte-level BPE; sentencepiece/: the
-Llama-2-style tokenizer.model of tests/tokenizer_builders.py), so the ids do not depend on how a
+Llama-2-style tokenizer.model of tests/helpers/tokenizer_builders.py), so the ids do not depend on how a
 later `tokenizers` or `sentencepiece` version would train them.
 """
 import json
@@ -41,10 +41,10 @@ def _rows():
 
 
 def chatglm3_like_rows(mode: str) -> list:
-    from tokenizer_builders import ChatGLM3LikeTokenizer
+    from helpers.tokenizer_builders import ChatGLM3LikeTokenizer
 
-    from longalign.conversations import read_jsonl
-    from longalign.tokenization import ConversationTokenizer, finish_example
+    from longalign.data.conversations import read_jsonl
+    from longalign.data.tokenization import ConversationTokenizer, finish_example
 
     tokenizer = ChatGLM3LikeTokenizer(str(HERE / "sentencepiece" / "tokenizer.model"))
     conversations = [row.rounds for row in read_jsonl(SAMPLE).rows]
@@ -57,7 +57,7 @@ def chatglm3_like_rows(mode: str) -> list:
 def path_rows(tokenizer: str, family: str, mode: str, scratch: Path) -> list:
     import datasets
 
-    from longalign.pretokenize import PretokenizeConfig, run_pretokenize
+    from longalign.data.tokenize_stage import PretokenizeConfig, run_pretokenize
 
     empty = scratch / "empty.jsonl"
     empty.write_text("")

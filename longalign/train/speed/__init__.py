@@ -1,0 +1,1 @@
+"""Speed: the GPU-memory model that picks recompute / compile, liger kernels, long-context offload."""
