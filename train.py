@@ -39,7 +39,7 @@ from longalign.modeling.checkpoints import SelfDescribingCheckpoints, make_self_
 from longalign.modeling.loading import load_training_model, load_training_tokenizer, model_family, pad_token_id
 from longalign.train.speed.memory_model import (SpeedRequest, SpeedSettings, apply_speed_settings, longest_row_tokens,
                                    training_speed_settings)
-from longalign.progress import PROGRESS_STYLES, use_progress_style
+from longalign.train.progress import PROGRESS_STYLES, use_progress_style
 from longalign.train.run_state import fingerprint_callback, start_run
 from longalign.train.sequence_parallel import SequenceParallelPlan, check_sequence_parallel_layout, parallelism_config
 from longalign.train.dataset_loading import load_train_dataset
@@ -101,7 +101,7 @@ class LongAlignArguments:
     progress: str = field(default="logs", metadata={
         "choices": list(PROGRESS_STYLES),
         "help": "logs: transformers' progress output (a printed dict per log); bar: one progress bar with "
-                "the latest loss in it (longalign/progress.py); the logs still reach trainer_state.json"})
+                "the latest loss in it (longalign/train/progress.py); the logs still reach trainer_state.json"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "a fresh run into a used --output_dir moves the previous run into <output_dir>/replaced-<time>/ "
                 "(nothing is deleted; longalign/train/run_state.py)"})

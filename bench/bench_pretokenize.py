@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_pretokenize.py --num_proc 2
 
-Generates the demo mix (long-context + short chat, `longalign.demo_data`) with its tokenizer in
+Generates the demo mix (long-context + short chat, `longalign.demo.data`) with its tokenizer in
 a temporary directory, runs the whole stage (`run_pretokenize`: read + validate + tokenize +
 write) `--repeats` times and reports the median. tokens/s counts every token tokenized (before
 truncation) over the stage's wall time; bytes/token is the Arrow files' size over the tokens
@@ -69,7 +69,7 @@ def write_results_md(result: dict, command: str) -> None:
 
 
 def main(argv=None) -> None:
-    from longalign.demo_data import DEFAULT_VOCAB_SIZE, write_demo_data
+    from longalign.demo.data import DEFAULT_VOCAB_SIZE, write_demo_data
 
     args = parse_args(argv)
     command = "python bench/bench_pretokenize.py " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -3,10 +3,10 @@
     python bench/demo_sweep.py --configs bench/measured/h200_session7/sweep4_configs.json --out sweep.jsonl --parallel 8
 
 Each config (a JSON object; keys and defaults in `DEFAULTS`) generates its own demo data
-(`longalign.demo_data`, the config's short-task mix and vocabulary), trains a tiny random Llama on
+(`longalign.demo.data`, the config's short-task mix and vocabulary), trains a tiny random Llama on
 it with the demo's loss (packs of `max_tokens` tokens, 1/N_k weights, AdamW, cosine) for `tokens`
 training tokens, and every `eval_every` steps scores, by teacher forcing (exact == greedy exact
-match): the held-out retrieval examples of `longalign.demo_eval` at `context` tokens, and the
+match): the held-out retrieval examples of `longalign.demo.evaluation` at `context` tokens, and the
 needle test's own needle and question (San Francisco, read from Needle_test/config-prompt.yaml)
 in the demo's held-out haystack at Needle_test/demo.sh's 4 lengths x 5 depths.
 One JSON line per evaluation goes to --out. This is the loop the demo's settings were chosen with;
@@ -42,13 +42,13 @@ MAX_POSITIONS = 8192
 
 
 def short_topics(mix: str):
-    from longalign import demo_data as D
+    from longalign.demo import data as D
     return D.SHORT_MIXES[mix]
 
 
 def make_data(cfg: dict, tmp: str):
-    from longalign import demo_data as D
-    from longalign.tiny_tokenizer import train_tiny_tokenizer
+    from longalign.demo import data as D
+    from longalign.demo.tiny_tokenizer import train_tiny_tokenizer
     rng = random.Random(cfg["data_seed"])
     long_rows = D.generate_long(rng, cfg["num_long"], tuple(cfg["long_words"]))
     short_rows = D.generate_short(rng, cfg["num_short"], short_topics(cfg["mix"]))
@@ -67,9 +67,9 @@ def eval_sets(cfg: dict, tok, enc, training_texts: list[str]) -> tuple[dict, dic
     """(rows per evaluation set, disjointness report). A held-out retrieval example or San
     Francisco prompt that overlaps the training messages is an error (`demo_eval.check_disjoint`);
     held-out short chats seen in training are counted (the formulaic ones can recur)."""
-    from longalign import demo_data as D
+    from longalign.demo import data as D
     from longalign.demo.tasks import LONG_TASKS
-    from longalign.demo_eval import RetrievalExample, check_disjoint, held_out_examples, held_out_seed
+    from longalign.demo.evaluation import RetrievalExample, check_disjoint, held_out_examples, held_out_seed
     from longalign.eval.needle_test.needle import haystack_ids, make_prompt, sentence_end_patterns
     examples = held_out_examples(tok, cfg["context"], cfg["eval_per_task"], held_out_seed(cfg["data_seed"]))
     needle, question = needle_and_question()
@@ -91,7 +91,7 @@ def eval_sets(cfg: dict, tok, enc, training_texts: list[str]) -> tuple[dict, dic
 
 
 def evaluate(model, sets, max_tokens):
-    from longalign.demo_eval import teacher_forced_scores
+    from longalign.demo.evaluation import teacher_forced_scores
     model.eval()
     out = {}
     for key, rows in sets.items():
@@ -122,7 +122,7 @@ def write_line(cfg: dict, line: dict) -> None:
 
 def prepare(cfg: dict):
     """(tokenizer, training rows as (ids, labels) cut to max_tokens, evaluation sets, disjointness)."""
-    from longalign.demo_data import rounds_of
+    from longalign.demo.data import rounds_of
     from longalign.data.tokenization import ConversationTokenizer
     with tempfile.TemporaryDirectory() as tmp:
         tok, long_rows, short_rows = make_data(cfg, tmp)
@@ -138,7 +138,7 @@ def build_model(cfg: dict, tok):
 
     from longalign.modeling.loading import TRAINING_CLASSES, register_packed_attention
     from longalign.modeling.packed_attention import ATTN_IMPLEMENTATION
-    from longalign.tiny_model import special_ids
+    from longalign.demo.tiny_model import special_ids
     register_packed_attention()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
                          num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],

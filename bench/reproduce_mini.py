@@ -29,7 +29,7 @@ Experiments (--experiments, default both; the full-data pack_weighted run serves
             chosen so a step trains about as many sequences (the paper: 8 packs of ~12 sequences
             against 8 GPUs x GA 12).
 
-Data (`longalign.demo_data`, seed DATA_SEED, the base's tokenizer; then the library's run_pretokenize
+Data (`longalign.demo.data`, seed DATA_SEED, the base's tokenizer; then the library's run_pretokenize
 per data quantity and sort_and_group.py's sort_and_group per seed): --num_long long tasks of the
 demo (`longalign.demo.tasks.LONG_TASKS`) over log-uniform 1/8 .. 1 x the longest query (--max_length
 - ANSWER_ROOM: LongAlign-10k's 8k .. 64k spread), SHORT_PER_LONG short chats per long one
@@ -69,8 +69,8 @@ from longalign.train.collators import COUNT_FIELDS, COUNTS_KEY
 from longalign.demo.base import DEFAULT_BASE, prepare_model_init
 from longalign.demo.tasks import HELD_OUT_TASKS, LONG_TASKS
 from longalign.demo.words import filler
-from longalign.demo_data import generate_haystack, generate_short, rounds_of, write_demo_data
-from longalign.demo_eval import (RetrievalExample, check_disjoint, held_out_examples, held_out_seed,
+from longalign.demo.data import generate_haystack, generate_short, rounds_of, write_demo_data
+from longalign.demo.evaluation import (RetrievalExample, check_disjoint, held_out_examples, held_out_seed,
                                  teacher_forced_scores, training_texts)
 from longalign.eval.generation import encode_text
 from longalign.data.tokenize_stage import PretokenizeConfig, run_pretokenize

@@ -5,7 +5,7 @@
 #   NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 NUM_GPUS=2 bash bench/scripts_smoke.sh   # the same through
 #       the multi-node launcher form (DeepSpeed --no_ssh, one launcher per node; scripts/_launch.sh)
 # Data: the embedded demo set (pre_tokenize -> sort_and_group --group_size NUM_GPUS). Models: random
-# init, hidden 512, 4 layers (longalign.tiny_model). DS_CONFIG defaults to ZeRO-3 without offload
+# init, hidden 512, 4 layers (longalign.demo.tiny_model). DS_CONFIG defaults to ZeRO-3 without offload
 # (the offload config needs DeepSpeed's CPU Adam op built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,13 +14,13 @@ WORK=${WORK:-/tmp/scripts_smoke}
 PY=${PY:-python3}
 STEPS=${STEPS:-20}
 MAXLEN=8192
-$PY -m longalign.demo_data --out "$WORK/raw"
+$PY -m longalign.demo.data --out "$WORK/raw"
 for fam in llama chatglm; do
   $PY pre_tokenize.py --model $fam --tokenizer "$WORK/raw/tokenizer" --long "$WORK/raw/long.jsonl" \
       --short "$WORK/raw/sharegpt.jsonl" --datanum 10k --max_length $MAXLEN --output_dir "$WORK/$fam" \
       --overwrite_output_dir
   $PY sort_and_group.py --train_file "$WORK/$fam" --group_size "$NUM_GPUS" --max_length $MAXLEN
-  $PY -m longalign.tiny_model --family $fam --tokenizer "$WORK/raw/tokenizer" --out "$WORK/model_$fam" \
+  $PY -m longalign.demo.tiny_model --family $fam --tokenizer "$WORK/raw/tokenizer" --out "$WORK/model_$fam" \
       --hidden 512 --layers 4 --heads 8 --kv_heads 2 --intermediate 1024 --max_positions $MAXLEN
 done
 for script in llama_pack llama_sort chatglm_pack chatglm_sort; do

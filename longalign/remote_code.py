@@ -67,4 +67,4 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False):
             path_or_id, trust_remote_code=trust_remote_code))
     except OSError as err:  # re-raised with the hint a user needs (offline, typo in the path)
         raise OSError(f"cannot load tokenizer {path_or_id!r}: {err}. Pass --tokenizer with a local "
-                      "tokenizer directory (offline, `python -m longalign.demo_data` makes one)") from err
+                      "tokenizer directory (offline, `python -m longalign.demo.data` makes one)") from err

@@ -13,7 +13,7 @@
 #   DEMO_EVAL_PER_TASK=20 held-out retrieval examples per task (needle, key-value)
 #   DEMO_EVAL_SHORT=20    held-out short-task rounds scored
 #   DEMO_NUM_LONG, DEMO_NUM_SHORT, DEMO_LONG_WORDS="MIN MAX", DEMO_MIX  the demo data
-#                         (longalign/demo_data.py; defaults below, chosen in BENCHMARKS.md section 12)
+#                         (longalign/demo/data.py; defaults below, chosen in BENCHMARKS.md section 12)
 #   DEMO_BASE=DIR         a pretrained base (python -m longalign.demo.pretrain makes one) to align; empty
 #                         (default): a random-init tiny Llama and a BPE of DEMO_VOCAB trained on the data
 #   DEMO_TRAIN_DEVICE=--use_cpu train.py's device flag ("" lets it use a GPU)
@@ -97,7 +97,7 @@ rm -f "$TIMES.tmp"
 stage data "1/8 demo data -> $RAW"
 if [ -n "$DEMO_BASE" ]; then TOKENIZER_FLAGS=(--tokenizer_from "$DEMO_BASE"); else TOKENIZER_FLAGS=(--vocab_size "$DEMO_VOCAB"); fi
 read -r LONG_MIN LONG_MAX <<< "$DEMO_LONG_WORDS"
-logged data $PY -m longalign.demo_data --out "$RAW" --num_long "$DEMO_NUM_LONG" --num_short "$DEMO_NUM_SHORT" \
+logged data $PY -m longalign.demo.data --out "$RAW" --num_long "$DEMO_NUM_LONG" --num_short "$DEMO_NUM_SHORT" \
     --long_words "$LONG_MIN" "$LONG_MAX" "${TOKENIZER_FLAGS[@]}" --mix "$DEMO_MIX"
 STATS+=("$RAW/stats.json")
 
@@ -116,13 +116,13 @@ if [ -n "$DEMO_BASE" ]; then
     logged model_init $PY -m longalign.demo.base --base "$DEMO_BASE" --out "$OUT/model_init" --max_positions "$MAX_LENGTH"
 else
     stage model_init "4/8 tiny random llama -> $OUT/model_init"
-    logged model_init $PY -m longalign.tiny_model --family llama --tokenizer "$RAW/tokenizer" --out "$OUT/model_init" \
+    logged model_init $PY -m longalign.demo.tiny_model --family llama --tokenizer "$RAW/tokenizer" --out "$OUT/model_init" \
         --max_positions "$MAX_LENGTH" --tie_embeddings
 fi
 STATS+=("$OUT/model_init/stats.json")
 
 stage eval_base "5/8 held-out retrieval, the model before training -> $OUT/eval/base.json"
-logged eval_base $PY -m longalign.demo_eval --model "$OUT/model_init" --raw "$RAW" --out "$OUT/eval/base.json" \
+logged eval_base $PY -m longalign.demo.evaluation --model "$OUT/model_init" --raw "$RAW" --out "$OUT/eval/base.json" \
     --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK" --short_examples "$DEMO_EVAL_SHORT"
 STATS+=("$OUT/eval/base.json")
 
@@ -135,11 +135,11 @@ logged train $PY train.py --model_name_or_path "$OUT/model_init" --train_file "$
     --adam_beta2 0.95 --weight_decay 0 --save_strategy no --seed 0 --progress bar
 replace_dir "$OUT/.model.tmp" "$OUT/model"
 STATS+=("$OUT/model/trainer_state.json")
-$PY -m longalign.demo_report --loss "$OUT/model/trainer_state.json"
+$PY -m longalign.demo.report --loss "$OUT/model/trainer_state.json"
 echo "[demo] trained model saved to $OUT/model"
 
 stage eval_trained "7/8 held-out retrieval, trained model -> $OUT/eval/trained.json"
-logged eval_trained $PY -m longalign.demo_eval --model "$OUT/model" --raw "$RAW" --out "$OUT/eval/trained.json" \
+logged eval_trained $PY -m longalign.demo.evaluation --model "$OUT/model" --raw "$RAW" --out "$OUT/eval/trained.json" \
     --context_tokens "$CONTEXT_TOKENS" --per_task "$DEMO_EVAL_PER_TASK" --short_examples "$DEMO_EVAL_SHORT"
 STATS+=("$OUT/eval/trained.json")
 
@@ -158,7 +158,7 @@ for path in "${STATS[@]}"; do
     [ -f "$path" ] || { echo "[demo] ERROR: missing $path" >&2; exit 1; }
     echo "[demo] stats: $path"
 done
-$PY -m longalign.demo_report --out "$OUT" --times "$TIMES"
+$PY -m longalign.demo.report --out "$OUT" --times "$TIMES"
 echo "[demo] trained model: $OUT/model"
 echo "[demo] summary: $OUT/summary.md, $OUT/summary.json"
 echo "[demo] heatmap: $OUT/needle/results/heatmap_match.png"

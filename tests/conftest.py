@@ -21,7 +21,7 @@ for _path in (REPO, REPO / "bench", REPO / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from longalign.tiny_tokenizer import train_tiny_tokenizer
+from longalign.demo.tiny_tokenizer import train_tiny_tokenizer
 
 _CORPUS = [
     "[Round 1]\n\n问：What is the key?\n\n答：The key is 42.",

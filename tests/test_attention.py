@@ -102,8 +102,6 @@ def test_bad_cu_seqlens_rejected():
 @pytest.mark.slow
 def test_bench_attention_smoke(tmp_path):
     import json
-    import sys
-    from pathlib import Path
 
     import bench_attention
 

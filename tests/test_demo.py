@@ -1,4 +1,4 @@
-"""`make demo` end to end (scripts/demo.sh in a temp OUT, fewer steps), and longalign.tiny_model."""
+"""`make demo` end to end (scripts/demo.sh in a temp OUT, fewer steps), and longalign.demo.tiny_model."""
 import json
 import os
 import subprocess
@@ -9,9 +9,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from longalign.tiny_model import STATS_FILE, TinyShape, main as tiny_model_main, save_tiny_model
+from longalign.demo.tiny_model import STATS_FILE, TinyShape, main as tiny_model_main, save_tiny_model
 
 TEST_STEPS = 20  # a few % of the demo's default: plumbing, and a clear fall from the random-init loss
 LOG_STEPS = 5
@@ -144,7 +143,7 @@ def test_demo_summary_table(demo):
     assert printed(stdout, "[demo] summary:") == [f"{out / 'summary.md'}, {out / 'summary.json'}"]
 
 
-# ---------- longalign.tiny_model ----------
+# ---------- longalign.demo.tiny_model ----------
 @pytest.mark.parametrize("family", ["llama", "chatglm"])
 def test_tiny_model_matches_tokenizer_and_trains(family, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
     from longalign.modeling.loading import load_training_model
@@ -201,7 +200,7 @@ def test_tiny_model_tied_embeddings(tiny_tokenizer_dir, tmp_path):
 
 
 def test_demo_report_tokens_and_table():
-    from longalign.demo_report import markdown, training_summary
+    from longalign.demo.report import markdown, training_summary
 
     state = {"global_step": 30, "log_history": [
         {"step": 10, "loss": 5.0, "step_tokens": 100.0}, {"step": 30, "loss": 1.0, "step_tokens": 50.0},

@@ -54,7 +54,7 @@ def test_long_tasks_answer_with_a_sentence_of_their_document():
 
 
 def test_held_out_wording_is_in_no_training_text(tmp_path):
-    from longalign.demo_data import write_demo_data
+    from longalign.demo.data import write_demo_data
     write_demo_data(tmp_path / "raw", seed=4, num_long=60, num_short=200, vocab_size=600)
     text = "".join((tmp_path / "raw" / name).read_text(encoding="utf-8") for name in ("long.jsonl", "sharegpt.jsonl"))
     assert "special magic number" not in text.lower()

@@ -4,7 +4,7 @@ import random
 
 from longalign.data.conversations import Conversation, read_jsonl
 from longalign.demo.tasks import LONG_TASKS, NEEDLE_QUESTION
-from longalign.demo_data import generate_haystack, generate_long, generate_short, write_demo_data
+from longalign.demo.data import generate_haystack, generate_long, generate_short, write_demo_data
 
 # The needle test's own needle (Needle_test/demo.sh): never part of the training text.
 NEEDLE_TEST_WORDS = ("San Francisco", "sandwich", "Dolores", "sunny")
@@ -65,7 +65,7 @@ def test_write_demo_data_outputs(tmp_path):
 
 
 def test_copy_topics_answer_with_the_text_they_were_given():
-    from longalign.demo_data import _copy_words, _repeat_passage
+    from longalign.demo.data import _copy_words, _repeat_passage
     for seed in range(20):
         words_rounds, passage_rounds = _copy_words(random.Random(seed)), _repeat_passage(random.Random(seed))
         question, answer = words_rounds[0]
@@ -78,7 +78,7 @@ def test_copy_topics_answer_with_the_text_they_were_given():
 
 
 def test_short_mixes_cycle_their_topics_and_base_is_the_default():
-    from longalign.demo_data import SHORT_MIXES, SHORT_TOPICS, _copy_words
+    from longalign.demo.data import SHORT_MIXES, SHORT_TOPICS, _copy_words
     assert SHORT_MIXES["base"] is SHORT_TOPICS
     assert generate_short(random.Random(3), 30) == generate_short(random.Random(3), 30, SHORT_TOPICS)
     only = generate_short(random.Random(3), 12, SHORT_MIXES["only_words"])
@@ -93,7 +93,7 @@ def test_short_mixes_cycle_their_topics_and_base_is_the_default():
 
 
 def test_copy_few_words_and_items_copy_what_they_were_given():
-    from longalign.demo_data import _copy_few_words, _copy_items, _copy_marked_words
+    from longalign.demo.data import _copy_few_words, _copy_items, _copy_marked_words
     for seed in range(20):
         for topic, fewest in ((_copy_few_words, 4), (_copy_items, 4)):
             rounds = topic(random.Random(seed))
@@ -123,7 +123,7 @@ def test_write_demo_data_takes_a_short_mix(tmp_path):
 def test_observed_alphabet_tokenizer_has_only_the_bytes_it_saw(tmp_path):
     import pytest
 
-    from longalign.tiny_tokenizer import train_tiny_tokenizer
+    from longalign.demo.tiny_tokenizer import train_tiny_tokenizer
     texts = ["the quiet river and the green garden"] * 50
     full = train_tiny_tokenizer(texts, tmp_path / "bytes", vocab_size=300)
     seen = train_tiny_tokenizer(texts, tmp_path / "observed", vocab_size=300, alphabet="observed")

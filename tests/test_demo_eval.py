@@ -1,14 +1,14 @@
-"""longalign.demo_eval: sized held-out examples, the disjointness check, exact-match scoring."""
+"""longalign.demo.evaluation: sized held-out examples, the disjointness check, exact-match scoring."""
 import json
 
 import pytest
 import torch
 
-from longalign.demo_data import write_demo_data
-from longalign.demo_eval import (RetrievalExample, check_disjoint, evaluate_model, held_out_short_examples,
+from longalign.demo.data import write_demo_data
+from longalign.demo.evaluation import (RetrievalExample, check_disjoint, evaluate_model, held_out_short_examples,
                                  size_window, held_out_examples, score_examples, training_texts)
 from longalign.eval.generation import Candidate, encode_text
-from longalign.tiny_model import TinyShape, save_tiny_model
+from longalign.demo.tiny_model import TinyShape, save_tiny_model
 
 CONTEXT = 300
 
@@ -110,7 +110,7 @@ def test_evaluate_model_end_to_end_on_an_untrained_model(raw, tmp_path):
 
 
 def test_teacher_forced_exact_match_is_greedy_exact_match_and_packing_changes_nothing(raw, tmp_path):
-    from longalign.demo_eval import teacher_forced_scores
+    from longalign.demo.evaluation import teacher_forced_scores
     from longalign.eval.generation import LocalModel, encode_prompt, prepare_prompt
     from longalign.modeling.loading import load_training_model
 

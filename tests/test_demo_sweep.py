@@ -28,7 +28,7 @@ def test_cpu_config_trains_and_scores_every_set(tmp_path, capsys):
 
 
 def test_held_out_retrieval_overlapping_training_is_an_error(tmp_path):
-    from longalign.demo_eval import held_out_examples, held_out_seed
+    from longalign.demo.evaluation import held_out_examples, held_out_seed
     from longalign.data.tokenization import ConversationTokenizer
     cfg = {**sweep.DEFAULTS, **TINY}
     tok, long_rows, short_rows = sweep.make_data(cfg, tmp_path / "tok")

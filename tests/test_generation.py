@@ -12,7 +12,7 @@ from longalign.remote_code import RemoteCodeRequired
 from longalign.eval.generation import (CHARACTERS, TOKENS, GenerationSettings, LocalModel,
                                   encode_prompt, encode_text, middle_truncate, prepare_prompt, truncate_query)
 from longalign.data.training_format import build_prompt
-from longalign.tiny_model import TinyShape, save_tiny_model
+from longalign.demo.tiny_model import TinyShape, save_tiny_model
 from helpers.tiny_llama import save_tiny_llama
 
 SIMPLE_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"

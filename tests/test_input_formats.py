@@ -290,7 +290,7 @@ def test_sharegpt_json_with_system_turns_trains_end_to_end(tmp_path, tiny_tokeni
     import datasets
     from transformers import AutoTokenizer
 
-    from longalign.tiny_model import TinyShape, save_tiny_model
+    from longalign.demo.tiny_model import TinyShape, save_tiny_model
 
     dump = [{"id": f"c{i}", "conversations": [{"from": "system", "value": "You are a helpful assistant."},
                                               {"from": "human", "value": f"Question {i}: what is the key?"},

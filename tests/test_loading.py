@@ -7,7 +7,7 @@ import torch
 
 from longalign.modeling.loading import (checkpoint_rope_ratio, load_training_model, load_training_tokenizer,
                                         model_family, resolve_rope_ratio)
-from longalign.tiny_model import TinyShape, save_tiny_model
+from longalign.demo.tiny_model import TinyShape, save_tiny_model
 
 SHAPE = TinyShape(hidden=32, layers=1, heads=4, kv_heads=2, intermediate=64, max_positions=128)
 

@@ -141,7 +141,6 @@ def test_bf16_weights_get_bf16_grads():
 @pytest.mark.slow
 def test_bench_loss_memory_smoke(tmp_path):
     import json
-    from pathlib import Path
 
     import bench_loss_memory
 

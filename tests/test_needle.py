@@ -19,7 +19,7 @@ from longalign.remote_code import RemoteCodeRequired
 from longalign.eval.openai_api import AuthenticationFailed
 from longalign.eval.prediction_keys import PredictionLog, PredictionMismatch, prompt_sha256
 from longalign.storage import OUTPUT_MARKER, read_jsonl
-from longalign.tiny_model import save_tiny_model
+from longalign.demo.tiny_model import save_tiny_model
 from test_storage import LINE_SEPARATORS
 from helpers.tiny_llama import TEST_SHAPE, save_tiny_llama
 

@@ -79,9 +79,6 @@ def test_remote_code_is_self_contained():
 SHARED = {"longalign", "longalign.constants", "longalign.storage", "longalign.fault_points", "longalign.pack_geometry",
           "longalign.json_files", "longalign.remote_code", "longalign.arguments"}
 LAYERS = {"shared": 0, "ops": 1, "modeling": 2, "data": 3, "train": 4, "eval": 4, "demo": 5}
-# the embedded demo's modules that still sit at the package top (the demo layer); train.py's progress bar
-TOP_LEVEL_DEMO = {"demo_data", "demo_eval", "demo_report", "tiny_model", "tiny_tokenizer"}
-TOP_LEVEL_TRAIN = {"progress"}
 SCRIPTS = {"train", "pre_tokenize", "sort_and_group", "LongBench_Chat", "Needle_test", "bench",
            "modeling_chatglm", "modeling_llama", "llama_flash_attn_monkey_patch"}
 
@@ -90,10 +87,6 @@ def layer_of(module: str) -> str:
     if module in SHARED:
         return "shared"
     part = module.split(".")[1]
-    if part in TOP_LEVEL_DEMO:
-        return "demo"
-    if part in TOP_LEVEL_TRAIN:
-        return "train"
     if part not in LAYERS:
         raise AssertionError(f"{module}: not in a stage subpackage nor listed as shared (test_package_layout.SHARED)")
     return part

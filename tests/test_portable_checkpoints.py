@@ -12,7 +12,7 @@ import torch
 
 from longalign.modeling.loading import load_training_model
 from longalign.data.training_format import build_prompt
-from longalign.tiny_model import TinyShape, save_tiny_model
+from longalign.demo.tiny_model import TinyShape, save_tiny_model
 from longalign.constants import IGNORE_INDEX
 from longalign.data.tokenization import ConversationTokenizer, special_token_frame
 

@@ -333,7 +333,7 @@ def test_interrupted_write_leaves_no_dataset(tmp_path, tiny_tokenizer_dir, monke
 @pytest.mark.subprocess
 def test_cli_end_to_end_on_demo_data(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "llama"
-    demo = [sys.executable, "-m", "longalign.demo_data", "--out", str(raw), "--num_long", "12",
+    demo = [sys.executable, "-m", "longalign.demo.data", "--out", str(raw), "--num_long", "12",
             "--num_short", "20", "--vocab_size", "600"]
     subprocess.run(demo, cwd=REPO, check=True, capture_output=True, timeout=120)
     cmd = [sys.executable, "pre_tokenize.py", "--model", "chatglm", "--tokenizer", str(raw / "tokenizer"),

@@ -151,8 +151,6 @@ def test_parse_policy():
 @pytest.mark.slow
 def test_bench_train_step_smoke_policies(tmp_path):
     import json
-    import sys
-    from pathlib import Path
 
     import bench_train_step
 
@@ -165,8 +163,6 @@ def test_bench_train_step_smoke_policies(tmp_path):
 @pytest.mark.slow
 def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys):
     import json
-    import sys
-    from pathlib import Path
 
     import bench_train_step
 
@@ -182,8 +178,6 @@ def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_bench_train_step_profile_breaks_down_one_step(tmp_path):
-    import sys
-    from pathlib import Path
 
     import bench_train_step
     import step_profile
@@ -201,8 +195,6 @@ def test_bench_train_step_profile_breaks_down_one_step(tmp_path):
 
 def test_step_profile_counts_only_gpu_time_on_cuda():
     """Host-side runtime calls (cudaDeviceSynchronize: CPU time, no device time) are not kernels."""
-    import sys
-    from pathlib import Path
     from types import SimpleNamespace
 
     import step_profile
@@ -215,8 +207,6 @@ def test_step_profile_counts_only_gpu_time_on_cuda():
 
 
 def test_micro_step_profiler_writes_rank0_tables(tmp_path, monkeypatch):
-    import sys
-    from pathlib import Path
 
     import step_profile
 

@@ -77,7 +77,7 @@ def parse_source(value: str, what: str) -> SourceSpec:
     if looks_like_id and not name.startswith("."):
         return SourceSpec(value, "dataset", name, split)
     raise FileNotFoundError(f"{what} data file not found: {value}; {DATA_HELP} "
-                            "(or run `python -m longalign.demo_data --out DIR` for demo data)")
+                            "(or run `python -m longalign.demo.data --out DIR` for demo data)")
 
 
 def read_source(spec: SourceSpec, limit: int | None = None, strict: bool = False,

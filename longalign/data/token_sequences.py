@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from longalign.constants import IGNORE_INDEX, TOKEN_COLUMNS
+from longalign.constants import TOKEN_COLUMNS
 from longalign.pack_geometry import target_mask
 from longalign.storage import OUTPUT_MARKER, read_output_marker, write_json_atomic
 

@@ -32,11 +32,9 @@ per row is bounded by --max_length while the kept ids stay those of the whole te
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np

@@ -27,8 +27,8 @@ from longalign.demo.corpus import DOCUMENT_MIX, documents, parse_mix
 from longalign.modeling.checkpoints import make_self_describing
 from longalign.storage import atomic_dir, write_json_atomic
 from longalign.data.training_format import conversation_text
-from longalign.tiny_model import TinyShape, build_model, special_ids
-from longalign.tiny_tokenizer import train_tiny_tokenizer
+from longalign.demo.tiny_model import TinyShape, build_model, special_ids
+from longalign.demo.tiny_tokenizer import train_tiny_tokenizer
 
 HELD_OUT_SEED_OFFSET = 1_000_003  # the card's held-out documents: the seed + this
 TOKENIZER_DOCS = 20_000  # documents the BPE is trained on

@@ -1,7 +1,7 @@
 """Words of the demo's generated text: word lists, made-up names and places, filler sentences.
 
 Shared by the demo's pretraining corpus (`longalign.demo.corpus`), its long tasks
-(`longalign.demo.tasks`) and its short chats (`longalign.demo_data`). `FORBIDDEN` lists what no
+(`longalign.demo.tasks`) and its short chats (`longalign.demo.data`). `FORBIDDEN` lists what no
 generated text may contain: the needle test's needle (Needle_test/demo.sh) and the evaluation's
 held-out needle wording (`longalign.demo.tasks.HELD_OUT_TASKS`); the word lists avoid them
 and `nonsense_word` rejects them.

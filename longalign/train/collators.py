@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from longalign.constants import IGNORE_INDEX
-from longalign.pack_geometry import (longest_sequence, positions_from_cu_seqlens, segment_ids, sequence_lengths,
+from longalign.pack_geometry import (longest_sequence, positions_from_cu_seqlens, sequence_lengths,
                                      sequence_starts, sequence_token_weights, target_mask, targets_per_sequence)
 
 LOSS_REDUCTIONS = ("sequence", "pack_mean", "token")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from longalign.tiny_model import TinyShape, save_tiny_model
+from longalign.demo.tiny_model import TinyShape, save_tiny_model
 
 TEST_SHAPE = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=8192)
 

@@ -1,6 +1,6 @@
 """A small random-init model of either family, sized to a tokenizer, saved with that tokenizer.
 
-    python -m longalign.tiny_model --family llama --tokenizer data/demo/raw/tokenizer \
+    python -m longalign.demo.tiny_model --family llama --tokenizer data/demo/raw/tokenizer \
         --out data/demo/model_init [--hidden 64 --layers 2 --heads 4 --kv_heads 2 ...]
 
 builds transformers' `LlamaForCausalLM` or this repo's ChatGLM remote-code

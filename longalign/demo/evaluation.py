@@ -1,6 +1,6 @@
 """Held-out retrieval accuracy of a demo model: exact match under greedy decoding.
 
-    python -m longalign.demo_eval --model data/demo/model --raw data/demo/raw \
+    python -m longalign.demo.evaluation --model data/demo/model --raw data/demo/raw \
         --out data/demo/eval/trained.json [--context_tokens 2048 --per_task 20 --seed 5678]
 
 Examples come from the long-task generators of `longalign.demo.tasks` (needle retrieval, key-value
@@ -17,7 +17,7 @@ most answer tokens + EXTRA_NEW_TOKENS new tokens; it is correct when, stripped o
 reference answer exactly.
 
 Short tasks (--short_examples, default 20): the first round of held-out chats of the training
-data's short-task mix (stats.json `short_mix`, `longalign.demo_data.SHORT_MIXES`), same seed,
+data's short-task mix (stats.json `short_mix`, `longalign.demo.data.SHORT_MIXES`), same seed,
 scored the same way. A round whose question or answer is a training message is skipped and
 counted (formulaic rounds recur), never scored.
 
@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 from longalign.train.collators import COUNTS_KEY, PackCollator
 from longalign.constants import IGNORE_INDEX
 from longalign.demo.tasks import ALL_TASKS, HELD_OUT_TASKS, LONG_TASKS
-from longalign.demo_data import DEFAULT_MIX, DEFAULT_SEED, SHORT_MIXES
+from longalign.demo.data import DEFAULT_MIX, DEFAULT_SEED, SHORT_MIXES
 from longalign.eval.generation import GenerationSettings, LocalModel, encode_text
 from longalign.ops.weighted_loss import shift_targets
 from longalign.pack_geometry import cu_seqlens_values, segment_ids

@@ -1,7 +1,7 @@
 """The table that ends `make demo`: time per stage, tokens trained, loss, retrieval, short tasks, needle.
 
-    python -m longalign.demo_report --out data/demo --times data/demo/stage_times.tsv
-    python -m longalign.demo_report --loss data/demo/model/trainer_state.json   # one line, after training
+    python -m longalign.demo.report --out data/demo --times data/demo/stage_times.tsv
+    python -m longalign.demo.report --loss data/demo/model/trainer_state.json   # one line, after training
 
 reads what the demo's stages wrote under --out (model/trainer_state.json, eval/base.json,
 eval/trained.json, needle/results/summary_match.json) and the stage times (one "name<TAB>seconds"

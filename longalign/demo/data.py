@@ -1,10 +1,10 @@
 """The embedded default: seeded synthetic long-context + short chat data, and a tokenizer for it.
 
-    python -m longalign.demo_data --out data/demo/raw
+    python -m longalign.demo.data --out data/demo/raw
 
 writes, in the `messages` format of LongAlign-10k / ShareGPT,
 - long.jsonl: long inputs with short answers, over generated filler text, answer copied from the
-  context (learnable by copying; `longalign.demo_eval` measures whether a model did): needle
+  context (learnable by copying; `longalign.demo.evaluation` measures whether a model did): needle
   retrieval (one sentence "The best thing to do in <place> is ..." hidden at a random depth,
   asked with the needle test's own question form; its words never occur in the filler) and
   key-value lookup (facts "The access code of <name> is <5 digits>." for a few names scattered
@@ -18,7 +18,7 @@ writes, in the `messages` format of LongAlign-10k / ShareGPT,
   with a 384-entry tokenizer: the mix and size in which its tiny model learns to copy within the
   CPU budget (BENCHMARKS.md section 11);
 - haystack/: filler essays for the needle test, generated from a different seed;
-- tokenizer/: a byte-level BPE (`longalign.tiny_tokenizer`) trained on that text in both chat
+- tokenizer/: a byte-level BPE (`longalign.demo.tiny_tokenizer`) trained on that text in both chat
   templates, loadable with AutoTokenizer.from_pretrained;
 - stats.json: what was generated.
 Same seed, same bytes. The needle test's own needle (San Francisco, a sandwich, Dolores Park, a
@@ -219,7 +219,7 @@ def write_demo_data(out_dir: str | Path, seed: int = DEFAULT_SEED, num_long: int
     """Generate everything into `out_dir` (replaced atomically); return the stats. `mix` names
     the short-task mix (`SHORT_MIXES`); `tokenizer_from` a model folder whose tokenizer is copied
     to tokenizer/ (the demo's pretrained base) instead of training one of `vocab_size`."""
-    from longalign.tiny_tokenizer import train_tiny_tokenizer
+    from longalign.demo.tiny_tokenizer import train_tiny_tokenizer
 
     if mix not in SHORT_MIXES:
         raise ValueError(f"unknown short-task mix {mix!r}; known: {sorted(SHORT_MIXES)}")
