@@ -47,14 +47,19 @@ def fit_words(make, seed: str, tokenizer, context: int) -> tuple[list[int], list
         words = int(words * 0.9)
 
 
-def exact_span(model, prompt_ids: list[int], target_ids: list[int]) -> bool:
+def target_hits(model, prompt_ids: list[int], target_ids: list[int]):
+    """Per target token, whether the model's argmax given the true prefix is that token (a CPU bool tensor)."""
     import torch
 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + target_ids], device=device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1]
-    return bool((logits.argmax(-1).cpu() == torch.tensor(target_ids)).all())
+    return logits.argmax(-1).cpu() == torch.tensor(target_ids)
+
+
+def exact_span(model, prompt_ids: list[int], target_ids: list[int]) -> bool:
+    return bool(target_hits(model, prompt_ids, target_ids).all())
 
 
 def copy_probes(tokenizer, seed: int, context: int, examples: int) -> list[tuple[list[int], list[int]]]:
@@ -65,16 +70,8 @@ def copy_probes(tokenizer, seed: int, context: int, examples: int) -> list[tuple
 def copy_token_accuracy(model, probes: list[tuple[list[int], list[int]]]) -> float:
     """Share of second-copy tokens predicted right (argmax, true prefix) over `probes`: the
     gradual trace of copying forming, where the exact-span measure is all or nothing."""
-    import torch
-
-    device = next(model.parameters()).device
-    right = total = 0
-    with torch.no_grad():
-        for prompt_ids, target_ids in probes:
-            ids = torch.tensor([prompt_ids + target_ids], device=device)
-            predicted = model(input_ids=ids).logits[0, len(prompt_ids) - 1: -1].argmax(-1).cpu()
-            right += int((predicted == torch.tensor(target_ids)).sum())
-            total += len(target_ids)
+    right = sum(int(target_hits(model, prompt_ids, target_ids).sum()) for prompt_ids, target_ids in probes)
+    total = sum(len(target_ids) for _, target_ids in probes)
     return right / total
 
 

@@ -155,8 +155,11 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, device_name: str | Non
         windows = token_windows(tokenizer, docs, config.context)
         data_seconds = time.perf_counter() - started
         model = build_model("llama", len(tokenizer), special_ids(tokenizer), config.shape()).to(device)
-        probes = copy_probes(tokenizer, config.seed + HELD_OUT_SEED_OFFSET, config.context, config.probe_examples)
-        log = train(model, windows, config, device, probe=lambda m: copy_token_accuracy(m, probes))
+        probe = None
+        if config.probe_every:  # tokenized once, only when asked for
+            probes = copy_probes(tokenizer, config.seed + HELD_OUT_SEED_OFFSET, config.context, config.probe_examples)
+            probe = lambda m: copy_token_accuracy(m, probes)  # noqa: E731
+        log = train(model, windows, config, device, probe=probe)
         train_seconds = time.perf_counter() - started - data_seconds
         measured = evaluate_base(model, tokenizer, config.seed + HELD_OUT_SEED_OFFSET, config.context,
                                  config.eval_examples)
