@@ -8,7 +8,7 @@ import torch
 
 from longalign.demo import base_eval, corpus
 from longalign.demo.base import prepare_model_init
-from longalign.demo.pretrain import PretrainConfig, learning_rate, main as pretrain_main
+from longalign.demo.pretrain import HELD_OUT_SEED_OFFSET, PretrainConfig, learning_rate, main as pretrain_main
 from longalign.demo.tasks import ALL_TASKS, HELD_OUT_TASKS, LONG_TASKS
 from longalign.demo.words import FORBIDDEN
 
@@ -170,3 +170,62 @@ def test_document_mix_is_parsed_into_shares_and_bad_mixes_are_refused(tmp_path):
     assert all(doc.split("\n")[0] == doc.split("\n")[-1] for doc in docs)  # only nonsense documents
     with pytest.raises(SystemExit):
         pretrain_main(["--out", str(tmp_path / "x"), *TINY_FLAGS, "--mix", "poems:1"])
+
+
+def test_repeats_and_soup_documents_say_one_span_again_and_again():
+    for seed in range(20):
+        lines = corpus.repeats_document(random.Random(seed), 60).split("\n")
+        spans = {line.split(": ", 1)[1] for line in lines}
+        assert len(lines) >= 2 and len(spans) == 1
+    pieces = ["ab", " cd", "é", "7"]
+    for document in corpus.soup_documents(3, 20, pieces):
+        spans = {line.split(": ", 1)[1] for line in document.split("\n")}
+        assert len(spans) == 1 and set("".join(spans)) <= set("abcdé7 ")
+    assert corpus.soup_documents(3, 20, pieces) == corpus.soup_documents(3, 20, pieces)
+
+
+def test_vocabulary_pieces_are_whole_characters_of_non_special_entries(tiny_tokenizer):
+    pieces = corpus.vocabulary_pieces(tiny_tokenizer)
+    assert pieces and all("\ufffd" not in p and "\n" not in p and p.strip() for p in pieces)
+    assert not set(pieces) & set(tiny_tokenizer.all_special_tokens)
+
+
+def test_phase_batches_keep_the_tokens_of_a_step():
+    from longalign.demo.pretrain import phase_batches
+    assert phase_batches(PretrainConfig(context=256, batch=4, steps=300)) == [(256, 4, 300)]
+    assert phase_batches(PretrainConfig(context=256, batch=4, steps=300, short_context=64, short_steps=100)) == [
+        (64, 16, 100), (256, 4, 300)]
+
+
+def test_pretrain_short_phase_and_soup_are_trained_and_recorded(tmp_path):
+    stats = pretrain_main(["--out", str(tmp_path / "b"), *TINY_FLAGS, "--short_context", "32", "--short_steps", "1",
+                           "--soup", "0.3"])
+    assert set(stats["windows"]) == {"32", "64"} and stats["soup_documents"] > 0
+    assert stats["tokens_trained"] == 1 * 4 * 32 + 2 * 2 * 64
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "the first 1 steps at 32 tokens" in card and "token-soup documents" in card
+
+
+@pytest.mark.parametrize("bad", [["--short_context", "64", "--short_steps", "1"],
+                                 ["--short_context", "32", "--short_steps", "4"], ["--soup", "1"]])
+def test_pretrain_refuses_bad_phases_and_soup(bad, tmp_path):
+    with pytest.raises(SystemExit):
+        pretrain_main(["--out", str(tmp_path / "x"), *TINY_FLAGS, *bad])
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not (SHIPPED_BASE / "config.json").is_file(), reason="no base shipped in models/tiny-base")
+def test_shipped_base_loads_alone_and_copies_as_its_card_says():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED_BASE)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_BASE))
+    stats = json.loads((SHIPPED_BASE / "stats.json").read_text())
+    card = (SHIPPED_BASE / "README.md").read_text()
+    seed, context = stats["config"]["seed"] + HELD_OUT_SEED_OFFSET, stats["config"]["context"]
+    for measure in ("copy", "recall"):
+        claimed = stats["held_out"][measure]["exact"]
+        assert f"| {measure} | {claimed:.0%} of" in card and claimed >= 0.8
+        hits = [base_eval.exact_span(model, *base_eval.fit_words(base_eval.EXAMPLES[measure], f"{seed}-{measure}-{i}",
+                                                                  tokenizer, context)) for i in range(10)]
+        assert sum(hits) >= 7, (measure, hits)  # the card's examples 0-9 (its figure is over 100)

@@ -10,6 +10,7 @@ Document kinds, in `DOCUMENT_MIX` proportions:
   nonsense  nonsense words (random letters) repeated: copying tokens the model cannot know
   dialogue  two speakers; one repeats what the other said earlier
   essay     plain filler, the language itself
+  repeats   a short span of mixed items said 2-5 times in a row: most of its tokens are copies
 No chat template and no instruction question form occurs here: the demo's fine-tuning teaches
 those. Nothing in `longalign.demo.words.FORBIDDEN` occurs (tested).
 """
@@ -84,6 +85,15 @@ def nonsense_document(rng: random.Random, words: int) -> str:
     return "\n".join(copies)
 
 
+def repeats_document(rng: random.Random, words: int) -> str:
+    """The densest copy signal: a 3-20 item span (any list item kind), then 1-4 more copies, each
+    after a short intro; `words` is unused (these documents stay short)."""
+    kind = rng.random()
+    span = " ".join(_list_item(rng, kind) for _ in range(rng.randint(3, 20)))
+    copies = [f"{rng.choice(_AGAIN)}: {span}" for _ in range(rng.randint(1, 4))]
+    return "\n".join([f"{rng.choice(_LIST_INTROS)}: {span}", *copies])
+
+
 def dialogue_document(rng: random.Random, words: int) -> str:
     a, b = rng.sample(_SPEAKERS, 2)
     said = rng.choice((lambda: "The {} is {}.".format(*fact(rng)), lambda: " ".join(filler(rng, 20))))()
@@ -96,7 +106,28 @@ def essay_document(rng: random.Random, words: int) -> str:
 
 
 DOCUMENTS = {"facts": facts_document, "lists": list_document, "nonsense": nonsense_document,
-             "dialogue": dialogue_document, "essay": essay_document}
+             "dialogue": dialogue_document, "essay": essay_document, "repeats": repeats_document}
+
+
+def soup_documents(seed: int, count: int, pieces: list[str]) -> list[str]:
+    """`count` documents of "token soup": a span of 4-30 pieces (a tokenizer's vocabulary entries,
+    see `vocabulary_pieces`) drawn uniformly, then 1-3 more copies. Copying forms far sooner when
+    the copied tokens span the whole vocabulary than when they are the few dozen tokens that
+    spell nonsense words (BENCHMARKS §12c)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        span = "".join(rng.choice(pieces) for _ in range(rng.randint(4, 30))).strip()
+        copies = [f"{rng.choice(_AGAIN)}: {span}" for _ in range(rng.randint(1, 3))]
+        out.append("\n".join([f"{rng.choice(_LIST_INTROS)}: {span}", *copies]))
+    return out
+
+
+def vocabulary_pieces(tokenizer) -> list[str]:
+    """The text of each non-special vocabulary entry that decodes to whole characters on one line."""
+    special = set(tokenizer.all_special_ids)
+    pieces = (tokenizer.decode([i]) for i in range(len(tokenizer)) if i not in special)
+    return [piece for piece in pieces if piece.strip() and "\ufffd" not in piece and "\n" not in piece]
 
 
 def parse_mix(text: str) -> dict[str, float]:

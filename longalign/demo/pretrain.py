@@ -23,7 +23,7 @@ from pathlib import Path
 
 from longalign.demo.base_eval import copy_probes, copy_token_accuracy, evaluate_base
 from longalign.demo.card import write_card
-from longalign.demo.corpus import DOCUMENT_MIX, documents, parse_mix
+from longalign.demo.corpus import DOCUMENT_MIX, documents, parse_mix, soup_documents, vocabulary_pieces
 from longalign.modeling.checkpoints import make_self_describing
 from longalign.storage import atomic_dir, write_json_atomic
 from longalign.data.training_format import conversation_text
@@ -57,6 +57,9 @@ class PretrainConfig:
     probe_every: int = 0  # steps between copy-token-accuracy probes in the loss log (0: none)
     probe_examples: int = 20  # held-out copy examples per probe
     time_limit: float = 0.0  # seconds of training after which it stops early (0: none); the card says so
+    soup: float = 0.0  # share of token-soup documents (corpus.soup_documents) added after the tokenizer is made
+    short_context: int = 0  # the first short_steps steps read windows of this many tokens (0: none) ...
+    short_steps: int = 0  # ... as many tokens a step: copying forms far sooner at short context (DESIGN §10)
     mix: str = ",".join(f"{kind}:{share}" for kind, share in DOCUMENT_MIX.items())  # document kinds (corpus)
 
     def shape(self) -> TinyShape:
@@ -84,9 +87,21 @@ def learning_rate(step: int, config: PretrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, windows, config: PretrainConfig, device, log_every: int = 100, probe=None) -> list[dict]:
-    """The plain LM loop over random batches of `windows`; returns the logged losses (and, every
-    `config.probe_every` steps, `probe(model)` as copy_token_accuracy)."""
+def phase_batches(config: PretrainConfig) -> list[tuple[int, int, int]]:
+    """(context, windows per step, last step) of each phase: the short-context phase first, if any,
+    at as many tokens a step as the main one (context 256, batch 4, short 64 for 100 of 300 steps:
+    [(64, 16, 100), (256, 4, 300)])."""
+    phases = []
+    if config.short_context and config.short_steps:
+        phases.append((config.short_context, max(1, config.batch * config.context // config.short_context),
+                       config.short_steps))
+    return phases + [(config.context, config.batch, config.steps)]
+
+
+def train(model, windows: dict, config: PretrainConfig, device, log_every: int = 100, probe=None) -> list[dict]:
+    """The plain LM loop over random batches of `windows` ({context: rows}, phases by `phase_batches`);
+    returns the logged losses (and, every `config.probe_every` steps, `probe(model)` as
+    copy_token_accuracy)."""
     import torch
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -95,15 +110,19 @@ def train(model, windows, config: PretrainConfig, device, log_every: int = 100, 
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    log, started = [], time.perf_counter()
+    log, started, tokens = [], time.perf_counter(), 0
+    phases = phase_batches(config)
     model.train()
     for step in range(config.steps):
+        context, batch_size, _ = next(phase for phase in phases if step < phase[2])
         if config.time_limit and time.perf_counter() - started > config.time_limit:
             print(f"[pretrain] --time_limit {config.time_limit:g} s reached: stopped after {step} steps", flush=True)
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        batch = windows[torch.randint(len(windows), (config.batch,), generator=generator)].to(device)
+        rows = windows[context]
+        batch = rows[torch.randint(len(rows), (batch_size,), generator=generator)].to(device)
+        tokens += batch.numel()
         with autocast:
             loss = model(input_ids=batch, labels=batch).loss
         if not torch.isfinite(loss):
@@ -120,7 +139,7 @@ def train(model, windows, config: PretrainConfig, device, log_every: int = 100, 
             print(f"[pretrain] step {step + 1} copy token accuracy {accuracy:.3f}", flush=True)
         if (step + 1) % log_every == 0 or step + 1 == config.steps or (
                 config.time_limit and time.perf_counter() - started > config.time_limit):
-            log.append({"step": step + 1, "loss": round(loss.item(), 4),
+            log.append({"step": step + 1, "loss": round(loss.item(), 4), "context": context, "tokens": tokens,
                         "seconds": round(time.perf_counter() - started, 1)})
             print(f"[pretrain] step {step + 1}/{config.steps} loss {loss.item():.3f} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
@@ -152,7 +171,10 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, device_name: str | Non
     docs = documents(config.seed, count, config.max_words, mix)
     with atomic_dir(out_dir, stage="demo_pretrain", overwrite=True) as tmp:
         tokenizer = train_tiny_tokenizer(tokenizer_texts(docs), tmp, config.vocab)
-        windows = token_windows(tokenizer, docs, config.context)
+        if config.soup:
+            docs = docs + soup_documents(config.seed + 1, int(count * config.soup / (1 - config.soup)),
+                                         vocabulary_pieces(tokenizer))
+        windows = {context: token_windows(tokenizer, docs, context) for context, _, _ in phase_batches(config)}
         data_seconds = time.perf_counter() - started
         model = build_model("llama", len(tokenizer), special_ids(tokenizer), config.shape()).to(device)
         probe = None
@@ -168,8 +190,9 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, device_name: str | Non
         stats = {"config": asdict(config), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                  else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                  "date": date.today().isoformat(), "documents": len(docs), "document_mix": mix,
-                 "windows": len(windows), "steps_trained": log[-1]["step"],
-                 "tokens_trained": log[-1]["step"] * config.batch * config.context,
+                 "soup_documents": len(docs) - count,
+                 "windows": {str(context): len(rows) for context, rows in windows.items()},
+                 "steps_trained": log[-1]["step"], "tokens_trained": log[-1]["tokens"],
                  "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
                  "data_seconds": round(data_seconds, 1), "train_seconds": round(train_seconds, 1),
                  "loss_log": log, "held_out": measured}
@@ -190,11 +213,17 @@ def parse_args(argv=None) -> tuple[str, PretrainConfig, str | None]:
         parse_mix(config.mix)
     except ValueError as err:
         parser.error(f"--mix: {err}")
+    if not 0 <= config.soup < 1:
+        parser.error(f"--soup is a share in [0, 1), got {config.soup}")
     for key, value in asdict(config).items():
         if isinstance(value, str):
             continue
-        if value < 0 or (value == 0 and key not in ("seed", "warmup", "weight_decay", "min_lr_ratio", "time_limit", "probe_every", "documents")):
+        if value < 0 or (value == 0 and key not in ("seed", "warmup", "weight_decay", "min_lr_ratio", "time_limit", "probe_every", "documents", "short_context", "short_steps", "soup")):
             parser.error(f"--{key} must be {'>= 0' if key == 'seed' else '> 0'}, got {value}")
+    if config.short_steps and not 0 < config.short_context < config.context:
+        parser.error(f"--short_context must be in (0, --context {config.context}) with --short_steps, got {config.short_context}")
+    if config.short_steps > config.steps:
+        parser.error(f"--short_steps {config.short_steps} exceeds --steps {config.steps}")
     try:
         config.shape().check("llama")
     except ValueError as err:
