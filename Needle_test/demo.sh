@@ -2,7 +2,8 @@
 # Needle test of a (tiny) model end to end, offline: prompts -> predictions -> match scores -> heatmap.
 #   bash Needle_test/demo.sh MODEL_DIR [OUT_DIR]
 # HAYSTACK (default ../shared/data/haystack, else Needle_test/PaulGrahamEssays) holds the *.txt essays;
-# MAX_NEW_TOKENS (default 64) bounds each answer (the needle is about 20 words).
+# MAX_NEW_TOKENS (default 64) bounds each answer (the needle is about 20 words); NEEDLE_MAX_LEN
+# (default 2048) is the longest context, in tokens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -19,7 +20,7 @@ prompt:
   needle: $NEEDLE
   haystack_dir: "$HAYSTACK"
   retrieval_question: "What is the best thing to do in San Francisco? Here is the most relevant sentence in the context:"
-context: {min_len: 256, max_len: 2048, count: 4, list: null}
+context: {min_len: 256, max_len: ${NEEDLE_MAX_LEN:-2048}, count: 4, list: null}
 document_depth: {min_percent: 0, max_percent: 100, count: 5, interval_type: linear, list: null}
 tokenizer: {model_name: "$MODEL"}
 final_context_buffer: 100

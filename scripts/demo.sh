@@ -14,8 +14,9 @@
 #   DEMO_EVAL_SHORT=20    held-out short-task rounds scored
 #   DEMO_NUM_LONG, DEMO_NUM_SHORT, DEMO_LONG_WORDS="MIN MAX", DEMO_MIX  the demo data
 #                         (longalign/demo/data.py; defaults below, chosen in BENCHMARKS.md section 12)
-#   DEMO_BASE=DIR         a pretrained base (python -m longalign.demo.pretrain makes one) to align; empty
-#                         (default): a random-init tiny Llama and a BPE of DEMO_VOCAB trained on the data
+#   DEMO_BASE=DIR         the pretrained base to align (default models/tiny-base, made by python -m
+#                         longalign.demo.pretrain); "" : a random-init tiny Llama and a BPE of DEMO_VOCAB
+#   DEMO_CONTEXT=...      the longest query in tokens (default 4x the base's context; 2048 from random weights)
 #   DEMO_TRAIN_DEVICE=--use_cpu train.py's device flag ("" lets it use a GPU)
 #   HAYSTACK=DIR          needle-test essays (*.txt); default: the demo's own held-out filler text
 #   PY=.venv/bin/python
@@ -23,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PY=${PY:-.venv/bin/python}
 OUT=${OUT:-data/demo}
-DEMO_BASE=${DEMO_BASE:-}  # empty: no base ships yet (README), so the demo starts from random weights
+DEMO_BASE=${DEMO_BASE-models/tiny-base}  # the shipped pretrained base; DEMO_BASE="" starts from random weights
 DEMO_TRAIN_DEVICE=${DEMO_TRAIN_DEVICE---use_cpu}
 DEMO_LOG_STEPS=${DEMO_LOG_STEPS:-10}
 DEMO_WARMUP=${DEMO_WARMUP:-20}
@@ -31,12 +32,14 @@ DEMO_EVAL_PER_TASK=${DEMO_EVAL_PER_TASK:-20}
 DEMO_EVAL_SHORT=${DEMO_EVAL_SHORT:-20}
 DEMO_NUM_LONG=${DEMO_NUM_LONG:-1200}
 if [ -n "$DEMO_BASE" ]; then  # LongAlign's order: align a pretrained base (longalign/demo/, DESIGN.md §10)
-    DEMO_STEPS=${DEMO_STEPS:-600}
+    CONTEXT_TOKENS=${DEMO_CONTEXT:-1024}  # the demo's longest context (4x the base's): held-out queries are sized to it
+    DEMO_STEPS=${DEMO_STEPS:-3000}
     DEMO_LR=${DEMO_LR:-1e-3}
-    DEMO_NUM_SHORT=${DEMO_NUM_SHORT:-2400}
-    DEMO_LONG_WORDS=${DEMO_LONG_WORDS:-50 950}  # filler words per long example (~2.2 tokens each at vocab 512)
-    DEMO_MIX=${DEMO_MIX:-base}                  # short chats: counting, tables, spelling, copying, Chinese
+    DEMO_NUM_SHORT=${DEMO_NUM_SHORT:-6000}
+    DEMO_LONG_WORDS=${DEMO_LONG_WORDS:-30 440}  # filler words per long example (~2.2 tokens each at vocab 512)
+    DEMO_MIX=${DEMO_MIX:-few_words}             # short chats: copy 4-16 distinct filler words, again, count them
 else  # from random weights, the settings of BENCHMARKS §11b
+    CONTEXT_TOKENS=${DEMO_CONTEXT:-2048}
     DEMO_STEPS=${DEMO_STEPS:-2600}
     DEMO_LR=${DEMO_LR:-3e-3}
     DEMO_NUM_SHORT=${DEMO_NUM_SHORT:-12000}     # short chats: about half the tokens, where copying is learned
@@ -44,8 +47,8 @@ else  # from random weights, the settings of BENCHMARKS §11b
     DEMO_VOCAB=${DEMO_VOCAB:-384}               # a small BPE: the copy forms within the budget (section 11)
     DEMO_MIX=${DEMO_MIX:-few_words}             # short chats: copy 4-16 distinct filler words, again, count them
 fi
-MAX_LENGTH=2304      # tokens per example and per pack: the longest query (2048) + answer + template
-CONTEXT_TOKENS=2048  # the demo's longest context: held-out retrieval queries are sized to it
+ANSWER_ROOM=256                   # tokens of an example beyond its query: template + answer
+MAX_LENGTH=$((CONTEXT_TOKENS + ANSWER_ROOM))  # tokens per example and per pack
 RAW=$OUT/raw
 DATA=$OUT/llama/10k
 HAYSTACK=${HAYSTACK:-$RAW/haystack}
@@ -146,6 +149,7 @@ STATS+=("$OUT/eval/trained.json")
 stage needle "8/8 needle test of the trained model (haystack $HAYSTACK) -> $OUT/needle"
 rm -rf "$OUT/.needle.tmp"
 export HAYSTACK
+export NEEDLE_MAX_LEN=$CONTEXT_TOKENS
 logged needle bash Needle_test/demo.sh "$OUT/model" "$OUT/.needle.tmp"
 replace_dir "$OUT/.needle.tmp" "$OUT/needle"
 STATS+=("$OUT/needle/prompts/stats.json" "$OUT/needle/pred/preds.jsonl.stats.json"

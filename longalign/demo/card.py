@@ -36,7 +36,7 @@ and no question form. Load it with `AutoModelForCausalLM.from_pretrained(<this f
 ## How it was made
 - command: `python -m longalign.demo.pretrain --out <folder> {flags}`
 - device: {stats['device']}; date: {stats['date']}
-- data: {stats['documents']:,} documents from `longalign.demo.corpus` (seed {config['seed']}): {mix}{soup};
+- data: {stats['documents'] - stats.get('soup_documents', 0):,} documents from `longalign.demo.corpus` (seed {config['seed']}): {mix}{soup};
   {stats['tokens_trained']:,} tokens trained ({stats['steps_trained']} steps of {config['batch']} windows{stopped})
 - time: {stats['data_seconds']} s data + tokenizer, {stats['train_seconds']} s training and evaluation;
   final training loss {losses[-1]['loss']}{trace}
