@@ -229,3 +229,17 @@ def test_shipped_base_loads_alone_and_copies_as_its_card_says():
         hits = [base_eval.exact_span(model, *base_eval.fit_words(base_eval.EXAMPLES[measure], f"{seed}-{measure}-{i}",
                                                                   tokenizer, context)) for i in range(10)]
         assert sum(hits) >= 7, (measure, hits)  # the card's examples 0-9 (its figure is over 100)
+
+
+def test_scrambled_needles_keep_the_form_and_swap_some_words_for_nonsense(monkeypatch):
+    from longalign.demo import tasks
+    text = " ".join(f"word{i}" for i in range(200))
+    out = tasks.scrambled(random.Random(0), text).split()
+    assert len(out) == 200 and 0.25 < sum(a != b for a, b in zip(out, text.split())) / 200 < 0.55
+    answers = {}
+    for share in (0.0, 1.0):
+        monkeypatch.setattr(tasks, "SCRAMBLED_NEEDLES", share)
+        answers[share] = [tasks.needle_retrieval(random.Random(seed), 30)[1] for seed in range(50)]
+    for plain, odd in zip(answers[0.0], answers[1.0]):
+        assert plain.startswith("The best thing to do in ") and len(plain.split()) == len(odd.split())
+    assert sum(p != o for p, o in zip(answers[0.0], answers[1.0])) >= 45  # nearly every needle scrambled

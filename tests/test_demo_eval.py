@@ -119,7 +119,7 @@ def test_teacher_forced_exact_match_is_greedy_exact_match_and_packing_changes_no
     local = LocalModel(str(tmp_path / "m"), device="cpu")
     model, tokenizer = local.model, local.tokenizer
     packed_model = load_training_model(tmp_path / "m", dtype=torch.float32).eval()  # the bench scores this one
-    queries = [e.query for e in held_out_examples(tokenizer, 120, per_task=2, seed=3)]
+    queries = [e.query for e in held_out_examples(tokenizer, 240, per_task=2, seed=3)]  # room for a scrambled needle
     rows = []
     for query in queries:  # the reference answer is the model's own 6-token greedy reply
         prompt = encode_prompt(tokenizer, prepare_prompt(query, local.chat_format, tokenizer, None).text)

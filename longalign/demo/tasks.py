@@ -48,11 +48,23 @@ def one_fact(rng: random.Random, words: int, key: str, value: str) -> tuple[str,
     return f"{document}\n{FACT_QUESTION.format(key=key)}", sentence
 
 
+SCRAMBLED_NEEDLES = 0.5  # share of needles whose activity has words swapped for nonsense words
+SCRAMBLE_WORD = 0.4  # chance that a word of such an activity is swapped
+
+
+def scrambled(rng: random.Random, text: str) -> str:
+    """`text` with some words swapped for nonsense words: a value no template can complete, only
+    copying from the document gets it right."""
+    return " ".join(nonsense_word(rng) if rng.random() < SCRAMBLE_WORD else word for word in text.split())
+
+
 def needle_retrieval(rng: random.Random, words: int) -> tuple[str, str]:
     """The needle test's needle ("The best thing to do in <place> is <activity>.") and question
-    (NEEDLE_QUESTION is FACT_QUESTION of that key)."""
-    where = place(rng)
-    return one_fact(rng, words, f"best thing to do in {where}", activity(rng))
+    (NEEDLE_QUESTION is FACT_QUESTION of that key); SCRAMBLED_NEEDLES of them with `scrambled` activities."""
+    where, what = place(rng), activity(rng)
+    if rng.random() < SCRAMBLED_NEEDLES:
+        what = scrambled(rng, what)
+    return one_fact(rng, words, f"best thing to do in {where}", what)
 
 
 def kv_retrieval(rng: random.Random, words: int) -> tuple[str, str]:
