@@ -59,7 +59,8 @@ class PretrainConfig:
     time_limit: float = 0.0  # seconds of training after which it stops early (0: none); the card says so
     soup: float = 0.0  # share of token-soup documents (corpus.soup_documents) added after the tokenizer is made
     short_context: int = 0  # the first short_steps steps read windows of this many tokens (0: none) ...
-    short_steps: int = 0  # ... as many tokens a step: copying forms far sooner at short context (DESIGN §10)
+    short_steps: int = 0  # ... as many tokens a step (random-token copying formed sooner at 64 than at 256;
+    # on the demo's corpus it did not: BENCHMARKS §12c)
     mix: str = ",".join(f"{kind}:{share}" for kind, share in DOCUMENT_MIX.items())  # document kinds (corpus)
 
     def shape(self) -> TinyShape:
