@@ -13,9 +13,8 @@ def card_text(stats: dict) -> str:
                      for name, m in held_out.items())
     stopped = (f"; stopped by --time_limit {config['time_limit']:g} s of {config['steps']} steps"
                if stats["steps_trained"] < config["steps"] else "")
-    if config.get("short_steps"):
-        stopped += (f"; the first {config['short_steps']} steps at {config['short_context']} tokens, as many "
-                    "tokens a step")
+    short_phase = (f"; the first {config['short_steps']} steps at {config['short_context']} tokens, as many "
+                   "tokens a step" if config.get("short_steps") else "")
     soup = (f"; then {stats['soup_documents']:,} token-soup documents over the tokenizer's vocabulary"
             if stats.get("soup_documents") else "")
     probes = [entry for entry in stats["loss_log"] if "copy_token_accuracy" in entry]
@@ -37,7 +36,7 @@ and no question form. Load it with `AutoModelForCausalLM.from_pretrained(<this f
 - command: `python -m longalign.demo.pretrain --out <folder> {flags}`
 - device: {stats['device']}; date: {stats['date']}
 - data: {stats['documents'] - stats.get('soup_documents', 0):,} documents from `longalign.demo.corpus` (seed {config['seed']}): {mix}{soup};
-  {stats['tokens_trained']:,} tokens trained ({stats['steps_trained']} steps of {config['batch']} windows{stopped})
+  {stats['tokens_trained']:,} tokens trained ({stats['steps_trained']} steps of {config['batch']} windows{stopped}{short_phase})
 - time: {stats['data_seconds']} s data + tokenizer, {stats['train_seconds']} s training and evaluation;
   final training loss {losses[-1]['loss']}{trace}
 

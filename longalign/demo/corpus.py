@@ -85,13 +85,18 @@ def nonsense_document(rng: random.Random, words: int) -> str:
     return "\n".join(copies)
 
 
+def _said_again(rng: random.Random, span: str, times: int) -> str:
+    """ "<intro>: span" then `times` lines "<again>: span" (the same draws as before this helper)."""
+    copies = [f"{rng.choice(_AGAIN)}: {span}" for _ in range(times)]
+    return "\n".join([f"{rng.choice(_LIST_INTROS)}: {span}", *copies])
+
+
 def repeats_document(rng: random.Random, words: int) -> str:
     """The densest copy signal: a 3-20 item span (any list item kind), then 1-4 more copies, each
     after a short intro; `words` is unused (these documents stay short)."""
     kind = rng.random()
     span = " ".join(_list_item(rng, kind) for _ in range(rng.randint(3, 20)))
-    copies = [f"{rng.choice(_AGAIN)}: {span}" for _ in range(rng.randint(1, 4))]
-    return "\n".join([f"{rng.choice(_LIST_INTROS)}: {span}", *copies])
+    return _said_again(rng, span, rng.randint(1, 4))
 
 
 def dialogue_document(rng: random.Random, words: int) -> str:
@@ -118,8 +123,7 @@ def soup_documents(seed: int, count: int, pieces: list[str]) -> list[str]:
     out = []
     for _ in range(count):
         span = "".join(rng.choice(pieces) for _ in range(rng.randint(4, 30))).strip()
-        copies = [f"{rng.choice(_AGAIN)}: {span}" for _ in range(rng.randint(1, 3))]
-        out.append("\n".join([f"{rng.choice(_LIST_INTROS)}: {span}", *copies]))
+        out.append(_said_again(rng, span, rng.randint(1, 3)))
     return out
 
 
