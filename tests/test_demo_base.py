@@ -184,6 +184,18 @@ def test_repeats_and_soup_documents_say_one_span_again_and_again():
     assert corpus.soup_documents(3, 20, pieces) == corpus.soup_documents(3, 20, pieces)
 
 
+def test_small_soup_alphabets_repeat_pieces_inside_a_span():
+    pieces = [f"<{i}>" for i in range(400)]
+    whole = corpus.soup_documents(5, 200, pieces)
+    small = corpus.soup_documents(5, 200, pieces, smallest_alphabet=2)
+    def distinct_share(document):
+        span = document.split("\n")[0].split(": ", 1)[1]
+        drawn = span.replace("><", "> <").split()
+        return len(set(drawn)) / len(drawn)
+    assert sum(map(distinct_share, small)) < 0.8 * sum(map(distinct_share, whole))
+    assert any(distinct_share(d) <= 0.5 for d in small)
+
+
 def test_vocabulary_pieces_are_whole_characters_of_non_special_entries(tiny_tokenizer):
     pieces = corpus.vocabulary_pieces(tiny_tokenizer)
     assert pieces and all("\ufffd" not in p and "\n" not in p and p.strip() for p in pieces)
@@ -199,11 +211,12 @@ def test_phase_batches_keep_the_tokens_of_a_step():
 
 def test_pretrain_short_phase_and_soup_are_trained_and_recorded(tmp_path):
     stats = pretrain_main(["--out", str(tmp_path / "b"), *TINY_FLAGS, "--short_context", "32", "--short_steps", "1",
-                           "--soup", "0.3"])
+                           "--soup", "0.3", "--soup_alphabet", "3"])
     assert set(stats["windows"]) == {"32", "64"} and stats["soup_documents"] > 0
     assert stats["tokens_trained"] == 1 * 4 * 32 + 2 * 2 * 64
     card = (tmp_path / "b" / "README.md").read_text()
     assert "the first 1 steps at 32 tokens" in card and "token-soup documents" in card
+    assert "each span from an alphabet of 3 to" in card
 
 
 @pytest.mark.parametrize("bad", [["--short_context", "64", "--short_steps", "1"],

@@ -2,7 +2,9 @@
 # On one GPU, two phases:
 #   1. pretrain several tiny bases (longalign.demo.pretrain) side by side;
 #   2. unless SKIP_DEMO is set, run the demo (scripts/demo.sh, training on the GPU) on the base that
-#      copies best (held-out copy exact, then recall), once per DEMO_VARIANTS entry, side by side.
+#      copies best (held-out copy exact, then recall), once per DEMO_VARIANTS entry, side by side;
+#      with DEMO_EACH=1, the first DEMO_VARIANTS entry on every base instead, and on each
+#      EXTRA_BASES entry ("name:dir;name2:dir2", e.g. shipped:models/tiny-base).
 # Summaries, stats and the bases (weights included) land in $OUT.
 #   CONFIGS="name:--flag v --flag v;name2:..." DEMO_VARIANTS="d1:DEMO_STEPS=600 DEMO_LR=1e-3;d2:..." \
 #     [SKIP_DEMO=1] [PRETRAIN_TIMEOUT=300] [DEMO_TIMEOUT=300] bash bench/device/demo_base_search.sh
@@ -56,7 +58,18 @@ print(max(scores)[2] if scores else "")
 EOF
 )
 echo "best base: ${BEST:-none}"
-if [ -z "${SKIP_DEMO:-}" ] && [ -n "$BEST" ]; then
+if [ -z "${SKIP_DEMO:-}" ] && [ -n "${DEMO_EACH:-}" ]; then
+    IFS=';' read -ra VARIANTS <<< "${DEMO_VARIANTS:-default:DEMO_LOG_STEPS=10}"
+    IFS=';' read -ra EXTRA <<< "${EXTRA_BASES:-}"
+    BASES=()
+    for item in "${ITEMS[@]}"; do [ -d "$WORK/${item%%:*}/base" ] && BASES+=("${item%%:*}:$WORK/${item%%:*}/base"); done
+    for item in "${EXTRA[@]}"; do BASES+=("${item%%:*}:$(realpath "${item#*:}")"); done
+    for item in "${BASES[@]}"; do
+        demo_one "${item#*:}" "${item%%:*}" ${VARIANTS[0]#*:} > "$WORK/demo_${item%%:*}.out" 2>&1 &
+    done
+    wait
+    for item in "${BASES[@]}"; do cat "$WORK/demo_${item%%:*}.out"; done
+elif [ -z "${SKIP_DEMO:-}" ] && [ -n "$BEST" ]; then
     IFS=';' read -ra VARIANTS <<< "${DEMO_VARIANTS:-default:DEMO_LOG_STEPS=10}"
     for item in "${VARIANTS[@]}"; do
         demo_one "$WORK/$BEST/base" "${item%%:*}" ${item#*:} > "$WORK/demo_${item%%:*}.out" 2>&1 &

@@ -15,7 +15,9 @@ def card_text(stats: dict) -> str:
                if stats["steps_trained"] < config["steps"] else "")
     short_phase = (f"; the first {config['short_steps']} steps at {config['short_context']} tokens, as many "
                    "tokens a step" if config.get("short_steps") else "")
-    soup = (f"; then {stats['soup_documents']:,} token-soup documents over the tokenizer's vocabulary"
+    alphabet = (f", each span from an alphabet of {config['soup_alphabet']} to {stats['vocab_size']} pieces "
+                "(log-uniform)" if config.get("soup_alphabet") else "")
+    soup = (f"; then {stats['soup_documents']:,} token-soup documents over the tokenizer's vocabulary{alphabet}"
             if stats.get("soup_documents") else "")
     probes = [entry for entry in stats["loss_log"] if "copy_token_accuracy" in entry]
     trace = ("\n- copy token accuracy on held-out copy examples during training (step: share): "

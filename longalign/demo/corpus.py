@@ -16,6 +16,7 @@ those. Nothing in `longalign.demo.words.FORBIDDEN` occurs (tested).
 """
 from __future__ import annotations
 
+import math
 import random
 
 from longalign.demo.words import activity, code, filler, name, nonsense_word, place
@@ -114,15 +115,25 @@ DOCUMENTS = {"facts": facts_document, "lists": list_document, "nonsense": nonsen
              "dialogue": dialogue_document, "essay": essay_document, "repeats": repeats_document}
 
 
-def soup_documents(seed: int, count: int, pieces: list[str]) -> list[str]:
+def soup_documents(seed: int, count: int, pieces: list[str], smallest_alphabet: int = 0) -> list[str]:
     """`count` documents of "token soup": a span of 4-30 pieces (a tokenizer's vocabulary entries,
     see `vocabulary_pieces`) drawn uniformly, then 1-3 more copies. Copying forms far sooner when
     the copied tokens span the whole vocabulary than when they are the few dozen tokens that
-    spell nonsense words (BENCHMARKS §12c)."""
+    spell nonsense words (BENCHMARKS §12c).
+
+    `smallest_alphabet` > 0: each document draws its span from its own alphabet of k pieces, k
+    log-uniform in [smallest_alphabet, len(pieces)], so small alphabets repeat pieces inside a span
+    and only a longer match than the previous token says what comes next:
+        alphabet {ab, c, d}: span "ab c ab d ab ab c" -- after "ab", the next piece depends on more.
+    """
     rng = random.Random(seed)
     out = []
     for _ in range(count):
-        span = "".join(rng.choice(pieces) for _ in range(rng.randint(4, 30))).strip()
+        alphabet = pieces
+        if smallest_alphabet:
+            size = round(math.exp(rng.uniform(math.log(smallest_alphabet), math.log(len(pieces)))))
+            alphabet = rng.sample(pieces, min(size, len(pieces)))
+        span = "".join(rng.choice(alphabet) for _ in range(rng.randint(4, 30))).strip()
         out.append(_said_again(rng, span, rng.randint(1, 3)))
     return out
 

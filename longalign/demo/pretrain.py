@@ -58,6 +58,7 @@ class PretrainConfig:
     probe_examples: int = 20  # held-out copy examples per probe
     time_limit: float = 0.0  # seconds of training after which it stops early (0: none); the card says so
     soup: float = 0.0  # share of token-soup documents (corpus.soup_documents) added after the tokenizer is made
+    soup_alphabet: int = 0  # > 0: each soup span from its own alphabet of at least this many pieces (0: all)
     short_context: int = 0  # the first short_steps steps read windows of this many tokens (0: none) ...
     short_steps: int = 0  # ... as many tokens a step (random-token copying formed sooner at 64 than at 256;
     # on the demo's corpus it did not: BENCHMARKS §12c)
@@ -174,7 +175,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, device_name: str | Non
         tokenizer = train_tiny_tokenizer(tokenizer_texts(docs), tmp, config.vocab)
         if config.soup:
             docs = docs + soup_documents(config.seed + 1, int(count * config.soup / (1 - config.soup)),
-                                         vocabulary_pieces(tokenizer))
+                                         vocabulary_pieces(tokenizer), config.soup_alphabet)
         windows = {context: token_windows(tokenizer, docs, context) for context, _, _ in phase_batches(config)}
         data_seconds = time.perf_counter() - started
         model = build_model("llama", len(tokenizer), special_ids(tokenizer), config.shape()).to(device)
@@ -219,7 +220,7 @@ def parse_args(argv=None) -> tuple[str, PretrainConfig, str | None]:
     for key, value in asdict(config).items():
         if isinstance(value, str):
             continue
-        if value < 0 or (value == 0 and key not in ("seed", "warmup", "weight_decay", "min_lr_ratio", "time_limit", "probe_every", "documents", "short_context", "short_steps", "soup")):
+        if value < 0 or (value == 0 and key not in ("seed", "warmup", "weight_decay", "min_lr_ratio", "time_limit", "probe_every", "documents", "short_context", "short_steps", "soup", "soup_alphabet")):
             parser.error(f"--{key} must be {'>= 0' if key == 'seed' else '> 0'}, got {value}")
     if config.short_steps and not 0 < config.short_context < config.context:
         parser.error(f"--short_context must be in (0, --context {config.context}) with --short_steps, got {config.short_context}")
