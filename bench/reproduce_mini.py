@@ -109,6 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base", default=None, help=f"the pretrained base (default {DEFAULT_BASE}; "
                                                 "--tiny without --base: a tiny one made on the spot)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first_seed", type=int, default=0,
+                   help="seeds first_seed .. first_seed + seeds - 1 (to split seeds over processes; "
+                        "bench/reproduce_mini_report.py merges their reports)")
     p.add_argument("--experiments", nargs="+", choices=list(EXPERIMENTS), default=list(EXPERIMENTS))
     p.add_argument("--workdir", default="/tmp/reproduce_mini", help="data, models (replaced)")
     p.add_argument("--threads", type=int, default=None,
@@ -123,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.base = str(DEFAULT_BASE)
     if args.base is not None and not (Path(args.base) / "config.json").is_file():
         p.error(f"--base {args.base}: no config.json there (make a base with python -m longalign.demo.pretrain)")
+    if args.first_seed < 0:
+        p.error(f"--first_seed must be >= 0, got {args.first_seed}")
     if args.seeds < 1 or args.epochs <= 0 or args.num_long < 2 or (args.threads is not None and args.threads < 1):
         p.error("--seeds and --threads must be >= 1, --epochs > 0 and --num_long >= 2 (half of it is a data "
                 "quantity)")
@@ -387,7 +392,7 @@ def reproduce(args, argv) -> dict:
                              "unseen": {c: len(r) for c, r in sets["unseen"].items()},
                              "needle": len(sets["needle"]), "short": len(sets["short"])},
               "setup_seconds": time.perf_counter() - started, "grouping": {}, "runs": []}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         run_seed(args, seed, built, sets, workdir, report)
     report.update(summary=summarize(report["runs"]), total_seconds=time.perf_counter() - started)
     write_json_atomic(args.out, report)

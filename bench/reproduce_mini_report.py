@@ -1,13 +1,18 @@
 """bench/reproduce_mini.py's plan, verdicts and tables: pure functions of the data and the run records.
 
+    python bench/reproduce_mini_report.py A.json B.json [--out merged.json]   # one table from several reports
+
 A run record has `seed`, `data` (`0k`, `half`, `full`), `method` (`naive`, `sort`, `pack`,
 `pack_weighted`) and its measures. An *arm* names one (data, method) pair (`ARMS`); the full-data
 pack_weighted run is both arm `full` (data quantity) and arm `pack_weighted` (training methods).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import statistics
+import sys
 
 import numpy as np
 
@@ -200,3 +205,45 @@ def markdown(summary: dict) -> str:
                              f"{v['seeds_within']}/{v['seeds']} seeds within ±{v['tolerance']:.0%}, change {change}")
         lines.append("")
     return "\n".join(lines)
+
+
+def merge_runs(reports: list[dict]) -> list[dict]:
+    """The runs of several reports (e.g. seeds or experiments split over processes) as one list;
+    a later report's run replaces an earlier one of the same (seed, data, method), so list last
+    the report whose timings belong beside naive's (the methods process):
+        [A: (0, full, pack_weighted) 42 s], [B: (0, full, pack_weighted) 40 s, (0, full, naive)] -> B's two
+    """
+    merged = {}
+    for report in reports:
+        for run in report["runs"]:
+            merged[(run["seed"], run["data"], run["method"])] = run
+    return list(merged.values())
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="Merge reproduce_mini.py reports into one summary and tables.")
+    parser.add_argument("reports", nargs="+", help="JSON reports of bench/reproduce_mini.py (later ones win)")
+    parser.add_argument("--out", default=None, help="write {sources, runs, summary} here")
+    args = parser.parse_args(argv)
+    reports = []
+    for path in args.reports:
+        try:
+            with open(path, encoding="utf-8") as f:
+                reports.append(json.load(f))
+        except (OSError, ValueError) as err:
+            parser.error(f"{path}: {err}")
+        if not isinstance(reports[-1], dict) or "runs" not in reports[-1]:
+            parser.error(f"{path}: not a reproduce_mini.py report (no 'runs' key)")
+    runs = merge_runs(reports)
+    merged = {"sources": [{"path": path, "command": r.get("command"), "device": r.get("device"), "date": r.get("date")}
+                          for path, r in zip(args.reports, reports)], "runs": runs, "summary": summarize(runs)}
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(merged, f, indent=1)
+    sys.stdout.write(markdown(merged["summary"]))
+    print(json.dumps(merged["summary"]["headline"], indent=1))
+    return merged
+
+
+if __name__ == "__main__":
+    main()
