@@ -1,15 +1,20 @@
-"""Helpers of the fault-injection tests: CLI runs, paused-then-killed runs, file snapshots."""
+"""Helpers of the fault-injection tests: CLI runs, paused-then-killed runs, file snapshots, and the
+in-process runs of the scripts' `main(argv)` (argv builders, process state restored after each run)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 # The checkout whose scripts the CLI runs use: this one, or (LONGALIGN_FAULTS_REPO=/path/to/main) another,
 # to watch these tests fail on the code before the fixes.
@@ -71,7 +76,6 @@ def no_write_permission_prefix(folder: Path) -> tuple:
         return ()
     setpriv = shutil.which("setpriv")
     if setpriv is None:
-        import pytest
         pytest.skip("running as root without setpriv: cannot make a folder unwritable")
     return (setpriv, "--bounding-set=-dac_override,-dac_read_search", "--")
 
@@ -86,3 +90,67 @@ def write_jsonl(path: Path, rows: list, prefix: bytes = b"") -> Path:
     text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
     path.write_bytes(prefix + text.encode("utf-8"))
     return path
+
+
+# ---- in-process runs of the scripts' main(argv) ----------------------------------------------------
+def pre_tokenize_argv(tokenizer, raw: dict, out, *extra) -> list[str]:
+    """pre_tokenize.py's arguments for the tests' llama run of raw["long"] + raw["short"]."""
+    return [str(a) for a in ("--model", "llama", "--tokenizer", tokenizer, "--long", raw["long"], "--short",
+                             raw["short"], "--num_proc", "1", "--max_length", "512", "--output_dir", out, *extra)]
+
+
+def sort_and_group_argv(train_file, *extra) -> list[str]:
+    return [str(a) for a in ("--train_file", train_file, "--max_length", "512", *extra)]
+
+
+@contextlib.contextmanager
+def process_state_restored():
+    """Undo what an in-process stage run may change for the rest of the process: the random
+    generators (HF Trainer seeds them all), the environment, torch's default dtype and a process
+    group (train.py closes one only when it finishes). torch and numpy only where already imported."""
+    env, py_rng = dict(os.environ), random.getstate()
+    np, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+    np_rng = np.random.get_state() if np else None
+    torch_state = (torch.get_rng_state(), torch.get_default_dtype()) if torch else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            from longalign.train.trainer import close_process_group
+
+            close_process_group()
+        for name in set(os.environ) - set(env):
+            del os.environ[name]
+        os.environ.update(env)
+        random.setstate(py_rng)
+        if np_rng is not None:
+            np.random.set_state(np_rng)
+        if torch_state is not None:
+            torch.set_rng_state(torch_state[0])
+            torch.set_default_dtype(torch_state[1])
+
+
+@pytest.fixture
+def isolated_process_state():
+    """`process_state_restored` around one test (use: pytestmark = pytest.mark.usefixtures(...))."""
+    with process_state_restored():
+        yield
+
+
+@contextlib.contextmanager
+def private_remote_code_cache(folder: Path):
+    """Tokenizer code that transformers imports (trust_remote_code) is copied into `folder`, not the
+    user's HF modules cache, and its modules are forgotten afterwards (so a second load runs it again)."""
+    from transformers import dynamic_module_utils
+
+    cache, path, modules = dynamic_module_utils.HF_MODULES_CACHE, list(sys.path), set(sys.modules)
+    dynamic_module_utils.HF_MODULES_CACHE = str(folder)
+    try:
+        yield
+    finally:
+        dynamic_module_utils.HF_MODULES_CACHE = cache
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:
+            if name.split(".")[0] == dynamic_module_utils.TRANSFORMERS_DYNAMIC_MODULE_NAME:
+                del sys.modules[name]
