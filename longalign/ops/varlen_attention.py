@@ -297,7 +297,9 @@ def _flex(q, k, v, cu_seqlens, scale):
     cuda = q.device.type == "cuda"
     flex_attention, _ = _flex_fns(cuda)
     block_mask = _document_block_mask(cu_seqlens, total, q.device)
-    qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, T, D)
+    # (1, H, T, D) over contiguous (T, H, D) storage: the compiled kernel's backward assumes the strides
+    # its forward saw, and a recomputed forward may hand in a view of a fused projection instead
+    qb, kb, vb = (x.contiguous().transpose(0, 1).unsqueeze(0) for x in (q, k, v))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         out = flex_attention(qb, kb, vb, block_mask=block_mask, scale=scale,
