@@ -6,6 +6,13 @@
 #   (with FlashAttention-4: carry .fa4a in a first call, then `source bench/device/fa4_install.sh;`
 #    before this in the second, as in BENCHMARKS §4; without it the automatic backend is used)
 #
+# The stages exact and ladder need DeepSpeed (its offloaded checkpoints); the lent image has none.
+# Carry its wheels (made here: DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation
+# deepspeed==<lock> -w .whl_ds, plus `pip download --only-binary=:all:` of its dependencies at the
+# lock's versions for cp312 manylinux) and start the command with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl_ds/*.whl && export PYTHONPATH=/tmp/site
+# Without DeepSpeed those two stages are skipped with a line that says so.
+#
 # Stages, most important first, each within its own start budget (the bench scripts skip, and
 # record as skipped, what would start after it):
 #   exact     the long-context path (TiledMLP + DeepSpeed's offloaded checkpoints + the chunked
@@ -29,9 +36,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv >> "$OUT/versions.txt" 2>&
 FA4=no; has flash_attn.cute && FA4=yes
 LIGER=no; has liger_kernel && LIGER=yes
 echo "flash_attn_cute=$FA4 liger=$LIGER stages=$STAGES" | tee -a "$OUT/versions.txt"
+DEEPSPEED=no; has deepspeed && DEEPSPEED=yes
+echo "deepspeed=$DEEPSPEED" | tee -a "$OUT/versions.txt"
 ALST="--recompute full --tiled_mlp --offload_checkpoints"
 for stage in $STAGES; do
     start=$SECONDS
+    if [ $DEEPSPEED = no ] && { [ "$stage" = exact ] || [ "$stage" = ladder ]; }; then
+        echo "== $stage: skipped, no deepspeed (carry its wheels: see this script's header)" | tee -a "$OUT/stages.txt"
+        continue
+    fi
     case $stage in
     gpu_tests)
         $PY -m pytest -q -x tests/test_recompute.py -k cuda_bf16 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" ;;
