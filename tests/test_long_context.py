@@ -1,8 +1,5 @@
 """ALST's single-GPU pieces (longalign/train/speed/long_context.py) leave the step unchanged; bench_long_context smoke."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +7,6 @@ import torch
 from longalign.train.collators import PackCollator
 from helpers.training_models import tiny_chatglm, tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
 needs_deepspeed = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
                                      reason="deepspeed is not installed")
 
@@ -27,13 +23,20 @@ def packed_batch(vocab=128, seed=0):
 
 
 @pytest.fixture(scope="module")
-def one_rank_deepspeed():
-    """deepspeed.comm on a one-process gloo group (DeepSpeed's checkpointing logs by rank)."""
-    import os
+def one_rank_deepspeed(tmp_path_factory):
+    """deepspeed.comm on a one-process gloo group (DeepSpeed's checkpointing logs by rank), met
+    through a file of its own (no port another test process could hold). Without DeepSpeed's
+    shared-memory collectives op: its CPU communication backend JIT-compiles that op for ranks on one
+    host (about a minute on 2 cores whenever the torch_extensions cache is cold or was built from
+    another checkout), and a group of one process never uses it."""
     import deepspeed
-    port = 29800 + os.getpid() % 100
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{port}",
-                               rank=0, world_size=1)
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    store = tmp_path_factory.mktemp("one_rank_deepspeed") / "store"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(deepspeed.ops.__compatible_ops__, ShareMemCommBuilder.NAME, False)
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, init_method=f"file://{store}",
+                                   rank=0, world_size=1)
     yield
     torch.distributed.destroy_process_group()
 
@@ -88,14 +91,16 @@ def test_mlp_tiles_follow_deepspeed_rule():
 @pytest.mark.slow
 @pytest.mark.subprocess
 @needs_deepspeed
-def test_bench_long_context_smoke(tmp_path):
-    """One subprocess per length (CPU, tiny); an out-of-memory child is a recorded row, not a crash."""
+def test_bench_long_context_smoke(tmp_path, monkeypatch):
+    """One subprocess per length (CPU, tiny); an out-of-memory child is a recorded row, not a crash.
+    The parent runs here (its rows come from the children's processes); the children get one thread."""
+    import bench_long_context as bench
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "long.jsonl"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_long_context.py"), "--smoke", "--out", str(out),
-                           "--configs", "--recompute full --tiled_mlp"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    returned = bench.main(["--smoke", "--out", str(out), "--configs", "--recompute full --tiled_mlp"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == json.loads(json.dumps(returned))
     assert [r["config"] for r in rows] == ["--recompute full --tiled_mlp"] * 2
     for r in rows:
         assert r["status"] == "ok", r
