@@ -28,12 +28,14 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-# every tier (all run on CPU); test-fast: the unit tier only (markers in pyproject.toml)
+# every tier (all run on CPU); test-fast: the unit tier only (markers in pyproject.toml). Files are
+# spread over one pytest-xdist worker per core, one thread each (tests/conftest.py).
+XDIST := -n auto --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not (integration or subprocess or distributed or slow)" tests
+	$(PY) -m pytest -q $(XDIST) -m "not (integration or subprocess or distributed or slow)" tests
 
 # venv NAME, torch as TORCH_SPEC, then the project with EXTRA pip arguments; torch stays as installed
 define fresh_venv
@@ -48,11 +50,11 @@ endef
 
 test-newest:
 	$(call fresh_venv,.venv-newest,--upgrade --upgrade-strategy eager)
-	.venv-newest/bin/python -m pytest -q tests
+	.venv-newest/bin/python -m pytest -q $(XDIST) tests
 
 test-oldest:
 	$(call fresh_venv,.venv-oldest,"$(OLDEST_TRANSFORMERS)")
-	.venv-oldest/bin/python -m pytest -q tests
+	.venv-oldest/bin/python -m pytest -q $(XDIST) tests
 
 # Re-make requirements.lock from the newest versions the ranges allow today (then review the diff).
 lock:

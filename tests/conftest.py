@@ -10,7 +10,12 @@ Tiers (markers registered in pyproject.toml): unit tests carry none; `integratio
 stages, or a real training run), `subprocess` (a real exit code, signal or kill is the point),
 `distributed` (torchrun launches) and `slow` (bench smoke runs, the demo) are the other tiers.
 `make test-fast` runs the unit tier, `make test` every tier (all run on CPU).
+
+`make test` spreads the files over one pytest-xdist worker per core (`-n auto --dist loadfile`,
+a file's tests and its module fixtures on one worker); each worker and the processes it starts
+then use one CPU thread, so the workers do not fight over the cores.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +27,16 @@ for _path in (REPO, REPO / "bench", REPO / "tests"):
         sys.path.insert(0, str(_path))
 
 from longalign.demo.tiny_tokenizer import train_tiny_tokenizer
+
+WORKER_THREADS = 1  # torch / OpenMP threads of each pytest-xdist worker and of what it launches
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(WORKER_THREADS)
+        torch.set_num_threads(WORKER_THREADS)
 
 _CORPUS = [
     "[Round 1]\n\n问：What is the key?\n\n答：The key is 42.",
