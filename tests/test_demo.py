@@ -16,6 +16,10 @@ TEST_STEPS = 20  # a few % of the demo's default: plumbing, and a clear fall fro
 LOG_STEPS = 5
 MIN_LOSS_DROP = 0.5  # nats between the first and the last logged loss (the demo falls ~2 in 20 steps)
 TEST_DATA = {"DEMO_NUM_LONG": "24", "DEMO_NUM_SHORT": "200", "DEMO_EVAL_PER_TASK": "2"}
+TEST_EVAL_SHORT = 5  # held-out short-task rounds scored (the demo's default: 20)
+# the needle test's answers: a few tokens (its default of 64 is room for the whole needle sentence);
+# each stage one intra-op thread (tiny models: a second thread buys nothing, and costs much on a busy CPU)
+TEST_RUN = {"DEMO_EVAL_SHORT": str(TEST_EVAL_SHORT), "MAX_NEW_TOKENS": "16", "OMP_NUM_THREADS": "1"}
 STAGES = ["data", "pre_tokenize", "sort_and_group", "model_init", "eval_base", "train", "eval_trained", "needle"]
 # a base pretrained on the spot in seconds (the shipped one is tested in test_demo_base.py)
 TEST_BASE_FLAGS = ["--steps", "20", "--batch", "4", "--context", "128", "--hidden", "32", "--heads", "4",
@@ -34,7 +38,7 @@ CONTEXTS = {"scratch": 2048, "base": 1024}  # each start's default longest query
 @pytest.fixture(scope="module", params=list(MIXES))
 def demo(request, tmp_path_factory):
     """Run scripts/demo.sh once per start (random weights; a pretrained base), with fewer steps,
-    less data and a smaller held-out set."""
+    less data, a smaller held-out set and shorter needle-test answers."""
     from longalign.demo.pretrain import main as pretrain_main
 
     out = tmp_path_factory.mktemp("demo") / "out"
@@ -44,7 +48,7 @@ def demo(request, tmp_path_factory):
         pretrain_main(["--out", str(base), *TEST_BASE_FLAGS])
         schedule = {"DEMO_LR": "3e-3", "DEMO_WARMUP": "2"}  # the scratch defaults' rate, for 20 steps
     env = {**os.environ, "OUT": str(out), "DEMO_STEPS": str(TEST_STEPS), "DEMO_LOG_STEPS": str(LOG_STEPS),
-           "PY": sys.executable, "DEMO_BASE": str(base), **TEST_DATA, **schedule}
+           "PY": sys.executable, "DEMO_BASE": str(base), **TEST_DATA, **TEST_RUN, **schedule}
     env.pop("HAYSTACK", None)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=DEMO_TIMEOUT_S)
@@ -127,7 +131,7 @@ def test_demo_held_out_retrieval_reports(demo):
         assert set(report["per_task"]) == {"needle", "kv", "fact"} and len(report["examples"]) == 6
         assert set(report["unseen_kind"]["per_task"]) == {"magic"} and len(report["unseen_kind"]["examples"]) == 2
         assert report["query_tokens"]["max"] <= report["context_tokens"] == CONTEXTS[start]
-        assert report["short"]["mix"] == MIXES[start] and len(report["short"]["examples"]) == 20
+        assert report["short"]["mix"] == MIXES[start] and len(report["short"]["examples"]) == TEST_EVAL_SHORT
 
 
 def test_demo_summary_table(demo):
