@@ -5,8 +5,6 @@ turns tokenizes exactly as before; a source with no usable row, or one given as 
 import gzip
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,6 @@ from longalign.data.tokenize_stage import INVALID_REPORT, run_pretokenize
 from longalign.data.training_format import conversation_text
 from test_pre_tokenize import load_rows, make_config, messages, write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 BEFORE = Path(__file__).resolve().parent / "data" / "ids_before_system_turns"
 ROWS = [messages("What is the key?", "The key is 42."), messages("hi", "hello", "And the lock?", "It opens.")]
 SPEAKERS = {"user": "human", "assistant": "gpt", "system": "system"}
@@ -283,11 +280,15 @@ def test_data_without_system_turns_tokenizes_exactly_as_before(tmp_path, case):
 
 
 # ---- end to end: a ShareGPT dump into training ----------------------------------------------
-@pytest.mark.subprocess
+@pytest.mark.integration
 def test_sharegpt_json_with_system_turns_trains_end_to_end(tmp_path, tiny_tokenizer_dir):
     """pre_tokenize.py --short sharegpt.json (a ShareGPT array, system turns) -> sort_and_group.py
-    -> train.py for 2 steps; the trained tokenizer's chat_template renders the trained text."""
+    -> train.py for 2 steps (each script's main on its command line, in this process); the trained
+    tokenizer's chat_template renders the trained text."""
     import datasets
+    import pre_tokenize
+    import sort_and_group
+    import train
     from transformers import AutoTokenizer
 
     from longalign.demo.tiny_model import TinyShape, save_tiny_model
@@ -297,24 +298,19 @@ def test_sharegpt_json_with_system_turns_trains_end_to_end(tmp_path, tiny_tokeni
                                               {"from": "gpt", "value": f"The key is {i}."}]} for i in range(6)]
     write_json(tmp_path / "sharegpt.json", dump)
     data, model, out = tmp_path / "data", tmp_path / "model", tmp_path / "trained"
-    steps = [["pre_tokenize.py", "--model", "llama", "--tokenizer", tiny_tokenizer_dir, "--datanum", "0",
-              "--short", str(tmp_path / "sharegpt.json"), "--max_length", "256", "--num_proc", "1",
-              "--output_dir", str(data)],
-             ["sort_and_group.py", "--train_file", str(data), "--group_size", "1", "--max_length", "256"]]
-    for step in steps:
-        done = subprocess.run([sys.executable, *step], cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    pre_tokenize.main(["--model", "llama", "--tokenizer", tiny_tokenizer_dir, "--datanum", "0",
+                       "--short", str(tmp_path / "sharegpt.json"), "--max_length", "256", "--num_proc", "1",
+                       "--output_dir", str(data)])
+    sort_and_group.main(["--train_file", str(data), "--group_size", "1", "--max_length", "256"])
     stats = json.loads((data / "stats.json").read_text())["sources"]["short"]
     assert (stats["container"], stats["rows_by_format"], stats["system_prompts"], stats["kept"]) == \
         ("json_array", {"sharegpt": 6}, 6, 6)
     save_tiny_model("llama", tiny_tokenizer_dir, model, TinyShape(hidden=32, layers=1, heads=2, kv_heads=1,
                                                                   intermediate=64, max_positions=256))
-    train = ["train.py", "--model_name_or_path", str(model), "--train_file", str(data), "--output_dir", str(out),
-             "--batch_method", "pack", "--pack_loss", "--use_cpu", "--per_device_train_batch_size", "1",
-             "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no",
-             "--seed", "0", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
-    done = subprocess.run([sys.executable, *train], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train.main(["--model_name_or_path", str(model), "--train_file", str(data), "--output_dir", str(out),
+                "--batch_method", "pack", "--pack_loss", "--use_cpu", "--per_device_train_batch_size", "1",
+                "--max_steps", "2", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no",
+                "--seed", "0", "--disable_tqdm", "true", "--dataloader_num_workers", "0"])
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     first = datasets.load_from_disk(str(data))[0]["input_ids"]
