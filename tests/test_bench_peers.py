@@ -80,7 +80,8 @@ def test_stock_batches_are_the_project_packs_padding_free():
 
 
 @pytest.mark.slow
-def test_smoke_run_one_process_per_configuration(tmp_path):
+def test_smoke_run_one_process_per_configuration(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the configurations' processes: tiny steps, one thread each
     out = tmp_path / "peers.json"
     names = ["project-reference-full", "stock-sdpa-gc+kwargs", "stock-sdpa-gc-liger"]
     bench_peers.main(["--smoke", "--only", *names, "--out", str(out)])
