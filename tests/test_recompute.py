@@ -161,11 +161,12 @@ def test_bench_train_step_smoke_policies(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys):
+def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys, monkeypatch):
     import json
 
     import bench_train_step
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the configurations' processes: tiny steps, one thread each
     out = tmp_path / "sweep.jsonl"
     results = bench_train_step.main(["--smoke", "--sweep", "--recompute none", "--recompute bogus",
                                      "--out", str(out)])
