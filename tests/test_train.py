@@ -1,13 +1,21 @@
 """train.py + LongAlignTrainer on tiny random models (CPU).
 
-Invariance runs `torchrun --nproc_per_node 2 tests/test_train.py worker SPEC` (gloo): this file is
-also the worker script, so both sides run the same build_trainer -> Trainer.train code path.
+The distributed tests' cases (the invariance test's here, test_original_training_rules.py's and
+test_sequence_parallel.py's) run in one launch, `torchrun --nproc_per_node N tests/test_train.py
+worker SPEC` (gloo; TorchrunLaunch): this file is also the worker script, so both sides run the same
+build_trainer -> Trainer.train code path.
 """
+import contextlib
+import gc
+import importlib
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,12 +29,45 @@ from longalign.modeling.checkpoints import make_self_describing
 from longalign.modeling.configuration_chatglm import ChatGLMConfig
 from longalign.modeling.loading import load_training_model
 from longalign.modeling.modeling_chatglm import ChatGLMForConditionalGeneration
-from longalign.train.trainer import check_data_parallel_layout, close_process_group, resolve_loss_reduction
+from longalign.train.trainer import check_data_parallel_layout, resolve_loss_reduction
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 64
 PATTERN = [5, 6, 7, 8]
 FAMILIES = ["chatglm", "llama"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while this module runs (the launched workers get OMP_NUM_THREADS=1):
+    on models this small two threads only wait for each other, many times slower on a shared
+    CPU. The setting is restored for the modules that follow. Other test files import it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_gc():
+    """The objects alive when this module starts (the imported libraries, mostly) kept out of the
+    garbage collector's scans while it runs: every Trainer run calls gc.collect() (accelerate's
+    free_memory), each a scan of the whole heap, seconds per run in a test process. Objects the
+    tests create are collected as usual; unfrozen again for the modules that follow (left alone
+    if something else froze objects first). Other test files import it."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+def free_port() -> int:
+    """A port free now, for torchrun's --master_port (no fixed port: the suite may run in parallel)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ---------- tiny models and datasets ----------
@@ -214,37 +255,215 @@ def reference_step(model_dir: str, data: str, method: str, reduction: str) -> tu
     return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def worker_main(spec_file: str) -> None:
-    spec = json.loads(Path(spec_file).read_text())
-    for method, reduction in INVARIANCE_CASES:
-        result = run_one_step(spec, method, reduction, world=2)
-        torch.save(result, os.path.join(spec["out"], f"{method}_{reduction}_rank{result['rank']}.pt"))
-    close_process_group()
-
-
 def relative_error(a: dict, b: dict) -> float:
     diff = torch.sqrt(sum(((a[n] - b[n]) ** 2).sum() for n in b))
     return float(diff / torch.sqrt(sum((b[n] ** 2).sum() for n in b)))
 
 
+# ---------- one torchrun launch for the distributed cases of the suite ----------
+LAUNCH_TIMEOUT_S = 900  # the whole launch, every case
+_LAUNCHES: dict = {}
+
+
+class TorchrunLaunch:
+    """The distributed tests' cases run in one torchrun launch (the project's rule for them).
+
+    Every test module defining `launch_cases(items, folder)` (this one,
+    test_original_training_rules.py, test_sequence_parallel.py) gives the cases of its selected
+    tests, each with the inputs it built; one torchrun of max(world size) processes runs them all,
+    one after the other (worker_main below), and each test checks its own cases' rank results, so
+    failures are still reported case by case.
+    """
+
+    def __init__(self, folder: Path):
+        record = json.loads((folder / "launch.json").read_text())
+        self.cases, self.log = {case["name"]: case for case in record["cases"]}, record["log"]
+
+    def case(self, name: str) -> dict:
+        return self.cases[name]
+
+    def ranks(self, name: str) -> list[dict]:
+        """The case's result on each of its ranks, or the test fails with what its ranks left."""
+        case = self.cases[name]
+        files = [Path(case["out"], f"rank{r}.pt") for r in range(case["world"])]
+        if all(f.exists() for f in files):  # this case completed (a later one may have failed)
+            return [torch.load(f) for f in files]
+        errors = "".join(f.read_text() for f in sorted(Path(case["out"]).glob("error_rank*.txt")))
+        pytest.fail(f"case {name} left no result on every rank\n{errors or 'it did not run'}\n{self.log}")
+
+
+def shared_launch(session, tmp_path_factory) -> TorchrunLaunch:
+    """The session's one launch, started by the first test that asks for it. pytest-xdist's workers
+    share it (and its inputs) through their common temporary folder, under a file lock."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / "torchrun_launch"
+    if folder not in _LAUNCHES:
+        with FileLock(str(root / "torchrun_launch.lock")):
+            if not (folder / "launch.json").exists():
+                run_launch(folder, session.items)
+        _LAUNCHES[folder] = TorchrunLaunch(folder)
+    return _LAUNCHES[folder]
+
+
+@pytest.fixture
+def torchrun_launch(request, tmp_path_factory) -> TorchrunLaunch:
+    return shared_launch(request.session, tmp_path_factory)
+
+
+def run_launch(folder: Path, items) -> None:
+    """Collect the selected tests' cases, launch them, record the cases and the launch's output.
+
+    A case that raises ends its launch: the cases that had not run yet are launched again without
+    it, so each case's result (or error) is its own."""
+    modules = sorted({item.module for item in items if hasattr(getattr(item, "module", None), "launch_cases")},
+                     key=lambda module: module.__name__)
+    cases = []
+    for module in modules:
+        cases += module.launch_cases([item for item in items if getattr(item, "module", None) is module],
+                                     folder / module.__name__)
+    # The largest world sizes first: the ranks of a case have then all run the same cases before it
+    # (ZeRO-3 numbers parameters per process and checks that the ranks agree).
+    cases.sort(key=lambda case: -case["world"])
+    for case in cases:
+        Path(case["out"]).mkdir(parents=True, exist_ok=True)
+
+    def settled(case: dict) -> bool:  # every rank's result, or an error
+        out = Path(case["out"])
+        return (all((out / f"rank{r}.pt").exists() for r in range(case["world"]))
+                or any(out.glob("error_rank*.txt")))
+
+    logs, pending = [], cases
+    while pending:
+        logs.append(launch(folder / f"spec{len(logs)}.json", pending))
+        left = [case for case in pending if not settled(case)]
+        if len(left) == len(pending):  # nothing ran to an end: launching again would not either
+            break
+        pending = left
+    (folder / "launch.json").write_text(json.dumps({"cases": cases, "log": "\n".join(logs) or "no case"}))
+
+
+def launch(spec_file: Path, cases: list[dict]) -> str:
+    """One torchrun of max(world size) processes running `cases` (worker_main); its output."""
+    spec_file.write_text(json.dumps({"cases": cases}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(max(c["world"] for c in cases)),
+           "--master_port", str(free_port()), __file__, "worker", str(spec_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:
+        out = "".join(x.decode() if isinstance(x, bytes) else x for x in (expired.stdout or "", expired.stderr or ""))
+        return f"launch of {[c['name'] for c in cases]} timed out after {LAUNCH_TIMEOUT_S} s\n{out[-9000:]}"
+    return (f"launch of {[c['name'] for c in cases]}: exit code {proc.returncode}\n"
+            f"{proc.stdout[-3000:]}{proc.stderr[-6000:]}")
+
+
+@contextlib.contextmanager
+def case_process_group(case: dict, launch_store):
+    """Rank r < case['world'] of the launch as rank r of a launch of case['world'] processes: the
+    environment such a launch gives (a store of the case's own, hosted by rank 0, its port passed on
+    through the launch's store), so accelerate / DeepSpeed start the process group from it as in
+    that launch. After the case: its process group closed, and the state DeepSpeed, accelerate and
+    transformers keep about it (group references, singletons, the DeepSpeed config, the attention
+    registry, where Ulysses wraps the core attention) and the environment put back, so the next
+    case starts as in a fresh process."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    rank, name = os.environ["RANK"], case["name"]
+    environ, attention = dict(os.environ), dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    server = None
+    if rank == "0":
+        server = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], 0, is_master=True, wait_for_workers=False,
+                                            timeout=timedelta(seconds=LAUNCH_TIMEOUT_S))
+        launch_store.set(f"{name}/port", str(server.port))
+    world = str(case["world"])
+    os.environ.update(WORLD_SIZE=world, LOCAL_WORLD_SIZE=world, GROUP_WORLD_SIZE=world, ROLE_WORLD_SIZE=world,
+                      MASTER_PORT=launch_store.get(f"{name}/port").decode())
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        deepspeed_comm = sys.modules.get("deepspeed.comm.comm")
+        if deepspeed_comm is not None and deepspeed_comm.cdb is not None:
+            deepspeed_comm.destroy_process_group()  # also drops DeepSpeed's group references (SP groups too)
+        else:
+            torch.distributed.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    if "deepspeed" in sys.modules:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
+    ALL_ATTENTION_FUNCTIONS._local_mapping.clear()
+    ALL_ATTENTION_FUNCTIONS._local_mapping.update(attention)
+    os.environ.clear()
+    os.environ.update(environ)
+    launch_store.set(f"{name}/done/{rank}", "1")
+    if server is not None:  # rank 0 hosts the case's store: until every rank is done with it
+        launch_store.wait([f"{name}/done/{r}" for r in range(case["world"])])
+
+
+def worker_main(spec_file: str) -> None:
+    """Every case of the spec, one after the other: a case of world size W runs on ranks 0..W-1
+    (`run_launch_case` of its module), the other ranks skip it. A case that raises leaves its
+    traceback in its folder and ends the launch."""
+    spec = json.loads(Path(spec_file).read_text())
+    rank = int(os.environ["RANK"])
+    launch_store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                              is_master=False, timeout=timedelta(seconds=LAUNCH_TIMEOUT_S))
+    gc.freeze()  # as frozen_gc does in a test process; again after each case, for what it imported
+    for case in spec["cases"]:
+        if rank >= case["world"]:
+            continue
+        try:
+            with case_process_group(case, launch_store):
+                result = importlib.import_module(case["module"]).run_launch_case(case)
+                torch.save(result, os.path.join(case["out"], f"rank{result['rank']}.pt"))
+            gc.collect()
+            gc.freeze()
+        except BaseException:
+            Path(case["out"], f"error_rank{rank}.txt").write_text(traceback.format_exc())
+            raise
+
+
+def step_case(name: str, model: str, data: str, out: Path, method: str, reduction: str, world: int,
+              *extra: str) -> dict:
+    """A launch case running run_one_step on `world` ranks."""
+    return {"module": "test_train", "name": name, "model": model, "data": data, "out": str(out / name),
+            "method": method, "reduction": reduction, "world": world, "extra": list(extra)}
+
+
+def run_launch_case(case: dict) -> dict:
+    return run_one_step(case, case["method"], case["reduction"], case["world"], *case["extra"])
+
+
+# ---------- loss normalisation: the invariance test (its two-rank runs in the launch) ----------
+INVARIANCE_TEST = "test_gradients_are_invariant_to_world_size_and_accumulation"
+
+
+def launch_cases(items, folder: Path) -> list[dict]:
+    """The two-rank runs of the invariance test, on the inputs `workdir` builds (chatglm, 48 sequences)."""
+    if not any(getattr(item, "originalname", "") == INVARIANCE_TEST for item in items):
+        return []
+    model = make_model_dir(folder / "model_chatglm", "chatglm")
+    data = make_train_file(folder / "data", make_sequences(48), group_size=2)
+    return [step_case(f"invariance-{method}-{reduction}", model, data, folder, method, reduction, 2)
+            for method, reduction in INVARIANCE_CASES]
+
+
 @pytest.mark.distributed
 @pytest.mark.integration
 @pytest.mark.subprocess
-def test_gradients_are_invariant_to_world_size_and_accumulation(workdir, tmp_path):
+def test_gradients_are_invariant_to_world_size_and_accumulation(torchrun_launch, tmp_path):
     import datasets
-    root, models, data = workdir
-    spec = {"model": models["chatglm"], "data": data, "out": str(tmp_path)}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(29500 + os.getpid() % 1000)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(torchrun + [__file__, "worker", str(tmp_path / "spec.json")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for method, reduction in INVARIANCE_CASES:
-        ref_loss, ref_grads = reference_step(models["chatglm"], data, method, reduction)
+        launched = torchrun_launch.case(f"invariance-{method}-{reduction}")
+        model, data = launched["model"], launched["data"]
+        spec = {"model": model, "data": data, "out": str(tmp_path)}
+        ref_loss, ref_grads = reference_step(model, data, method, reduction)
         single = run_one_step(spec, method, reduction, world=1)
-        ranks = [torch.load(tmp_path / f"{method}_{reduction}_rank{r}.pt") for r in (0, 1)]
+        ranks = torchrun_launch.ranks(launched["name"])
         case = f"{method}/{reduction}"
         assert relative_error(single["grads"], ref_grads) < 1e-5, case
         assert relative_error(ranks[0]["grads"], ref_grads) < 1e-5, case
@@ -294,17 +513,14 @@ def test_missing_sorted_dataset_is_a_clear_error(workdir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.subprocess
 def test_bench_train_step_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_train_step.py"), "--smoke", "--out",
-                           str(tmp_path / "b.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """The script's main in this process (its command line's path): the JSON it writes to --out."""
+    import bench_train_step
+    with torch.random.fork_rng(devices=[]):  # the bench seeds torch's global generator
+        bench_train_step.main(["--smoke", "--out", str(tmp_path / "b.json")])
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["loss_finite"] and result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert result["tokens_per_step"] <= 512 and result["model_tflops_per_step"] > 0
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
-    worker_main(sys.argv[2])
 
 
 @pytest.mark.integration
@@ -324,3 +540,7 @@ def test_recompute_policy_gives_the_same_step(workdir, tmp_path):
     from longalign.ops.recompute import decoder_layers
     assert all("forward" in vars(layer) for layer in decoder_layers(trainer.model))  # wrapped
     assert not trainer.args.gradient_checkpointing  # transformers' checkpointing stays off
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
+    worker_main(sys.argv[2])
