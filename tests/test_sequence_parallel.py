@@ -1,15 +1,13 @@
 """Sequence parallelism (longalign/train/sequence_parallel.py): DeepSpeed Ulysses on gloo against SP = 1.
 
-End to end: `torchrun --nproc_per_node N tests/test_sequence_parallel.py worker SPEC` runs train.py's
-build_trainer -> Trainer.train with --sequence_parallel_size N under DeepSpeed ZeRO-3 (CPU
-accelerator, gloo) for one optimizer step, and its gradients and logged loss are compared with
-the same step written out from per-sequence runs (test_train.reference_step) and with SP = 1.
+End to end: in the suite's one torchrun launch (test_train.TorchrunLaunch, `torchrun
+--nproc_per_node N tests/test_train.py worker SPEC`), each case runs train.py's build_trainer ->
+Trainer.train with --sequence_parallel_size N under DeepSpeed ZeRO-3 (CPU accelerator, gloo) for
+one optimizer step on its ranks, and its gradients and logged loss are compared with the same step
+written out from per-sequence runs (test_train.reference_step) and with SP = 1.
 The slicing and loss math are also checked without DeepSpeed, rank by rank.
 """
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,8 +21,8 @@ from longalign.constants import IGNORE_INDEX as X  # noqa: E402
 from longalign.ops.weighted_loss import causal_lm_loss, labels_for_targets, shift_targets  # noqa: E402
 from longalign.train.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,  # noqa: E402
                                          check_sequence_parallel_layout, sequence_parallel_order, valid_sizes)
-from longalign.train.trainer import close_process_group  # noqa: E402
-from test_train import VOCAB, argv_for, make_model_dir, reference_step, run_one_step, save_dataset  # noqa: E402
+from test_train import (VOCAB, argv_for, frozen_gc, make_model_dir, one_torch_thread,  # noqa: E402,F401
+                        reference_step, run_one_step, save_dataset, torchrun_launch)
 
 DS_CONFIG = str(REPO / "ds_config" / "stage3_no_offload.json")
 deepspeed_available = pytest.mark.skipif(
@@ -248,12 +246,16 @@ def allow_deepspeed_on_cpu() -> None:
         "gloo", DistributedType.MULTI_CPU)
 
 
-def worker_main(spec_file: str) -> None:
-    spec = json.loads(Path(spec_file).read_text())
+def run_launch_case(case: dict) -> dict:
+    """A Ulysses case of the suite's launch (test_train.worker_main) on this rank."""
+    from accelerate.state import PartialState
+
+    prepare_backend = PartialState._prepare_backend
     allow_deepspeed_on_cpu()
-    result = sp_step(spec, spec["sp"])
-    torch.save(result, os.path.join(spec["out"], f"rank{result['rank']}.pt"))
-    close_process_group()
+    try:
+        return sp_step(case, case["sp"])
+    finally:
+        PartialState._prepare_backend = prepare_backend  # the cases after it start accelerate unpatched
 
 
 def relative_error(a: dict, b: dict) -> float:
@@ -289,42 +291,47 @@ def make_equal_length_packs(path: Path, n_packs: int = 6, seed: int = 0) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def sp_workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sp")
-    models = {f: make_model_dir(root / f"model_{f}", f) for f in ("chatglm", "llama")}
-    return root, models, make_equal_length_packs(root / "data")
+ULYSSES_CASES = [  # family, reduction, world size, SP size
+    ("chatglm", "sequence", 2, 2),   # DP 1
+    ("llama", "token", 4, 4),        # 4 query / 2 kv heads over 4 ranks: kv heads replicated
+    ("chatglm", "pack_mean", 4, 2),  # DP 2 x SP 2: data order and counts over DP groups
+]
+ULYSSES_TEST = "test_deepspeed_ulysses_step_equals_sequence_parallel_1"
 
 
-def run_torchrun(spec: dict, tmp: Path, nproc: int) -> list[dict]:
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(29700 + os.getpid() % 500), __file__, "worker", str(tmp / "spec.json")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(nproc)]
+def ulysses_name(family: str, reduction: str, world: int, sp: int) -> str:
+    return f"ulysses-{family}-{reduction}-{world}-{sp}"
+
+
+def launch_cases(items, folder: Path) -> list[dict]:
+    """The selected Ulysses cases (the project's rule: the sequence-parallel cases in one launch,
+    test_train.TorchrunLaunch), on random-init models of both families and equal-length packs."""
+    selected = {tuple(item.callspec.params[k] for k in ("family", "reduction", "world", "sp"))
+                for item in items if getattr(item, "originalname", "") == ULYSSES_TEST}
+    if not selected or __import__("importlib").util.find_spec("deepspeed") is None:
+        return []
+    models = {f: make_model_dir(folder / f"model_{f}", f) for f in ("chatglm", "llama")}
+    data = make_equal_length_packs(folder / "data")
+    return [{"module": "test_sequence_parallel", "name": ulysses_name(*case), "model": models[case[0]], "data": data,
+             "out": str(folder / ulysses_name(*case)), "reduction": case[1], "ga": 4 // (case[2] // case[3]),
+             "sp": case[3], "world": case[2]}
+            for case in ULYSSES_CASES if case in selected]
 
 
 @pytest.mark.distributed
 @pytest.mark.subprocess
 @deepspeed_available
-@pytest.mark.parametrize("family,reduction,world,sp", [
-    ("chatglm", "sequence", 2, 2),   # DP 1
-    ("llama", "token", 4, 4),        # 4 query / 2 kv heads over 4 ranks: kv heads replicated
-    ("chatglm", "pack_mean", 4, 2),  # DP 2 x SP 2: data order and counts over DP groups
-])
-def test_deepspeed_ulysses_step_equals_sequence_parallel_1(sp_workdir, tmp_path, family, reduction, world, sp):
+@pytest.mark.parametrize("family,reduction,world,sp", ULYSSES_CASES)
+def test_deepspeed_ulysses_step_equals_sequence_parallel_1(torchrun_launch, tmp_path, family, reduction, world, sp):
     """One step of 4 packs (rows 0-3) under DeepSpeed ZeRO-3 + Ulysses on gloo: gradients and logged
     loss equal the per-sequence reference and train.py at SP = 1; micro-step m trains rows
     [m DP, (m+1) DP), one per SP group, each split over its N ranks."""
     import datasets
-    root, models, data = sp_workdir
+    spec = torchrun_launch.case(ulysses_name(family, reduction, world, sp))
+    model, data = spec["model"], spec["data"]
     dp = world // sp
-    spec = {"model": models[family], "data": data, "out": str(tmp_path), "reduction": reduction,
-            "ga": 4 // dp, "sp": sp}
-    ranks = run_torchrun(spec, tmp_path, world)
-    ref_loss, ref_grads = reference_step(models[family], data, "pack", reduction)
+    ranks = torchrun_launch.ranks(spec["name"])
+    ref_loss, ref_grads = reference_step(model, data, "pack", reduction)
     single = run_one_step({**spec, "out": str(tmp_path / "single")}, "pack", reduction, 1)
     assert relative_error(single["grads"], ref_grads) < 1e-5
     for result in ranks:
@@ -335,7 +342,3 @@ def test_deepspeed_ulysses_step_equals_sequence_parallel_1(sp_workdir, tmp_path,
         for g in range(dp):
             pack = sum((ranks[g * sp + s]["seen"][m] for s in range(sp)), [])
             assert pack[:PACK_TOKENS] == stored[m * dp + g] and pack[PACK_TOKENS:] == [0] * (len(pack) - PACK_TOKENS)
-
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
-    worker_main(sys.argv[2])
