@@ -1,25 +1,22 @@
 """train.py flags that restore the original code's training rules (README differences table):
 --loss_denominator micro_step and --original_warmup_packs, on tiny random models (CPU).
 
-The two-rank check runs `torchrun --nproc_per_node 2 tests/test_original_training_rules.py worker
-SPEC` (gloo), as tests/test_train.py does: the per-micro-step counts are all-reduced over ranks.
+The two-rank check runs in the suite's one torchrun launch (test_train.TorchrunLaunch, gloo): the
+per-micro-step counts are all-reduced over ranks.
 """
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import (FAMILIES, REPO, argv_for, make_model_dir, make_sequences, make_train_file,
-                        relative_error, run_one_step)
+from test_train import (FAMILIES, argv_for, frozen_gc, make_model_dir, make_sequences,  # noqa: F401
+                        make_train_file, one_torch_thread, relative_error, run_one_step, step_case,
+                        torchrun_launch)
 
 import train
 from longalign.constants import IGNORE_INDEX as X
 from longalign.modeling.loading import load_training_model
-from longalign.train.trainer import close_process_group
 
 MICRO_STEP = ("--loss_denominator", "micro_step")
 
@@ -52,36 +49,35 @@ def micro_step_reference(model_dir: str, data: str, rows_per_micro_step: int, mi
     return step_loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def worker_main(spec_file: str) -> None:
-    spec = json.loads(Path(spec_file).read_text())
-    result = run_one_step(spec, "pack", "sequence", 2, *MICRO_STEP)
-    torch.save(result, os.path.join(spec["out"], f"micro_step_rank{result['rank']}.pt"))
-    close_process_group()
+MICRO_STEP_TEST = "test_micro_step_denominator_is_the_originals_average_of_means"
+
+
+def launch_cases(items, folder: Path) -> list[dict]:
+    """The micro-step test's two-rank run, on the inputs `workdir` builds (chatglm, 120 sequences)."""
+    if not any(getattr(item, "originalname", "") == MICRO_STEP_TEST for item in items):
+        return []
+    model = make_model_dir(folder / "model_chatglm", "chatglm")
+    data = make_train_file(folder / "data", make_sequences(120), group_size=2)
+    return [step_case("micro_step", model, data, folder, "pack", "sequence", 2, *MICRO_STEP)]
 
 
 @pytest.mark.distributed
 @pytest.mark.subprocess
-def test_micro_step_denominator_is_the_originals_average_of_means(workdir, tmp_path):
+def test_micro_step_denominator_is_the_originals_average_of_means(torchrun_launch, tmp_path):
     """1 rank x GA 4 and 2 ranks x GA 2 each equal the original's rule for their micro-steps, and
     differ from the project's default (one K for the whole step)."""
-    root, models, data = workdir
-    spec = {"model": models["chatglm"], "data": data, "out": str(tmp_path)}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    launched = torchrun_launch.case("micro_step")
+    model, data = launched["model"], launched["data"]
+    spec = {"model": model, "data": data, "out": str(tmp_path)}
     single = run_one_step(spec, "pack", "sequence", 1, *MICRO_STEP)
-    ref_loss, ref_grads = micro_step_reference(models["chatglm"], data, rows_per_micro_step=1, micro_steps=4)
+    ref_loss, ref_grads = micro_step_reference(model, data, rows_per_micro_step=1, micro_steps=4)
     assert relative_error(single["grads"], ref_grads) < 1e-5
     assert abs(single["loss"] - ref_loss) < 1e-5 * abs(ref_loss)
     default = run_one_step(spec, "pack", "sequence", 1)  # packs of 1, 2, 3, 1 sequences: K = 7 vs 1, 2, 3, 1
     assert relative_error(default["grads"], ref_grads) > 1e-2
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(30500 + os.getpid() % 1000)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    proc = subprocess.run(torchrun + [__file__, "worker", str(tmp_path / "spec.json")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    ranks = [torch.load(tmp_path / f"micro_step_rank{r}.pt") for r in (0, 1)]
-    ref_loss, ref_grads = micro_step_reference(models["chatglm"], data, rows_per_micro_step=2, micro_steps=2)
+    ranks = torchrun_launch.ranks("micro_step")
+    ref_loss, ref_grads = micro_step_reference(model, data, rows_per_micro_step=2, micro_steps=2)
     assert relative_error(ranks[0]["grads"], ref_grads) < 1e-5
     assert relative_error(ranks[1]["grads"], ranks[0]["grads"]) < 1e-6
     assert abs(ranks[0]["loss"] - ref_loss) < 1e-5 * abs(ref_loss)
@@ -103,7 +99,3 @@ def test_original_warmup_packs_double_the_first_32_packs(workdir):
     assert len(losses[True]) == 9
     assert losses[True][:8] == pytest.approx([2 * loss for loss in losses[False][:8]], rel=1e-5)
     assert losses[True][8] == pytest.approx(losses[False][8], rel=1e-5)
-
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
-    worker_main(sys.argv[2])
