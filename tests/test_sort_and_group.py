@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from longalign.constants import IGNORE_INDEX
-from sort_and_group import sort_and_group
+from sort_and_group import main, sort_and_group
 
 REPO = Path(__file__).resolve().parents[1]
 MAX = 10
@@ -180,22 +180,32 @@ def test_bad_group_size_writes_nothing(train_file, group_size):
     assert sorted(p.name for p in train_file.iterdir() if p.is_dir()) == []
 
 
-@pytest.mark.subprocess
-def test_cli(train_file):
-    command = [sys.executable, "sort_and_group.py", "--train_file", str(train_file),
-               "--group_size", "2", "--max_length", str(MAX), "--pack_strategy", "greedy"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
-    assert "packing_efficiency" in done.stdout and "padding_fraction_mean" in done.stdout
+def test_cli(train_file, capsys):
+    """The command line through the script's main, in this process (the exit code: the next test)."""
+    command = ["--train_file", str(train_file), "--group_size", "2", "--max_length", str(MAX),
+               "--pack_strategy", "greedy"]
+    main(command)
+    stdout = capsys.readouterr().out
+    assert "packing_efficiency" in stdout and "padding_fraction_mean" in stdout
     stats = json.loads((train_file / "pack" / "stats.json").read_text())
     assert stats["pack_strategy"] == "greedy" and stats["packs"] == 6
     assert datasets.load_from_disk(str(train_file / "sort")).num_rows == 6
+    missing = train_file.parent / "nothing"
+    with pytest.raises(FileNotFoundError, match="no such dataset directory"):
+        main(["--train_file", str(missing)])
+    assert not missing.exists()
+    with pytest.raises(ValueError, match="group_size must be an integer >= 1"):
+        main(command + ["--group_size", "0"])
+
+
+@pytest.mark.subprocess
+def test_cli_exit_code_names_the_missing_dataset(train_file):
+    """`python sort_and_group.py` as a command: an error is a nonzero exit, its message on stderr."""
     missing = train_file.parent / "nothing"
     failed = subprocess.run([sys.executable, "sort_and_group.py", "--train_file", str(missing)],
                             cwd=REPO, capture_output=True, text=True)
     assert failed.returncode != 0 and "no such dataset directory" in failed.stderr
     assert not missing.exists()
-    failed = subprocess.run(command + ["--group_size", "0"], cwd=REPO, capture_output=True, text=True)
-    assert failed.returncode != 0 and "group_size must be an integer >= 1" in failed.stderr
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "bfd"])
@@ -323,12 +333,9 @@ def test_sort_remainder_drop_equals_the_originals_groups(tmp_path):
     assert {len(ids[i]) for i in by_length[kept:]} == {max(map(len, ids)), sorted(map(len, ids))[-2]}
 
 
-@pytest.mark.subprocess
 def test_cli_original_flags(train_file):
-    command = [sys.executable, "sort_and_group.py", "--train_file", str(train_file), "--group_size", "1",
-               "--max_length", str(MAX), "--pack_strategy", "greedy_original", "--sort_remainder", "drop"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    main(["--train_file", str(train_file), "--group_size", "1", "--max_length", str(MAX),
+          "--pack_strategy", "greedy_original", "--sort_remainder", "drop"])
     pack = json.loads((train_file / "pack" / "stats.json").read_text())
     sort = json.loads((train_file / "sort" / "stats.json").read_text())
     # lengths after truncation [4 10 10 3 6 2]: both 10s skipped; packs [0 3] and [4 5], the last dropped
