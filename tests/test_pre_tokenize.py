@@ -1,5 +1,6 @@
 """pre_tokenize: exact labels, truncation, --datanum, bad input, --strict, atomic output, CLI."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -330,18 +331,19 @@ def test_interrupted_write_leaves_no_dataset(tmp_path, tiny_tokenizer_dir, monke
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary left either
 
 
-@pytest.mark.subprocess
-def test_cli_end_to_end_on_demo_data(tmp_path):
+@pytest.mark.integration
+def test_cli_end_to_end_on_demo_data(tmp_path, capsys):
+    """`python -m longalign.demo.data`, then pre_tokenize.py, through their mains in this process."""
+    import pre_tokenize
+    from longalign.demo import data as demo_data
+
     raw, out = tmp_path / "raw", tmp_path / "llama"
-    demo = [sys.executable, "-m", "longalign.demo.data", "--out", str(raw), "--num_long", "12",
-            "--num_short", "20", "--vocab_size", "600"]
-    subprocess.run(demo, cwd=REPO, check=True, capture_output=True, timeout=120)
-    cmd = [sys.executable, "pre_tokenize.py", "--model", "chatglm", "--tokenizer", str(raw / "tokenizer"),
-           "--long", str(raw / "long.jsonl"), "--short", str(raw / "sharegpt.jsonl"), "--datanum", "10",
-           "--max_length", "1024", "--truncate", "left", "--num_proc", "2", "--output_dir", str(out)]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    printed = json.loads(result.stdout)
+    demo_data.main(["--out", str(raw), "--num_long", "12", "--num_short", "20", "--vocab_size", "600"])
+    capsys.readouterr()
+    pre_tokenize.main(["--model", "chatglm", "--tokenizer", str(raw / "tokenizer"), "--long", str(raw / "long.jsonl"),
+                       "--short", str(raw / "sharegpt.jsonl"), "--datanum", "10", "--max_length", "1024",
+                       "--truncate", "left", "--num_proc", "2", "--output_dir", str(out)])
+    printed = json.loads(capsys.readouterr().out)
     ds, stats = load_rows(out)
     assert printed["total"] == stats["total"]
     assert stats["sources"]["long"]["rows_read"] == 10 and stats["sources"]["short"]["rows_read"] == 20
@@ -357,13 +359,17 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
 
 @pytest.mark.subprocess
 def test_cli_bad_datanum_and_missing_file_fail_clearly(tmp_path, tiny_tokenizer_dir):
-    base = [sys.executable, "pre_tokenize.py", "--model", "llama", "--tokenizer", tiny_tokenizer_dir,
-            "--output_dir", str(tmp_path / "o")]
-    result = subprocess.run(base + ["--datanum", "ten"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    """`python pre_tokenize.py` as a command for the usage error's exit code 2; the missing file
+    through the script's main in this process."""
+    import pre_tokenize
+
+    base = ["--model", "llama", "--tokenizer", tiny_tokenizer_dir, "--output_dir", str(tmp_path / "o")]
+    result = subprocess.run([sys.executable, "pre_tokenize.py", *base, "--datanum", "ten"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--datanum must be" in result.stderr
     missing = str(tmp_path / "missing.jsonl")
-    result = subprocess.run(base + ["--short", missing], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and f"short data file not found: {missing}" in result.stderr
+    with pytest.raises(FileNotFoundError, match=re.escape(f"short data file not found: {missing}")):
+        pre_tokenize.main(base + ["--short", missing])
     assert not (tmp_path / "o").exists()
 
 
