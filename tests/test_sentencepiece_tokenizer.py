@@ -4,8 +4,6 @@ Llama-2 checkpoints ship). transformers 5 converts it to a fast tokenizer, which
 `protobuf`. Acceptance item of issues 13 and 14; a standalone test on purpose."""
 import json
 import pytest
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -32,18 +30,16 @@ ROWS = [
 ]
 
 
-@pytest.mark.subprocess
 def test_pre_tokenize_cli_with_sentencepiece_only_llama2_directory(tmp_path):
+    """The command line through pre_tokenize.py's main, in this process."""
+    import pre_tokenize
     tokenizer_dir = Path(build_llama2_sentencepiece_dir(tmp_path / "llama2"))
     assert sorted(p.name for p in tokenizer_dir.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
     long_path, short_path, out = tmp_path / "long.jsonl", tmp_path / "short.jsonl", tmp_path / "out"
     long_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
     short_path.write_text(json.dumps(messages("hi", "hello")) + "\n", encoding="utf-8")
-    command = [sys.executable, "pre_tokenize.py", "--model", "llama", "--tokenizer", str(tokenizer_dir),
-               "--long", str(long_path), "--short", str(short_path), "--num_proc", "1",
-               "--output_dir", str(out)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    pre_tokenize.main(["--model", "llama", "--tokenizer", str(tokenizer_dir), "--long", str(long_path),
+                       "--short", str(short_path), "--num_proc", "1", "--output_dir", str(out)])
 
     stats = json.loads((out / "stats.json").read_text())
     long = stats["sources"]["long"]
