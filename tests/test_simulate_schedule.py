@@ -1,7 +1,5 @@
 """bench/simulate_schedule.py: hand-computed schedules and costs, least-squares recovery."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +125,8 @@ def test_too_few_packed_points_borrow_the_padded_model_and_say_so():
     assert "borrowed" not in fits["padded"][1]
 
 
-@pytest.mark.subprocess
 def test_cli_with_bench_json_and_real_dataset_lengths(tmp_path):
+    """The command line through the script's main, in this process."""
     import datasets
 
     datasets.Dataset.from_dict({"input_ids": [[1] * n for n in (4, 1, 3, 2)],
@@ -136,10 +134,8 @@ def test_cli_with_bench_json_and_real_dataset_lengths(tmp_path):
     assert sim.dataset_lengths(str(tmp_path / "d")).tolist() == [4, 1, 3, 2]
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps(bench_dict(sim.CostModel(0.3, 2e-5, 1e-10, 0.05), sim.CostModel(0.1, 2e-5, 1e-10))))
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "simulate_schedule.py"), "--bench_json", str(bench),
-                           "--data_dir", str(tmp_path / "d"), "--world", "2", "--max_length", "5",
-                           "--out", str(tmp_path / "sim.json")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    sim.main(["--bench_json", str(bench), "--data_dir", str(tmp_path / "d"), "--world", "2", "--max_length", "5",
+              "--out", str(tmp_path / "sim.json")])
     result = json.loads((tmp_path / "sim.json").read_text())
     assert result["kind"] == "prediction" and result["sequences"] == 4
     assert set(result["predicted"]) == {"naive", "sort", "pack", "pack_greedy"}
