@@ -4,7 +4,8 @@ The project is an installed package (`pip install -e .`). The one sys.path setup
 the repository root (train.py, pre_tokenize.py, the script folders Needle_test/ and
 LongBench_Chat/), bench/ (whose scripts import their sibling modules as a script run does) and
 tests/ (the `helpers` package). A test file run as a worker script (torchrun) finds `helpers`
-in its own folder and the root through the PYTHONPATH its test sets.
+through the PYTHONPATH its test sets (the root and tests/); tests/ mirrors the package
+(ops, modeling, data, train, eval, demo) with bench/ for the bench scripts.
 
 Tiers (markers registered in pyproject.toml): unit tests carry none; `integration` (several
 stages, or a real training run), `subprocess` (a real exit code, signal or kill is the point),
@@ -45,6 +46,17 @@ _CORPUS = [
     "Long context models read documents of many thousand tokens and answer questions about them.",
     "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?()[]{}<>'\"\n\t",
 ]
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """Each test ends with the environment it started with: scripts' mains run in-process set
+    variables for their own run (e.g. bench_train_step's LONGALIGN_ATTN_BACKEND)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

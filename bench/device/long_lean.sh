@@ -47,7 +47,7 @@ for stage in $STAGES; do
     fi
     case $stage in
     gpu_tests)
-        $PY -m pytest -q -x tests/test_recompute.py -k cuda_bf16 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" ;;
+        $PY -m pytest -q -x tests/ops/test_recompute.py -k cuda_bf16 2>&1 | tail -15 | tee "$OUT/gpu_tests.log" ;;
     bandwidth)
         $PY - "$OUT/bandwidth.json" <<'EOF'
 import json, sys, time, torch

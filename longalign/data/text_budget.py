@@ -27,7 +27,7 @@ whole text fits: the result is never shorter of text than the kept ids need. The
 tokens do not change either: a reply piece starts (head) or ends (tail) where the stripped reply
 does, so it is never empty, and a tail piece of the text after a reply is a plain prompt piece,
 whose first position (the only one a CLOSE segment labels) lies inside the safety margin.
-tests/test_input_formats.py compares cut and uncut ids for both families and all modes.
+tests/data/test_input_formats.py compares cut and uncut ids for both families and all modes.
 """
 from __future__ import annotations
 

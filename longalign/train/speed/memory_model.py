@@ -11,7 +11,7 @@
 Activation memory of one decoder layer (bytes), for T tokens of one micro-batch (pack length, or
 per-device batch x padded length), activations of b bytes per element (2 in bf16, 4 in fp32),
 hidden h, query heads H, key/value heads G, head dim d, MLP width f. These are the tensors that
-autograd keeps for the backward (counted storage by storage in tests/test_performance.py, eager
+autograd keeps for the backward (counted storage by storage in tests/train/test_performance.py, eager
 and compiled). The attention core (`Kernels.attention`) keeps, per token:
 
     fused kernels (FlashAttention, torch varlen, flex): q, k (after RoPE), v, out, fp32 lse
@@ -66,7 +66,7 @@ layer of the backward (layers l = L-1 .. 0, S_k the activations kept by layer k)
     peak = R_w + R_o + max( sum_k S_k + final norm + loss + G_0 ,
                             max_l [ G_0 + sum_{k >= l} G_k + sum_{k <= l} S_k + R_l + W ] )
 
-Pinned by tests/test_performance.py against every peak recorded under bench/measured/ (one H200,
+Pinned by tests/train/test_performance.py against every peak recorded under bench/measured/ (one H200,
 compiled and eager, 64k to 512k tokens, three widths; bench/measured_memory.py).
 
 The recompute policy is the first of this ladder whose predicted peak fits MEMORY_HEADROOM x the

@@ -1,5 +1,5 @@
 """Record expected.json: the ids and labels pre_tokenize wrote for sample.jsonl before system turns
-and other input formats were supported (recorded on commit 7a6ec05). tests/test_input_formats.py
+and other input formats were supported (recorded on commit 7a6ec05). tests/data/test_input_formats.py
 checks that data without system turns still tokenizes to exactly these ids.
 
     PYTHONPATH=.:tests python tests/data/ids_before_system_turns/record.py

@@ -26,7 +26,7 @@ from helpers.tiny_llama import TEST_SHAPE, save_tiny_llama
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
 QUESTION = "What is the best thing to do in San Francisco?"
 FACTS = ["eat a sandwich", "Dolores Park", "sunny day"]
-SHARED_HAYSTACK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "haystack"
+SHARED_HAYSTACK = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "haystack"
 
 
 def haystack_text(n=120):

@@ -189,7 +189,7 @@ def test_no_root_model_modules_are_imported():
     code = ("import sys, longalign.eval.generation, longalign.eval.candidates, longalign.eval.served_model; "
             f"print([m for m in {ROOT_MODEL_MODULES!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(Path(__file__).resolve().parents[1]))
+                         cwd=str(Path(__file__).resolve().parents[2]))
     assert out.stdout.strip() == "[]"
 
 

@@ -16,7 +16,7 @@ from longalign.demo.tiny_model import TinyShape, save_tiny_model
 from longalign.constants import IGNORE_INDEX
 from longalign.data.tokenization import ConversationTokenizer, special_token_frame
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPE = TinyShape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, max_positions=256)
 PROBE_IDS = [[5, 17, 42, 99, 7, 300, 12, 64, 3, 201, 33]]
 HISTORY = [("What is the key?", "The key is 42.")]

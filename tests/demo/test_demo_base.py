@@ -12,7 +12,7 @@ from longalign.demo.pretrain import HELD_OUT_SEED_OFFSET, PretrainConfig, learni
 from longalign.demo.tasks import ALL_TASKS, HELD_OUT_TASKS, LONG_TASKS
 from longalign.demo.words import FORBIDDEN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED_BASE = REPO / "models" / "tiny-base"
 TINY_FLAGS = ["--steps", "3", "--batch", "2", "--context", "64", "--hidden", "32", "--heads", "2", "--kv_heads", "2",
               "--intermediate", "64", "--layers", "2", "--vocab", "400", "--eval_examples", "2", "--max_words", "40",

@@ -12,7 +12,7 @@ import pytest
 from longalign.constants import IGNORE_INDEX
 from sort_and_group import main, sort_and_group
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX = 10
 X = IGNORE_INDEX
 # Sequence k has token ids 100k + j, so every token says where it came from.

@@ -1,7 +1,7 @@
 """train.py + LongAlignTrainer on tiny random models (CPU).
 
 The distributed tests' cases (the invariance test's here, test_original_training_rules.py's and
-test_sequence_parallel.py's) run in one launch, `torchrun --nproc_per_node N tests/test_train.py
+test_sequence_parallel.py's) run in one launch, `torchrun --nproc_per_node N tests/train/test_train.py
 worker SPEC` (gloo; TorchrunLaunch): this file is also the worker script, so both sides run the same
 build_trainer -> Trainer.train code path.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 import train
 from longalign.constants import IGNORE_INDEX as X
@@ -350,7 +350,7 @@ def launch(spec_file: Path, cases: list[dict]) -> str:
     spec_file.write_text(json.dumps({"cases": cases}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(max(c["world"] for c in cases)),
            "--master_port", str(free_port()), __file__, "worker", str(spec_file)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "DS_ACCELERATOR": "cpu"}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired as expired:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from longalign.demo.tiny_model import STATS_FILE, TinyShape, main as tiny_model_main, save_tiny_model
 

@@ -1,7 +1,7 @@
 """Sequence parallelism (longalign/train/sequence_parallel.py): DeepSpeed Ulysses on gloo against SP = 1.
 
 End to end: in the suite's one torchrun launch (test_train.TorchrunLaunch, `torchrun
---nproc_per_node N tests/test_train.py worker SPEC`), each case runs train.py's build_trainer ->
+--nproc_per_node N tests/train/test_train.py worker SPEC`), each case runs train.py's build_trainer ->
 Trainer.train with --sequence_parallel_size N under DeepSpeed ZeRO-3 (CPU accelerator, gloo) for
 one optimizer step on its ranks, and its gradients and logged loss are compared with the same step
 written out from per-sequence runs (test_train.reference_step) and with SP = 1.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 import train  # noqa: E402
 from longalign.train.collators import COUNTS_KEY, PackCollator  # noqa: E402

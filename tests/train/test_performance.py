@@ -14,39 +14,12 @@ from longalign.train.speed.memory_model import (GIB, MEMORY_HEADROOM, Kernels, M
                                    layer_activation_bytes, longest_row_tokens, predicted_peak_bytes,
                                    recompute_ladder)
 from longalign.ops.recompute import decoder_layers
+from helpers.flash_like import FlashLike, flash_like
 from helpers.training_models import tiny_chatglm, tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LENGTHS = (9, 14, 6, 11)
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2}
-
-
-class _FlashLike(torch.autograd.Function):
-    """Stand-in for a fused varlen kernel: keeps exactly q, k, v, out and an fp32 (H, T) lse."""
-
-    kept: list = []
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens):
-        with torch.no_grad():
-            out = varlen_attention(q, k, v, cu_seqlens, backend="reference")
-        lse = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cu_seqlens = cu_seqlens
-        _FlashLike.kept.extend(t.untyped_storage().data_ptr() for t in (q, k, v, out, lse))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        with torch.enable_grad():
-            out = varlen_attention(*inputs, ctx.cu_seqlens, backend="reference")
-        return (*torch.autograd.grad(out, inputs, grad), None)
-
-
-def flash_like(q, k, v, cu_seqlens, max_seqlen=None, softmax_scale=None):
-    return _FlashLike.apply(q, k, v, cu_seqlens)
 
 
 def saved_bytes_of_first_layer(model, dtype):
@@ -73,10 +46,10 @@ def saved_bytes_of_first_layer(model, dtype):
     total = sum(LENGTHS)
     cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
     ids = torch.randint(0, 100, (1, total))
-    _FlashLike.kept = []
+    FlashLike.kept = []
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, labels=ids, cu_seq_lens_q=cu).loss.backward()
-    kept = set(_FlashLike.kept[:5])  # layer 0's call
+    kept = set(FlashLike.kept[:5])  # layer 0's call
     return sum(storages.values()), sum(n for ptr, n in storages.items() if ptr in kept)
 
 

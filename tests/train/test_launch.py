@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from longalign.train import launch
 from test_scripts import write_stub
@@ -248,7 +248,7 @@ def test_one_node_of_a_multi_node_job_trains_two_steps_on_gloo(tmp_path):
     out = tmp_path / "out"
     cmd = [deepspeed, *words[1:], "train.py", *argv_for(model, data, str(out), "pack", "--pack_loss",
                                                        "--max_steps", "2", "--ddp_backend", "gloo")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "world_size=2" in proc.stdout

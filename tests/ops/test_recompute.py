@@ -289,7 +289,7 @@ def test_offload_packs_what_selective_keeps(monkeypatch):
     import longalign.ops.recompute as recompute
     from longalign.modeling.shape import ModelShape
     from longalign.train.speed.memory_model import layer_activation_bytes
-    from test_performance import flash_like
+    from helpers.flash_like import flash_like
 
     monkeypatch.setattr(packed_attention, "varlen_attention", flash_like)
     host_bytes: dict[int, int] = {}

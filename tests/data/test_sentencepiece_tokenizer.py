@@ -13,7 +13,7 @@ from longalign.constants import IGNORE_INDEX
 from longalign.data.tokenization import ConversationTokenizer
 from helpers.tokenizer_builders import build_llama2_sentencepiece_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def messages(*turns):

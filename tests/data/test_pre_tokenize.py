@@ -15,7 +15,7 @@ from longalign.data.tokenize_stage import (INVALID_REPORT, STATS_FILE, NothingTo
 from longalign.data.training_format import conversation_text, round_prompt
 from longalign.data.tokenization import ConversationTokenizer, finish_example, truncate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MULTI = [("What is the key?", "The key is 42."), ("And the lock?", ".lock opens"), ("Bye", "Bye!")]
 
 
@@ -62,7 +62,7 @@ def load_rows(out_dir):
     return ds, json.loads((Path(out_dir) / STATS_FILE).read_text())
 
 
-# ---- exact labels (the exact-ids tests of both families: tests/test_labels.py) ---------------
+# ---- exact labels (the exact-ids tests of both families: tests/data/test_labels.py) ---------------
 @pytest.mark.parametrize("family", ["chatglm", "llama"])
 def test_label_spans_are_exactly_each_reply_and_its_closing_eos(tiny_tokenizer, family):
     encoder = ConversationTokenizer(tiny_tokenizer, family)
