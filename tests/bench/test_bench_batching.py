@@ -9,6 +9,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 from bench import bench_batching as bb
 from bench import simulate_schedule as sim
+from helpers.prewarmed_python import launch_through, shared_prewarmed_python
 from longalign.constants import IGNORE_INDEX
 
 
@@ -20,7 +21,15 @@ def test_synthetic_mix_is_seeded_and_in_range():
     assert set(fractions[lengths >= 8000]) == {0.1} and set(fractions[lengths <= 200]) == {0.5}
 
 
-def test_token_dataset_format_and_sort_and_group(tmp_path):
+@pytest.fixture
+def bench_python(tmp_path_factory, monkeypatch):
+    """The Python processes the bench launches (its sys.executable, torchrun's PYTHON_EXEC for the
+    workers) are forks of an interpreter that imported torch and transformers once, each otherwise
+    as that command runs (helpers/prewarmed_python.py)."""
+    return launch_through(monkeypatch, shared_prewarmed_python(tmp_path_factory))
+
+
+def test_token_dataset_format_and_sort_and_group(tmp_path, bench_python):
     import datasets
 
     lengths, fractions = np.array([10, 7, 20, 3]), np.array([0.5, 0.5, 0.1, 0.5])
@@ -100,9 +109,9 @@ def test_launch_commands():
 @pytest.mark.slow
 @pytest.mark.subprocess
 @pytest.mark.parametrize("num_gpus,methods", [(1, ["pack", "sort", "naive"]), (2, ["pack", "naive"])])
-def test_smoke_run_end_to_end_and_simulator_fit(tmp_path, num_gpus, methods):
+def test_smoke_run_end_to_end_and_simulator_fit(tmp_path, num_gpus, methods, bench_python):
     """The bench's parent runs here; sort_and_group.py and every method's workers (torchrun with 2
-    ranks) run in the processes it launches."""
+    ranks) run in the processes it launches (through `bench_python`)."""
     out = tmp_path / "batching.json"
     returned = bb.main(["--smoke", "--num_gpus", str(num_gpus), "--workdir", str(tmp_path / "w"), "--out", str(out),
                         "--methods", *methods])

@@ -10,6 +10,7 @@ from transformers import DataCollatorWithFlattening
 import bench_peers
 import bench_train_step
 import peer_models
+from helpers.prewarmed_python import launch_through, shared_prewarmed_python
 from longalign.train.collators import PackCollator
 
 
@@ -80,8 +81,11 @@ def test_stock_batches_are_the_project_packs_padding_free():
 
 
 @pytest.mark.slow
-def test_smoke_run_one_process_per_configuration(tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the configurations' processes: tiny steps, one thread each
+def test_smoke_run_one_process_per_configuration(tmp_path, tmp_path_factory, monkeypatch):
+    """Each configuration's process is a fork of an interpreter that imported torch and transformers
+    once (helpers/prewarmed_python.py), with one thread: tiny steps."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    launch_through(monkeypatch, shared_prewarmed_python(tmp_path_factory))
     out = tmp_path / "peers.json"
     names = ["project-reference-full", "stock-sdpa-gc+kwargs", "stock-sdpa-gc-liger"]
     bench_peers.main(["--smoke", "--only", *names, "--out", str(out)])

@@ -1,10 +1,7 @@
 """`make demo` end to end (scripts/demo.sh in a temp OUT, fewer steps), and longalign.demo.tiny_model."""
 import json
 import os
-import signal
 import subprocess
-import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +9,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
+from helpers.prewarmed_python import shared_prewarmed_python
 from longalign.demo.tiny_model import STATS_FILE, TinyShape, main as tiny_model_main, save_tiny_model
 
 TEST_STEPS = 20  # a few % of the demo's default: plumbing, and a clear fall from the random-init loss
@@ -37,131 +35,13 @@ MIXES = {"scratch": "few_words", "base": "few_words"}  # each start's default sh
 CONTEXTS = {"scratch": 2048, "base": 1024}  # each start's default longest query (scripts/demo.sh)
 
 
-# demo.sh runs a dozen Python processes per start, most of whose seconds go to importing torch and
-# transformers. Its PY here is a small client of one interpreter that imported those libraries (none of
-# this repository) once: each `$PY -m MODULE ...` / `$PY SCRIPT ...` is a fork of it that runs as that
-# command would -- its own argv, working directory, environment, stdin/stdout/stderr, imports of this
-# repository, atexit handlers and exit code. Where the interpreter cannot start, PY is plain Python.
-PRELOADED = ("torch", "numpy", "transformers", "transformers.modeling_utils", "transformers.models.llama.modeling_llama",
-             "transformers.models.auto.tokenization_auto")  # not datasets: pyarrow starts a thread (jemalloc's)
-PREWARMED_SERVER = r"""
-import atexit, importlib, json, os, runpy, signal, socket, struct, sys, threading, traceback
-
-def run(request, fds):  # in the forked stage process; never returns
-    for target, fd in zip((0, 1, 2), fds):
-        os.dup2(fd, target)
-        os.close(fd)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    os.environ.pop("LONGALIGN_TEST_PYTHON_SOCKET", None)
-    argv, code = request["argv"], 0
-    try:
-        if argv[0] == "-m":  # as `python -m`: the working directory first on sys.path
-            sys.argv, sys.path[0] = argv[1:], os.getcwd()
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-        elif argv[0].startswith("-"):
-            raise SystemExit(f"prewarmed python: only -m MODULE or a script, not {argv[0]}")
-        else:  # as `python SCRIPT`: the script's folder first on sys.path
-            sys.argv, sys.path[0] = list(argv), os.path.dirname(os.path.abspath(argv[0]))
-            runpy.run_path(argv[0], run_name="__main__")
-    except SystemExit as stop:
-        if stop.code is None or isinstance(stop.code, int):
-            code = stop.code or 0
-        else:
-            print(stop.code, file=sys.stderr)
-            code = 1
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    try:
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(code)
-
-path, preload = sys.argv[1], sys.argv[2].split(",")
-for name in preload:
-    importlib.import_module(name)
-tasks = f"/proc/{os.getpid()}/task"
-threads = len(os.listdir(tasks)) if os.path.isdir(tasks) else threading.active_count()
-if threads != 1:  # a fork copies only the calling thread: another one could hold a lock forever
-    raise SystemExit(f"{threads} threads after importing {preload}: not forking")
-listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-listener.bind(path)
-listener.listen(16)
-signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the monitors below are reaped by the kernel
-print("ready", flush=True)
-while True:
-    conn, _ = listener.accept()
-    if os.fork() == 0:  # a monitor: takes the request, forks the stage, reports its exit code
-        listener.close()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        head, fds, _, _ = socket.recv_fds(conn, 8, 3)
-        size, payload = struct.unpack("Q", head)[0], b""
-        while len(payload) < size:
-            payload += conn.recv(size - len(payload))
-        pid = os.fork()
-        if pid == 0:
-            conn.close()
-            run(json.loads(payload), fds)
-        for fd in fds:
-            os.close(fd)
-        conn.sendall(struct.pack("i", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])))
-        os._exit(0)
-    conn.close()
-"""
-PREWARMED_CLIENT = r"""
-import json, os, socket, struct, sys
-conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-conn.connect(os.environ["LONGALIGN_TEST_PYTHON_SOCKET"])
-payload = json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
-socket.send_fds(conn, [struct.pack("Q", len(payload))], [0, 1, 2])
-conn.sendall(payload)
-reply = b""
-while len(reply) < 4:
-    chunk = conn.recv(4 - len(reply))
-    if not chunk:
-        sys.exit("prewarmed python: the stage's monitor went away")
-    reply += chunk
-code = struct.unpack("i", reply)[0]
-sys.exit(code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell reports it
-"""
-
-
-@pytest.fixture(scope="module")
-def demo_python(tmp_path_factory):
-    """(PY for demo.sh, the variables it needs): the prewarmed interpreter's client (comment above)."""
-    folder = tmp_path_factory.mktemp("demo_python")
-    sock, client = folder / "py.sock", folder / "python"
-    if len(str(sock)) > 100 or len(sys.executable) > 120:  # AF_UNIX path and #! line limits
-        yield sys.executable, {}
-        return
-    client.write_text(f"#!{sys.executable} -IS\n{PREWARMED_CLIENT}")
-    client.chmod(0o755)
-    env = {**os.environ, **TEST_RUN}
-    with open(folder / "server.log", "w") as log:
-        server = subprocess.Popen([sys.executable, "-c", PREWARMED_SERVER, str(sock), ",".join(PRELOADED)], env=env,
-                                  cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
-    try:
-        if server.stdout.readline().strip() == "ready":
-            yield str(client), {"LONGALIGN_TEST_PYTHON_SOCKET": str(sock)}
-        else:
-            warnings.warn(f"no prewarmed python ({folder / 'server.log'}): demo.sh runs {sys.executable}")
-            yield sys.executable, {}
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)  # with any stage still running (a timed-out demo.sh)
-        server.wait()
-
-
 @pytest.fixture(scope="module", params=list(MIXES))
-def demo(request, tmp_path_factory, demo_python):
+def demo(request, tmp_path_factory):
     """Run scripts/demo.sh once per start (random weights; a pretrained base), with fewer steps,
-    less data, a smaller held-out set and shorter needle-test answers; its Python prewarmed."""
+    less data, a smaller held-out set and shorter needle-test answers. Its PY: demo.sh runs a dozen
+    Python processes per start, most of whose seconds go to importing torch and transformers; here
+    each is a fork of one interpreter that imported them once, and otherwise runs as that command
+    would (helpers/prewarmed_python.py)."""
     from longalign.demo.pretrain import main as pretrain_main
 
     out = tmp_path_factory.mktemp("demo") / "out"
@@ -170,7 +50,7 @@ def demo(request, tmp_path_factory, demo_python):
         base = tmp_path_factory.mktemp("demo_base") / "base"
         pretrain_main(["--out", str(base), *TEST_BASE_FLAGS])
         schedule = {"DEMO_LR": "3e-3", "DEMO_WARMUP": "2"}  # the scratch defaults' rate, for 20 steps
-    python, python_env = demo_python
+    python, python_env = shared_prewarmed_python(tmp_path_factory)
     env = {**os.environ, "OUT": str(out), "DEMO_STEPS": str(TEST_STEPS), "DEMO_LOG_STEPS": str(LOG_STEPS),
            "PY": python, **python_env, "DEMO_BASE": str(base), **TEST_DATA, **TEST_RUN, **schedule}
     env.pop("HAYSTACK", None)

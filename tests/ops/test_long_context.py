@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from longalign.train.collators import PackCollator
+from helpers.prewarmed_python import launch_through, shared_prewarmed_python
 from helpers.training_models import tiny_chatglm, tiny_llama
 
 needs_deepspeed = pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
@@ -91,12 +92,14 @@ def test_mlp_tiles_follow_deepspeed_rule():
 @pytest.mark.slow
 @pytest.mark.subprocess
 @needs_deepspeed
-def test_bench_long_context_smoke(tmp_path, monkeypatch):
+def test_bench_long_context_smoke(tmp_path, tmp_path_factory, monkeypatch):
     """One subprocess per length (CPU, tiny); an out-of-memory child is a recorded row, not a crash.
-    The parent runs here (its rows come from the children's processes); the children get one thread."""
+    The parent runs here (its rows come from the children's processes); the children get one thread
+    and are forks of an interpreter that imported torch and transformers once (helpers/prewarmed_python.py)."""
     import bench_long_context as bench
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    launch_through(monkeypatch, shared_prewarmed_python(tmp_path_factory))
     out = tmp_path / "long.jsonl"
     returned = bench.main(["--smoke", "--out", str(out), "--configs", "--recompute full --tiled_mlp"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -6,6 +6,7 @@ import torch
 import longalign.ops.varlen_attention as attention
 from longalign.constants import IGNORE_INDEX
 from longalign.ops.recompute import apply_recompute, parse_policy
+from helpers.prewarmed_python import launch_through, shared_prewarmed_python
 from helpers.training_models import tiny_chatglm, tiny_llama
 
 LENGTHS = (7, 12, 5, 9)  # one pack of four sequences
@@ -161,12 +162,15 @@ def test_bench_train_step_smoke_policies(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, capsys, monkeypatch):
+def test_bench_sweep_runs_each_config_in_a_subprocess(tmp_path, tmp_path_factory, capsys, monkeypatch):
+    """Each configuration's process is a fork of an interpreter that imported torch and transformers
+    once (helpers/prewarmed_python.py), with one thread: tiny steps."""
     import json
 
     import bench_train_step
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the configurations' processes: tiny steps, one thread each
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    launch_through(monkeypatch, shared_prewarmed_python(tmp_path_factory))
     out = tmp_path / "sweep.jsonl"
     results = bench_train_step.main(["--smoke", "--sweep", "--recompute none", "--recompute bogus",
                                      "--out", str(out)])
