@@ -48,8 +48,8 @@ def one_fact(rng: random.Random, words: int, key: str, value: str) -> tuple[str,
     return f"{document}\n{FACT_QUESTION.format(key=key)}", sentence
 
 
-SCRAMBLED_NEEDLES = 0.5  # share of needles whose activity has words swapped for nonsense words
-SCRAMBLE_WORD = 0.4  # chance that a word of such an activity is swapped
+SCRAMBLED_NEEDLES = 0.8  # share of needles whose activity has words swapped for nonsense words
+SCRAMBLE_WORD = 0.5  # chance that a word of such an activity is swapped
 
 
 def scrambled(rng: random.Random, text: str) -> str:
