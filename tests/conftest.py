@@ -3,9 +3,10 @@
 The project is an installed package (`pip install -e .`). The one sys.path setup of the suite:
 the repository root (train.py, pre_tokenize.py, the script folders Needle_test/ and
 LongBench_Chat/), bench/ (whose scripts import their sibling modules as a script run does) and
-tests/ (the `helpers` package). A test file run as a worker script (torchrun) finds `helpers`
-through the PYTHONPATH its test sets (the root and tests/); tests/ mirrors the package
-(ops, modeling, data, train, eval, demo) with bench/ for the bench scripts.
+tests/ (the `helpers` package). The torchrun workers (`-m helpers.torchrun_worker`) find `helpers`
+and train.py through the PYTHONPATH their launch sets (the root and tests/); tests/ mirrors the
+package (ops, modeling, data, train, eval, demo) with bench/ for the bench scripts. A test file
+imports what it shares with others from `helpers`, never from another test file.
 
 Tiers (markers registered in pyproject.toml): unit tests carry none; `integration` (several
 stages, or a real training run), `subprocess` (a real exit code, signal or kill is the point),

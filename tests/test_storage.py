@@ -8,11 +8,9 @@ import subprocess
 
 import pytest
 
+from helpers.line_separators import LINE_SEPARATORS
 from longalign.storage import (OUTPUT_MARKER, OutputRefusedError, append_jsonl, atomic_dir, check_output_dir,
                                clean_leftovers, data_files_digest, read_jsonl, write_json_atomic)
-
-# every line separator `str.splitlines` knows that `json.dumps(ensure_ascii=False)` writes raw
-LINE_SEPARATORS = ["\u0085", "\u2028", "\u2029"]
 
 
 def test_outputs_get_the_umask_mode_not_the_temp_files_private_one(tmp_path):

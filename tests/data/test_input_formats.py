@@ -13,7 +13,7 @@ from longalign.data.conversations import InvalidInputError, validate_row
 from longalign.data.input_files import UnreadableSourceError
 from longalign.data.tokenize_stage import INVALID_REPORT, run_pretokenize
 from longalign.data.training_format import conversation_text
-from test_pre_tokenize import load_rows, make_config, messages, write_jsonl
+from helpers.pretokenize_inputs import load_rows, make_config, messages, write_jsonl
 
 BEFORE = Path(__file__).resolve().parent / "ids_before_system_turns"
 ROWS = [messages("What is the key?", "The key is 42."), messages("hi", "hello", "And the lock?", "It opens.")]

@@ -10,10 +10,10 @@ import pytest
 
 from longalign.constants import IGNORE_INDEX
 from longalign.data.conversations import InvalidInputError, parse_datanum, read_jsonl
-from longalign.data.tokenize_stage import (INVALID_REPORT, STATS_FILE, NothingToWriteError, PretokenizeConfig,
-                                  run_pretokenize)
+from longalign.data.tokenize_stage import INVALID_REPORT, NothingToWriteError, run_pretokenize
 from longalign.data.training_format import conversation_text, round_prompt
 from longalign.data.tokenization import ConversationTokenizer, finish_example, truncate
+from helpers.pretokenize_inputs import load_rows, make_config, messages
 
 REPO = Path(__file__).resolve().parents[2]
 MULTI = [("What is the key?", "The key is 42."), ("And the lock?", ".lock opens"), ("Bye", "Bye!")]
@@ -32,34 +32,6 @@ def labelled_runs(labels):
         elif current:
             runs, current = runs + [current], []
     return runs + [current] if current else runs
-
-
-def messages(*turns):
-    roles = ["user", "assistant"]
-    return {"messages": [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
-                            for r in rows), encoding="utf-8")
-    return str(path)
-
-
-def make_config(tmp_path, tokenizer_dir, long_rows, short_rows, **overrides):
-    values = dict(family="llama", tokenizer=tokenizer_dir,
-                  long_path=write_jsonl(tmp_path / "long.jsonl", long_rows),
-                  short_path=write_jsonl(tmp_path / "short.jsonl", short_rows),
-                  datanum=10_000, max_length=4096, truncate="right", num_proc=1,
-                  output_dir=str(tmp_path / "out"), batch_size=2)
-    values.update(overrides)
-    return PretokenizeConfig(**values)
-
-
-def load_rows(out_dir):
-    import datasets
-
-    ds = datasets.load_from_disk(str(out_dir))
-    return ds, json.loads((Path(out_dir) / STATS_FILE).read_text())
 
 
 # ---- exact labels (the exact-ids tests of both families: tests/data/test_labels.py) ---------------

@@ -9,7 +9,7 @@ from longalign.data import text_budget
 from longalign.data.tokenize_stage import run_pretokenize
 from longalign.data.text_encoder import TextEncoder
 from longalign.data.tokenization import ConversationTokenizer, encode_within_budget, finish_example
-from test_pre_tokenize import make_config, messages
+from helpers.pretokenize_inputs import make_config, messages
 from helpers.tokenizer_builders import build_chatglm3_like_tokenizer, build_llama2_sentencepiece_dir
 
 MAX_LENGTH = 64

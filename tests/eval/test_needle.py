@@ -20,7 +20,7 @@ from longalign.eval.openai_api import AuthenticationFailed
 from longalign.eval.prediction_keys import PredictionLog, PredictionMismatch, prompt_sha256
 from longalign.storage import OUTPUT_MARKER, read_jsonl
 from longalign.demo.tiny_model import save_tiny_model
-from test_storage import LINE_SEPARATORS
+from helpers.line_separators import LINE_SEPARATORS
 from helpers.tiny_llama import TEST_SHAPE, save_tiny_llama
 
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"

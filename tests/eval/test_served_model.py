@@ -13,7 +13,7 @@ from longalign.eval.prediction_keys import PredictionMismatch
 from longalign.eval.served_model import ServedModel
 from longalign.storage import read_jsonl
 from Needle_test import pred as needle_pred, prompt as needle_prompt
-from test_longbench_chat import DOC, N, QUERIES, write_data
+from helpers.longbench_chat_data import DOC, N, QUERIES, write_data
 from helpers.tiny_llama import save_tiny_llama
 
 FAST_RETRY = ["--model_backoff_s", "0", "--model_max_attempts", "3"]

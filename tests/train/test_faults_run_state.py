@@ -15,7 +15,7 @@ import pytest
 from longalign.train.run_state import (FINGERPRINT_FILE, RUN_MARKER, RunStateError, check_resume, check_same_data,
                                  data_fingerprint, main as run_state_main, missing_checkpoint_files,
                                  prepare_fresh_output_dir)
-from test_train import argv_for, make_model_dir, make_sequences, make_train_file
+from helpers.train_runs import argv_for, make_model_dir, make_sequences, make_train_file
 
 
 def settings(world_size=1, deepspeed=None, fp16=False, bf16=False):

@@ -24,7 +24,7 @@ from longalign.constants import IGNORE_INDEX
 from longalign.data.validation import DatasetValidationError
 from longalign.train.run_state import RunStateError
 from sort_and_group import sort_and_group
-from test_train import VOCAB, argv_for, make_model_dir, make_sequences
+from helpers.train_runs import VOCAB, argv_for, make_model_dir, make_sequences
 from train import main as train_main
 from helpers.training_models import tiny_llama
 

@@ -8,7 +8,6 @@ the way one node of a multi-node job starts: DeepSpeed's launcher with the NNODE
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 from longalign.train import launch
-from test_scripts import write_stub
+from helpers.script_stubs import write_stub
 
 LAUNCH_ENV = ("NUM_GPUS", "MODEL", "DATA", "OUT", "HOSTFILE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
               "PORT", "SP", "PY", "RECIPE", "TMPDIR")
@@ -227,18 +226,12 @@ def test_slurm_example_starts_one_launcher_per_node(bin_dir, tmp_path):
     assert proc.returncode != 0 and "RECIPE=llama_huge: no scripts/llama_huge.sh" in proc.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.subprocess
 @deepspeed_available
 def test_one_node_of_a_multi_node_job_trains_two_steps_on_gloo(tmp_path):
     """NNODES=1 NODE_RANK=0 on 2 CPU processes: the launcher words _launch.sh uses, DeepSpeed's own
     launcher (--hostfile --no_ssh --node_rank), train.py on DDP/gloo (no ZeRO config on CPU)."""
-    from test_train import argv_for, make_model_dir, make_sequences, make_train_file
+    from helpers.train_runs import argv_for, free_port, make_model_dir, make_sequences, make_train_file
     model = make_model_dir(tmp_path / "model", "llama")
     data = make_train_file(tmp_path / "data", make_sequences(16), group_size=2)
     words = launch.main(["--train_file", data, "--batch_method", "pack", "--num_gpus", "2", "--nnodes", "1",

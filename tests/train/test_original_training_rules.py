@@ -1,7 +1,7 @@
 """train.py flags that restore the original code's training rules (README differences table):
 --loss_denominator micro_step and --original_warmup_packs, on tiny random models (CPU).
 
-The two-rank check runs in the suite's one torchrun launch (test_train.TorchrunLaunch, gloo): the
+The two-rank check runs in the suite's one torchrun launch (helpers.torchrun_cases, gloo): the
 per-micro-step counts are all-reduced over ranks.
 """
 import os
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import (FAMILIES, argv_for, frozen_gc, make_model_dir, make_sequences,  # noqa: F401
-                        make_train_file, one_torch_thread, relative_error, run_one_step, step_case,
-                        torchrun_launch)
+from helpers.torchrun_cases import step_case, torchrun_launch  # noqa: F401
+from helpers.train_runs import (FAMILIES, argv_for, frozen_gc, make_model_dir, make_sequences,  # noqa: F401
+                                make_train_file, one_torch_thread, relative_error, run_one_step)
 
 import train
 from longalign.constants import IGNORE_INDEX as X

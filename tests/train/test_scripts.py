@@ -3,9 +3,6 @@
 Each script runs under bash with stub `deepspeed`, `torchrun` and `nvidia-smi` executables first on
 PATH; the stub launcher records its arguments, which are then parsed by train.py's parser.
 """
-import os
-import stat
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,16 +10,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 import train
+from helpers.script_stubs import launch, write_stub
 
 SCRIPTS = sorted(p for p in (REPO / "scripts").glob("*.sh") if p.name != "demo.sh" and not p.name.startswith("_"))
 PAPER = {"learning_rate": 2e-5, "lr_scheduler_type": "cosine", "warmup_steps": 0.03, "adam_beta1": 0.9,
          "adam_beta2": 0.95, "weight_decay": 0.0, "num_train_epochs": 2.0, "bf16": True,
          "gradient_checkpointing": True, "per_device_train_batch_size": 1}
-
-
-def write_stub(path: Path, body: str) -> None:
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
 @pytest.fixture
@@ -33,15 +26,6 @@ def stub_bin(tmp_path):
         write_stub(bin_dir / launcher, f'echo {launcher} > "$ARGS_OUT"; printf "%s\\n" "$@" >> "$ARGS_OUT"\n')
     write_stub(bin_dir / "nvidia-smi", 'echo "GPU 0: stub"; echo "GPU 1: stub"; echo "GPU 2: stub"\n')
     return bin_dir
-
-
-def launch(script: Path, stub_bin: Path, tmp_path: Path, **env_overrides) -> list[str]:
-    out = tmp_path / f"{script.stem}.args"
-    env = {**{k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "MODEL", "DATA", "OUT", "HOSTFILE",
-                                                                "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")},
-           "PATH": f"{stub_bin}:{os.environ['PATH']}", "ARGS_OUT": str(out), **env_overrides}
-    subprocess.run(["bash", str(script)], env=env, check=True, cwd=tmp_path, timeout=60)
-    return out.read_text().splitlines()
 
 
 def test_there_are_the_five_paper_scripts():

@@ -1,10 +1,11 @@
 """Sequence parallelism (longalign/train/sequence_parallel.py): DeepSpeed Ulysses on gloo against SP = 1.
 
-End to end: in the suite's one torchrun launch (test_train.TorchrunLaunch, `torchrun
---nproc_per_node N tests/train/test_train.py worker SPEC`), each case runs train.py's build_trainer ->
+End to end: in the suite's one torchrun launch (helpers.torchrun_cases, `torchrun
+--nproc_per_node N -m helpers.torchrun_worker SPEC`), each case runs train.py's build_trainer ->
 Trainer.train with --sequence_parallel_size N under DeepSpeed ZeRO-3 (CPU accelerator, gloo) for
-one optimizer step on its ranks, and its gradients and logged loss are compared with the same step
-written out from per-sequence runs (test_train.reference_step) and with SP = 1.
+one optimizer step on its ranks (helpers.ulysses_cases), and its gradients and logged loss are
+compared with the same step written out from per-sequence runs (helpers.train_runs.reference_step)
+and with SP = 1.
 The slicing and loss math are also checked without DeepSpeed, rank by rank.
 """
 import os
@@ -21,10 +22,10 @@ from longalign.constants import IGNORE_INDEX as X  # noqa: E402
 from longalign.ops.weighted_loss import causal_lm_loss, labels_for_targets, shift_targets  # noqa: E402
 from longalign.train.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,  # noqa: E402
                                          check_sequence_parallel_layout, sequence_parallel_order, valid_sizes)
-from test_train import (VOCAB, argv_for, frozen_gc, make_model_dir, one_torch_thread,  # noqa: E402,F401
-                        reference_step, run_one_step, save_dataset, torchrun_launch)
+from helpers.torchrun_cases import torchrun_launch  # noqa: E402,F401
+from helpers.train_runs import (VOCAB, argv_for, frozen_gc, make_model_dir, one_torch_thread,  # noqa: E402,F401
+                                reference_step, relative_error, run_one_step, save_dataset)
 
-DS_CONFIG = str(REPO / "ds_config" / "stage3_no_offload.json")
 deepspeed_available = pytest.mark.skipif(
     __import__("importlib").util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
@@ -186,7 +187,7 @@ def test_group_size_error_names_the_data_parallel_size():
 
 def test_paper_scripts_take_sp_from_the_environment(tmp_path):
     """SP=4 on 8 GPUs: --sequence_parallel_size 4 and 4x the accumulation (same packs per step)."""
-    from test_scripts import launch, write_stub
+    from helpers.script_stubs import launch, write_stub
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     write_stub(bin_dir / "deepspeed", 'echo deepspeed > "$ARGS_OUT"; printf "%s\\n" "$@" >> "$ARGS_OUT"\n')
@@ -200,69 +201,6 @@ def test_paper_scripts_take_sp_from_the_environment(tmp_path):
 
 
 # ---------- end to end: DeepSpeed Ulysses on gloo ----------
-def sp_step(spec: dict, sp: int) -> dict:
-    """One optimizer step (GA = spec['ga']) under DeepSpeed ZeRO-3; gradients captured before it."""
-    argv = argv_for(spec["model"], spec["data"], os.path.join(spec["out"], f"sp{sp}_{spec['reduction']}"), "pack",
-                    "--max_steps", "1", "--gradient_accumulation_steps", str(spec["ga"]),
-                    "--loss_reduction", spec["reduction"], "--max_grad_norm", "0", "--ddp_backend", "gloo",
-                    "--deepspeed", DS_CONFIG, "--sequence_parallel_size", str(sp))
-    argv.remove("--use_cpu")  # accelerate then starts deepspeed.comm (gloo on the CPU accelerator)
-    trainer = train.build_trainer(argv)
-    captured = {}
-
-    from transformers import TrainerCallback
-
-    class CaptureBeforeStep(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            from deepspeed.utils import safe_get_full_grad
-            engine = trainer.model_wrapped
-            step = engine.step
-
-            def capturing_step(*a, **k):
-                if engine.is_gradient_accumulation_boundary() and not captured:
-                    for name, p in engine.module.named_parameters():
-                        captured[name] = safe_get_full_grad(p).detach().clone()
-                return step(*a, **k)
-            engine.step = capturing_step
-
-    trainer.add_callback(CaptureBeforeStep())
-    seen, compute_loss = [], trainer.compute_loss
-    trainer.compute_loss = lambda model, inputs, **kw: (seen.append(inputs["input_ids"][0].tolist()),
-                                                        compute_loss(model, inputs, **kw))[1]
-    trainer.train()
-    loss = [e["loss"] for e in trainer.state.log_history if "loss" in e][0]
-    return {"grads": captured, "loss": loss, "rank": trainer.args.process_index, "seen": seen}
-
-
-def allow_deepspeed_on_cpu() -> None:
-    """accelerate starts DeepSpeed only on an accelerator (its PartialState finds no backend on a
-    CPU without `cpu=True`, and `cpu=True` turns DeepSpeed off): report gloo / MULTI_CPU instead,
-    so deepspeed.comm starts on gloo (DeepSpeed's CPU accelerator). Nothing else is replaced."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
-    PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (
-        "gloo", DistributedType.MULTI_CPU)
-
-
-def run_launch_case(case: dict) -> dict:
-    """A Ulysses case of the suite's launch (test_train.worker_main) on this rank."""
-    from accelerate.state import PartialState
-
-    prepare_backend = PartialState._prepare_backend
-    allow_deepspeed_on_cpu()
-    try:
-        return sp_step(case, case["sp"])
-    finally:
-        PartialState._prepare_backend = prepare_backend  # the cases after it start accelerate unpatched
-
-
-def relative_error(a: dict, b: dict) -> float:
-    diff = torch.sqrt(sum(((a[n] - b[n]) ** 2).sum() for n in b))
-    return float(diff / torch.sqrt(sum((b[n] ** 2).sum() for n in b)))
-
-
 PACK_TOKENS = 37  # not a multiple of 2 or 4: the padding tail is exercised
 
 
@@ -305,14 +243,15 @@ def ulysses_name(family: str, reduction: str, world: int, sp: int) -> str:
 
 def launch_cases(items, folder: Path) -> list[dict]:
     """The selected Ulysses cases (the project's rule: the sequence-parallel cases in one launch,
-    test_train.TorchrunLaunch), on random-init models of both families and equal-length packs."""
+    helpers.torchrun_cases; run by helpers.ulysses_cases), on random-init models of both families and
+    equal-length packs."""
     selected = {tuple(item.callspec.params[k] for k in ("family", "reduction", "world", "sp"))
                 for item in items if getattr(item, "originalname", "") == ULYSSES_TEST}
     if not selected or __import__("importlib").util.find_spec("deepspeed") is None:
         return []
     models = {f: make_model_dir(folder / f"model_{f}", f) for f in ("chatglm", "llama")}
     data = make_equal_length_packs(folder / "data")
-    return [{"module": "test_sequence_parallel", "name": ulysses_name(*case), "model": models[case[0]], "data": data,
+    return [{"module": "helpers.ulysses_cases", "name": ulysses_name(*case), "model": models[case[0]], "data": data,
              "out": str(folder / ulysses_name(*case)), "reduction": case[1], "ga": 4 // (case[2] // case[3]),
              "sp": case[3], "world": case[2]}
             for case in ULYSSES_CASES if case in selected]
