@@ -12,9 +12,10 @@ import pytest
 
 import pre_tokenize as pre_tokenize_script
 import sort_and_group as sort_and_group_script
-from helpers.faults_support import (REPO, isolated_process_state, kill_at, messages, no_write_permission_prefix,
+from helpers.faults_support import (REPO, isolated_process_state, kill_at, no_write_permission_prefix,
                                     pre_tokenize_argv, private_remote_code_cache, run_cli, snapshot,
                                     sort_and_group_argv, write_jsonl)
+from helpers.pretokenize_inputs import messages
 from longalign import fault_points
 from longalign.data.conversations import InvalidInputError
 from longalign.json_files import BrokenJsonFileError

@@ -80,11 +80,6 @@ def no_write_permission_prefix(folder: Path) -> tuple:
     return (setpriv, "--bounding-set=-dac_override,-dac_read_search", "--")
 
 
-def messages(*turns: str) -> dict:
-    roles = ("user", "assistant")
-    return {"messages": [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]}
-
-
 def write_jsonl(path: Path, rows: list, prefix: bytes = b"") -> Path:
     """Rows as JSON lines (a str row is written as is, e.g. a raw escape); `prefix` before line 1."""
     text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)

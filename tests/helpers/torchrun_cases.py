@@ -69,6 +69,12 @@ def torchrun_launch(request, tmp_path_factory) -> TorchrunLaunch:
     return shared_launch(request.session, tmp_path_factory)
 
 
+def items_of(items, test_name: str) -> list:
+    """The collected items of the test function `test_name` (each parametrisation one item): what a
+    module's `launch_cases` builds cases for."""
+    return [item for item in items if getattr(item, "originalname", "") == test_name]
+
+
 def run_launch(folder: Path, items) -> None:
     """Collect the selected tests' cases, launch them, record the cases and the launch's output.
 

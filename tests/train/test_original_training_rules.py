@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.torchrun_cases import step_case, torchrun_launch  # noqa: F401
+from helpers.torchrun_cases import items_of, step_case, torchrun_launch  # noqa: F401
 from helpers.train_runs import (FAMILIES, argv_for, frozen_gc, make_model_dir, make_sequences,  # noqa: F401
                                 make_train_file, one_torch_thread, relative_error, run_one_step)
 
@@ -54,7 +54,7 @@ MICRO_STEP_TEST = "test_micro_step_denominator_is_the_originals_average_of_means
 
 def launch_cases(items, folder: Path) -> list[dict]:
     """The micro-step test's two-rank run, on the inputs `workdir` builds (chatglm, 120 sequences)."""
-    if not any(getattr(item, "originalname", "") == MICRO_STEP_TEST for item in items):
+    if not items_of(items, MICRO_STEP_TEST):
         return []
     model = make_model_dir(folder / "model_chatglm", "chatglm")
     data = make_train_file(folder / "data", make_sequences(120), group_size=2)

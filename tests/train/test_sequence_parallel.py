@@ -22,7 +22,7 @@ from longalign.constants import IGNORE_INDEX as X  # noqa: E402
 from longalign.ops.weighted_loss import causal_lm_loss, labels_for_targets, shift_targets  # noqa: E402
 from longalign.train.sequence_parallel import (SequenceParallelPackCollator, check_head_counts,  # noqa: E402
                                          check_sequence_parallel_layout, sequence_parallel_order, valid_sizes)
-from helpers.torchrun_cases import torchrun_launch  # noqa: E402,F401
+from helpers.torchrun_cases import items_of, torchrun_launch  # noqa: E402,F401
 from helpers.train_runs import (VOCAB, argv_for, frozen_gc, make_model_dir, one_torch_thread,  # noqa: E402,F401
                                 reference_step, relative_error, run_one_step, save_dataset)
 
@@ -246,7 +246,7 @@ def launch_cases(items, folder: Path) -> list[dict]:
     helpers.torchrun_cases; run by helpers.ulysses_cases), on random-init models of both families and
     equal-length packs."""
     selected = {tuple(item.callspec.params[k] for k in ("family", "reduction", "world", "sp"))
-                for item in items if getattr(item, "originalname", "") == ULYSSES_TEST}
+                for item in items_of(items, ULYSSES_TEST)}
     if not selected or __import__("importlib").util.find_spec("deepspeed") is None:
         return []
     models = {f: make_model_dir(folder / f"model_{f}", f) for f in ("chatglm", "llama")}

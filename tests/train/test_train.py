@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from helpers.torchrun_cases import step_case, torchrun_launch  # noqa: F401
+from helpers.torchrun_cases import items_of, step_case, torchrun_launch  # noqa: F401
 from helpers.train_runs import (FAMILIES, argv_for, frozen_gc, make_model_dir, make_sequences,  # noqa: F401
                                 make_train_file, one_torch_thread, reference_step, relative_error, run_one_step,
                                 save_dataset)
@@ -89,7 +89,7 @@ INVARIANCE_TEST = "test_gradients_are_invariant_to_world_size_and_accumulation"
 
 def launch_cases(items, folder: Path) -> list[dict]:
     """The two-rank runs of the invariance test, on the inputs `workdir` builds (chatglm, 48 sequences)."""
-    if not any(getattr(item, "originalname", "") == INVARIANCE_TEST for item in items):
+    if not items_of(items, INVARIANCE_TEST):
         return []
     model = make_model_dir(folder / "model_chatglm", "chatglm")
     data = make_train_file(folder / "data", make_sequences(48), group_size=2)
